@@ -1,0 +1,217 @@
+"""Reading and writing HF checkpoint directories, and mapping their keys onto Flax params.
+
+Safetensors only: pickled `.bin` / `.pt` weights are refused, never unpickled (loading a
+pickle runs arbitrary code). A mapping is one ordered regex table that normalises HF key
+prefixes, then a structural rule shared by all families:
+  `layers.N` -> `layers_N`; `.weight` -> `kernel` (Linear: transposed; Conv: OIHW -> HWIO),
+  `scale` (norms) or `embedding` (embeddings), whichever the Flax tree has there.
+Every checkpoint key must be used and every param filled, or one error lists all offenders.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections.abc import Iterable, Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from safetensors import safe_open
+from safetensors.numpy import save_file
+
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+# Buffers some checkpoints carry that are not parameters (recomputed by the model).
+IGNORED_KEYS = (re.compile(r"(^|\.)position_ids$"), re.compile(r"rotary_emb\.inv_freq$"))
+
+
+class CheckpointError(ValueError):
+    """A checkpoint directory or its contents cannot be loaded; the message says why."""
+
+
+def read_config(path: str) -> dict:
+    cfg_path = os.path.join(path, "config.json")
+    if not os.path.isdir(path):
+        raise CheckpointError(f"checkpoint directory {path!r} does not exist")
+    if not os.path.isfile(cfg_path):
+        raise CheckpointError(f"{path!r} has no config.json; expected an HF checkpoint directory")
+    try:
+        with open(cfg_path) as f:
+            return json.load(f)
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{cfg_path} is not valid JSON: {e}") from None
+
+
+def safetensors_files(path: str) -> list[str]:
+    """The checkpoint's safetensors files (from the shard index when there is one)."""
+    index = os.path.join(path, "model.safetensors.index.json")
+    if os.path.isfile(index):
+        with open(index) as f:
+            shards = sorted(set(json.load(f)["weight_map"].values()))
+        missing = [s for s in shards if not os.path.isfile(os.path.join(path, s))]
+        if missing:
+            raise CheckpointError(f"{index} names shards that are missing: {missing}")
+        return [os.path.join(path, s) for s in shards]
+    files = sorted(f for f in os.listdir(path) if f.endswith(".safetensors"))
+    if files:
+        return [os.path.join(path, f) for f in files]
+    pickled = sorted(f for f in os.listdir(path) if f.endswith(PICKLE_SUFFIXES))
+    if pickled:
+        raise CheckpointError(
+            f"{path!r} holds only pickled weights ({', '.join(pickled)}); they are not loaded "
+            "because unpickling can run arbitrary code. Convert them once with transformers: "
+            "`AutoModelForImageTextToText.from_pretrained(path).save_pretrained(out, "
+            "safe_serialization=True)`, then load `out`."
+        )
+    raise CheckpointError(f"{path!r} has no *.safetensors weights")
+
+
+def read_safetensors(path: str) -> dict[str, np.ndarray]:
+    """All tensors of a checkpoint directory as numpy arrays (bfloat16 via ml_dtypes)."""
+    out: dict[str, np.ndarray] = {}
+    for file in safetensors_files(path):
+        with safe_open(file, framework="flax") as f:
+            for key in f.keys():
+                if key in out:
+                    raise CheckpointError(f"key {key!r} appears in more than one shard")
+                out[key] = np.asarray(f.get_tensor(key))
+    return out
+
+
+def normalise_key(key: str, table: Iterable[tuple[str, str]]) -> str:
+    for pattern, repl in table:
+        key = re.sub(pattern, repl, key)
+    return key
+
+
+def _flax_path(key: str, expected: Mapping) -> tuple[str, ...]:
+    """HF dotted key -> Flax param path, resolving `.weight` by what the Flax tree holds."""
+    parts = re.sub(r"\.(\d+)(?=\.|$)", r"_\1", key).split(".")
+    *prefix, leaf = parts
+    node = expected
+    for p in prefix:
+        node = node.get(p, {}) if isinstance(node, Mapping) else {}
+    if leaf == "weight":
+        for name in ("kernel", "scale", "embedding"):
+            if isinstance(node, Mapping) and name in node:
+                return (*prefix, name)
+        return (*prefix, "kernel")
+    return (*prefix, leaf)
+
+
+def to_flax(leaf_name: str, value: np.ndarray) -> np.ndarray:
+    if leaf_name == "kernel" and value.ndim == 2:
+        return value.T  # Linear [out, in] -> Dense [in, out]
+    if leaf_name == "kernel" and value.ndim == 4:
+        return value.transpose(2, 3, 1, 0)  # Conv OIHW -> HWIO
+    return value
+
+
+def from_flax(leaf_name: str, value: np.ndarray) -> np.ndarray:
+    if leaf_name == "kernel" and value.ndim == 2:
+        return value.T
+    if leaf_name == "kernel" and value.ndim == 4:
+        return value.transpose(3, 2, 0, 1)
+    return value
+
+
+def _flatten(tree: Mapping, prefix=()) -> dict[tuple[str, ...], object]:
+    out = {}
+    for k, v in tree.items():
+        if isinstance(v, Mapping):
+            out.update(_flatten(v, (*prefix, k)))
+        else:
+            out[(*prefix, k)] = v
+    return out
+
+
+def _unflatten(flat: Mapping[tuple[str, ...], object]) -> dict:
+    out: dict = {}
+    for path, v in flat.items():
+        node = out
+        for p in path[:-1]:
+            node = node.setdefault(p, {})
+        node[path[-1]] = v
+    return out
+
+
+def map_checkpoint(
+    tensors: Mapping[str, np.ndarray],
+    expected: Mapping,
+    table: Iterable[tuple[str, str]],
+    dtype=jnp.float32,
+    aliases: Mapping[tuple[str, ...], tuple[str, ...]] | None = None,
+) -> dict:
+    """Maps HF tensors onto a Flax param tree whose shapes are `expected`.
+
+    Args:
+      tensors: HF key -> array.
+      expected: a pytree of ShapeDtypeStruct (from jax.eval_shape of the module's init).
+      table: ordered (regex, replacement) pairs normalising key prefixes.
+      dtype: target dtype for floating-point params.
+      aliases: Flax paths that may be filled by a checkpoint key but need not be (e.g. a tied
+        lm_head saved anyway): path -> the param it must equal, in the same layout.
+
+    Raises:
+      CheckpointError listing every unused key, missing param and shape mismatch.
+    """
+    want = _flatten(expected)
+    got: dict[tuple[str, ...], np.ndarray] = {}
+    unused, mismatched, seen = [], [], set()
+    aliases = aliases or {}
+    alias_values: dict[tuple[str, ...], tuple[str, np.ndarray]] = {}
+    for key, value in tensors.items():
+        if any(p.search(key) for p in IGNORED_KEYS):
+            continue
+        path = _flax_path(normalise_key(key, table), expected)
+        if path in aliases:
+            alias_values[path] = (key, value)
+            continue
+        if path not in want:
+            unused.append(key)
+            continue
+        seen.add(path)
+        value = to_flax(path[-1], value)
+        if tuple(value.shape) != tuple(want[path].shape):
+            mismatched.append(f"{key}: checkpoint {tuple(value.shape)} vs expected "
+                              f"{tuple(want[path].shape)} (as {'/'.join(path)})")  # fmt: skip
+            continue
+        got[path] = value
+    missing = ["/".join(p) for p in want if p not in seen]
+    for path, (key, value) in alias_values.items():
+        target = got.get(aliases[path])
+        if target is not None and not np.array_equal(value, target):  # same HF layout
+            unused.append(f"{key} (differs from the tied {'/'.join(aliases[path])})")
+    if unused or missing or mismatched:
+        lines = []
+        if unused:
+            lines.append(f"{len(unused)} checkpoint keys not used: " + ", ".join(sorted(unused)))
+        if missing:
+            lines.append(f"{len(missing)} params not in the checkpoint: " + ", ".join(missing))
+        if mismatched:
+            lines.append(f"{len(mismatched)} shape mismatches: " + "; ".join(mismatched))
+        raise CheckpointError("checkpoint does not match the model:\n  " + "\n  ".join(lines))
+
+    def cast(v):
+        v = jnp.asarray(v)
+        return v.astype(dtype) if jnp.issubdtype(v.dtype, jnp.floating) else v
+
+    return _unflatten({p: cast(v) for p, v in got.items()})
+
+
+def export_tensors(params: Mapping, key_of: callable) -> dict[str, np.ndarray]:
+    """Flax params -> HF tensors; key_of maps a Flax path to the HF key."""
+    out = {}
+    for path, value in _flatten(params).items():
+        arr = np.asarray(jax.device_get(value))
+        out[key_of(path)] = np.ascontiguousarray(from_flax(path[-1], arr))
+    return out
+
+
+def save_safetensors(tensors: Mapping[str, np.ndarray], path: str, config: dict) -> None:
+    """Writes model.safetensors and config.json into directory `path`."""
+    os.makedirs(path, exist_ok=True)
+    save_file(dict(tensors), os.path.join(path, "model.safetensors"), metadata={"format": "pt"})
+    with open(os.path.join(path, "config.json"), "w") as f:
+        json.dump(config, f, indent=2)

@@ -1,0 +1,259 @@
+"""Checkpoint loading, key layouts, export, orbax, presets and bad inputs."""
+
+import json
+import os
+import shutil
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from safetensors.numpy import load_file, save_file
+
+import vicrop_jax
+from convert import llava as llava_convert
+from convert.checkpoint import CheckpointError
+from convert.orbax_io import restore_params, save_params
+from tests.tiny import make_tiny_llava
+from vicrop_jax.models.llama import LlamaConfig, rope_inv_freq
+from vicrop_jax.models.llava import PRESETS, LlavaConfig
+
+
+def _copy(src, dst):
+    shutil.copytree(src, dst)
+    return dst
+
+
+def _rewrite(path, fn):
+    f = os.path.join(path, "model.safetensors")
+    tensors = fn(load_file(f))
+    os.remove(f)
+    save_file(tensors, f, metadata={"format": "pt"})
+
+
+def _max_diff(a, b):
+    return max(
+        float(jnp.abs(x - y).max())
+        for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True)
+    )
+
+
+@pytest.mark.parametrize(
+    "prefixes",
+    [
+        # transformers >= 4.52 in-memory layout
+        {"language_model.model.": "model.language_model.", "language_model.lm_head.": "lm_head.",
+         "vision_tower.": "model.vision_tower.", "multi_modal_projector.": "model.multi_modal_projector."},
+        # hub files (llava-hf/llava-1.5-7b-hf): vision keys under vision_model
+        {"vision_tower.": "vision_tower.vision_model."},
+    ],
+)  # fmt: skip
+def test_both_key_layouts_load_identically(tiny_llava, tmp_path, prefixes):
+    model, _ = tiny_llava
+
+    def rename(t):
+        out = {}
+        for k, v in t.items():
+            for old, new in prefixes.items():
+                if k.startswith(old):
+                    k = new + k[len(old) :]
+                    break
+            out[k] = v
+        return out
+
+    d = _copy(model.path, tmp_path / "ckpt")
+    _rewrite(d, rename)
+    other = vicrop_jax.load_model(d, processor=False)
+    assert _max_diff(other.params, model.params) == 0.0
+
+
+def test_sharded_checkpoint(tiny_llava, tmp_path):
+    model, _ = tiny_llava
+    d = _copy(model.path, tmp_path / "sharded")
+    tensors = load_file(os.path.join(d, "model.safetensors"))
+    os.remove(os.path.join(d, "model.safetensors"))
+    keys = sorted(tensors)
+    half = len(keys) // 2
+    weight_map = {}
+    for i, part in enumerate([keys[:half], keys[half:]]):
+        name = f"model-0000{i + 1}-of-00002.safetensors"
+        save_file({k: tensors[k] for k in part}, os.path.join(d, name))
+        weight_map.update(dict.fromkeys(part, name))
+    with open(os.path.join(d, "model.safetensors.index.json"), "w") as f:
+        json.dump({"metadata": {}, "weight_map": weight_map}, f)
+    other = vicrop_jax.load_model(d, processor=False)
+    assert _max_diff(other.params, model.params) == 0.0
+
+
+def test_export_roundtrip_loads_in_hf(tiny_llava, tmp_path):
+    from transformers import LlavaForConditionalGeneration
+
+    model, hf = tiny_llava
+    out = str(tmp_path / "export")
+    from convert.checkpoint import save_safetensors
+
+    save_safetensors(llava_convert.export_params(model.params), out, model.hf_config)
+    again = LlavaForConditionalGeneration.from_pretrained(out).eval()
+    for (name, p), (name2, q) in zip(
+        hf.state_dict().items(), again.state_dict().items(), strict=True
+    ):
+        assert name == name2
+        assert torch.equal(p, q), name
+    assert _max_diff(vicrop_jax.load_model(out, processor=False).params, model.params) == 0.0
+
+
+def test_orbax_roundtrip(tiny_llava, tmp_path):
+    model, _ = tiny_llava
+    path = save_params(str(tmp_path / "orbax"), model.params)
+    restored = restore_params(path, like=model.params)
+    assert _max_diff(restored, model.params) == 0.0
+    bf16 = restore_params(path, like=jax.tree.map(lambda x: x.astype(jnp.bfloat16), model.params))
+    assert jax.tree.leaves(bf16)[0].dtype == jnp.bfloat16
+
+
+@pytest.mark.parametrize(
+    "kw",
+    [
+        {"vision_feature_layer": [-3, -1]},
+        {"vision_feature_select_strategy": "full"},
+        {"tie_word_embeddings": True},
+    ],
+)
+def test_config_variants_match_hf(tmp_path, kw):
+    from transformers import AutoProcessor
+
+    d = str(tmp_path / "variant")
+    hf = make_tiny_llava(d, seed=1, **kw)
+    hf.set_attn_implementation("eager")
+    model = vicrop_jax.load_model(d)
+    proc = AutoProcessor.from_pretrained(d)
+    rng = np.random.RandomState(1)
+    from PIL import Image
+
+    img = Image.fromarray((rng.rand(40, 40, 3) * 255).astype(np.uint8))
+    inp = proc(images=img, text="<image>\nUSER: What color is it? ASSISTANT:", return_tensors="np")
+    out = vicrop_jax.forward(model, inp["input_ids"], inp["pixel_values"])
+    with torch.no_grad():
+        ref = hf(
+            input_ids=torch.tensor(inp["input_ids"]), pixel_values=torch.tensor(inp["pixel_values"])
+        )
+    assert np.abs(np.asarray(out.logits) - ref.logits.numpy()).max() <= 1e-4
+
+
+@pytest.mark.parametrize("name", ["llava-1.5-7b", "llava-1.5-13b"])
+def test_presets_param_count_matches_hf(name):
+    from transformers import LlavaConfig as HFLlavaConfig
+    from transformers import LlavaForConditionalGeneration
+
+    cfg = PRESETS[name]
+    shapes = llava_convert.abstract_params(cfg, jnp.bfloat16)
+    ours = sum(int(np.prod(s.shape)) for s in jax.tree.leaves(shapes))
+    t = cfg.text_config
+    hf_cfg = HFLlavaConfig(
+        text_config={"model_type": "llama", "vocab_size": t.vocab_size, "hidden_size": t.hidden_size,
+                     "intermediate_size": t.intermediate_size,
+                     "num_hidden_layers": t.num_hidden_layers,
+                     "num_attention_heads": t.num_attention_heads},
+        image_token_index=32000,
+    )  # fmt: skip
+    with torch.device("meta"):
+        ref = LlavaForConditionalGeneration(hf_cfg)
+    theirs = sum(p.numel() for p in ref.parameters())
+    assert ours == theirs, (ours, theirs)
+    assert {"7b": 7_063_427_072, "13b": 13_351_494_656}[name.split("-")[-1]] == ours
+
+
+def test_rope_variants_match_hf():
+    from transformers import LlamaConfig as HFLlamaConfig
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    for rope in [
+        {"rope_type": "default", "rope_theta": 500000.0},
+        {"rope_type": "linear", "rope_theta": 10000.0, "factor": 4.0},
+        {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
+         "high_freq_factor": 4.0, "original_max_position_embeddings": 8192},
+    ]:  # fmt: skip
+        d = {"hidden_size": 256, "num_attention_heads": 2, "rope_parameters": rope}
+        hf = HFLlamaConfig(**d)
+        fn = ROPE_INIT_FUNCTIONS.get(rope["rope_type"])
+        if rope["rope_type"] == "default":
+            ref = 1.0 / (rope["rope_theta"] ** (np.arange(0, 128, 2) / 128))
+        else:
+            ref = fn(hf, "cpu")[0].numpy()
+        ours = np.asarray(rope_inv_freq(LlamaConfig.from_dict(d)))
+        np.testing.assert_allclose(ours, ref, rtol=1e-5, err_msg=rope["rope_type"])
+
+
+# ---------------------------------------------------------------- bad inputs
+
+
+def test_missing_directory_and_config(tmp_path):
+    with pytest.raises(CheckpointError, match="does not exist"):
+        vicrop_jax.load_model(tmp_path / "nope")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(CheckpointError, match="no config.json"):
+        vicrop_jax.load_model(tmp_path / "empty")
+
+
+def test_missing_weights_and_bin_only(tiny_llava, tmp_path):
+    model, _ = tiny_llava
+    d = _copy(model.path, tmp_path / "noweights")
+    os.remove(os.path.join(d, "model.safetensors"))
+    with pytest.raises(CheckpointError, match="no \\*.safetensors"):
+        vicrop_jax.load_model(d)
+    with open(os.path.join(d, "pytorch_model.bin"), "wb") as f:
+        f.write(b"not a pickle; must never be opened")
+    with pytest.raises(
+        CheckpointError, match="pickled weights.*pytorch_model.bin.*safe_serialization"
+    ):
+        vicrop_jax.load_model(d)
+
+
+def test_wrong_model_type(tiny_llava, tmp_path):
+    model, _ = tiny_llava
+    d = _copy(model.path, tmp_path / "wrongtype")
+    cfg = dict(model.hf_config, model_type="bert")
+    with open(os.path.join(d, "config.json"), "w") as f:
+        json.dump(cfg, f)
+    with pytest.raises(CheckpointError, match="unsupported model_type 'bert'"):
+        vicrop_jax.load_model(d)
+    with pytest.raises(ValueError, match="model_type 'llava'"):
+        LlavaConfig.from_dict({"model_type": "bert"})
+
+
+def test_missing_extra_misshaped_keys_listed_together(tiny_llava, tmp_path):
+    model, _ = tiny_llava
+    d = _copy(model.path, tmp_path / "badkeys")
+
+    def damage(t):
+        t = dict(t)
+        del t["multi_modal_projector.linear_2.bias"]
+        t["vision_tower.extra_head.weight"] = np.zeros((3, 3), np.float32)
+        w = t["language_model.model.layers.2.mlp.up_proj.weight"]
+        t["language_model.model.layers.2.mlp.up_proj.weight"] = w[:, :-1].copy()
+        return t
+
+    _rewrite(d, damage)
+    with pytest.raises(CheckpointError) as e:
+        vicrop_jax.load_model(d)
+    msg = str(e.value)
+    assert "1 checkpoint keys not used: vision_tower.extra_head.weight" in msg
+    assert "1 params not in the checkpoint: multi_modal_projector/linear_2/bias" in msg
+    assert "1 shape mismatches: language_model.model.layers.2.mlp.up_proj.weight" in msg
+
+
+def test_image_token_count_and_empty_prompt(tiny_llava):
+    model, _ = tiny_llava
+    cfg = model.config
+    t = cfg.num_image_tokens
+    ids = np.array([[1] + [cfg.image_token_index] * t + [5, 6]])
+    pix = np.zeros((1, 3, 35, 35), np.float32)
+    with pytest.raises(ValueError, match=f"{t} image tokens but 2 images"):
+        vicrop_jax.forward(model, ids, np.concatenate([pix, pix]))
+    with pytest.raises(ValueError, match=f"{t} image tokens but 0 images"):
+        vicrop_jax.forward(model, ids)
+    with pytest.raises(ValueError, match="input_ids is empty"):
+        vicrop_jax.forward(model, np.zeros((1, 0), np.int32))
+    with pytest.raises(ValueError, match="NCHW"):
+        vicrop_jax.forward(model, ids, np.zeros((1, 35, 35, 3), np.float32))

@@ -1,0 +1,31 @@
+"""Tiny random HF torch checkpoints for parity tests (model + tokenizer + processor)."""
+
+from __future__ import annotations
+
+import os
+
+from vicrop_jax.tiny import build_processor, build_tokenizer, hf_config_dict
+
+
+def make_tiny_llava(out_dir: str, seed: int = 0, with_processor: bool = True, **config_kw):
+    """Saves a tiny random HF LlavaForConditionalGeneration (+ processor); returns the model."""
+    import torch
+    from transformers import LlavaConfig, LlavaForConditionalGeneration
+
+    os.makedirs(out_dir, exist_ok=True)
+    tokenizer = build_tokenizer(out_dir) if with_processor else None
+    image_token = tokenizer.convert_tokens_to_ids("<image>") if tokenizer else 4
+    cfg = LlavaConfig(**hf_config_dict(image_token_index=image_token, **config_kw))
+    torch.manual_seed(seed)
+    model = LlavaForConditionalGeneration(cfg).eval()
+    # Fresh init leaves norms at exactly 1 and biases at 0; perturb every tensor so parity
+    # tests exercise each parameter.
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    model.save_pretrained(out_dir)
+    if with_processor:
+        build_processor(
+            out_dir, tokenizer, config_kw.get("vision_feature_select_strategy", "default")
+        )
+    return model

@@ -1,0 +1,164 @@
+"""Loading a model directory and running a forward pass: the public entry points.
+
+`load_model(path)` reads an HF checkpoint directory (config.json + safetensors, and the
+tokenizer/processor files when present) and returns a `Model`; `forward(model, ...)` takes
+arrays in HF layout (pixels NCHW, as the HF processor gives them) and returns a ModelOutput.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import os
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from convert.checkpoint import CheckpointError, read_config
+from vicrop_jax.models.common import ModelOutput
+from vicrop_jax.models.llava import LlavaConfig, LlavaForConditionalGeneration
+
+_PROCESSOR_FILES = ("preprocessor_config.json", "processor_config.json")
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
+
+
+@dataclasses.dataclass
+class Model:
+    """A loaded model: frozen config, params pytree, HF processor (or None), raw config dict."""
+
+    config: Any
+    params: Any
+    processor: Any = None
+    hf_config: dict | None = None
+    path: str | None = None
+
+    @property
+    def family(self) -> str:
+        return self.config.model_type
+
+    @property
+    def module(self):
+        return module_for(self.config)
+
+
+@functools.cache
+def module_for(config):
+    """The Flax module of a config (cached: configs are frozen and hashable)."""
+    if isinstance(config, LlavaConfig):
+        return LlavaForConditionalGeneration(config)
+    raise TypeError(f"no model for config type {type(config).__name__}")
+
+
+def parse_config(d: dict):
+    mt = d.get("model_type")
+    if mt == "llava":
+        return LlavaConfig.from_dict(d)
+    if mt is None:
+        raise CheckpointError("config.json has no model_type")
+    raise CheckpointError(f"unsupported model_type {mt!r}; supported: 'llava'")
+
+
+def load_processor(path: str):
+    """The directory's own HF processor (tokenizer + image processor), offline; None if absent."""
+    names = set(os.listdir(path))
+    if not (names & set(_PROCESSOR_FILES)) or not (names & set(_TOKENIZER_FILES)):
+        return None
+    from transformers import AutoProcessor
+
+    return AutoProcessor.from_pretrained(path, local_files_only=True)
+
+
+def load_model(path: str, dtype=jnp.float32, processor: bool = True) -> Model:
+    """Loads an HF checkpoint directory.
+
+    Args:
+      path: directory with config.json and *.safetensors (sharded or not).
+      dtype: dtype of the floating-point params (float32 or bfloat16).
+      processor: also load the directory's tokenizer/image processor when present.
+
+    Returns:
+      Model with .config, .params, .processor (None when the directory has none).
+    """
+    from convert import llava as llava_convert
+
+    path = os.fspath(path)
+    hf = read_config(path)
+    config = parse_config(hf)
+    params = llava_convert.load_params(path, config, dtype)
+    proc = load_processor(path) if processor else None
+    return Model(config=config, params=params, processor=proc, hf_config=hf, path=path)
+
+
+def count_image_tokens(input_ids: np.ndarray, token: int) -> int:
+    return int((np.asarray(input_ids) == token).sum())
+
+
+def check_inputs(config, input_ids, pixel_values) -> None:
+    """Host-side checks with clear messages (traced code cannot raise on values)."""
+    ids = np.asarray(input_ids)
+    if ids.ndim != 2:
+        raise ValueError(f"input_ids must be [batch, seq], got shape {ids.shape}")
+    if ids.shape[1] == 0:
+        raise ValueError("input_ids is empty: the prompt has no tokens")
+    n_tok = count_image_tokens(ids, config.image_token_index)
+    n_img = 0 if pixel_values is None else int(np.shape(pixel_values)[0])
+    want = n_img * config.num_image_tokens
+    if n_tok != want:
+        raise ValueError(
+            f"the prompt has {n_tok} image tokens but {n_img} images were given, which need "
+            f"{want} ({config.num_image_tokens} per image); use the model's processor to expand "
+            "each <image> placeholder"
+        )
+    if pixel_values is not None:
+        v = config.vision_config
+        shape = tuple(np.shape(pixel_values))
+        if len(shape) != 4 or shape[1:] != (v.num_channels, v.image_size, v.image_size):
+            raise ValueError(
+                f"pixel_values must be [images, {v.num_channels}, {v.image_size}, "
+                f"{v.image_size}] (NCHW, as the HF processor gives), got {shape}"
+            )
+
+
+@functools.partial(jax.jit, static_argnames=("module", "full"))
+def _forward(module, params, input_ids, pixel_values, attention_mask, attn_delta, full):
+    return module.apply(
+        {"params": params}, input_ids, pixel_values, attention_mask,
+        attn_delta=attn_delta, output_full_attentions=full,
+    )  # fmt: skip
+
+
+def nchw_to_nhwc(pixel_values):
+    return None if pixel_values is None else jnp.transpose(jnp.asarray(pixel_values), (0, 2, 3, 1))
+
+
+def forward(
+    model: Model,
+    input_ids,
+    pixel_values=None,
+    attention_mask=None,
+    *,
+    attn_delta=None,
+    output_full_attentions: bool = False,
+) -> ModelOutput:
+    """One jitted forward pass.
+
+    Args:
+      model: from load_model.
+      input_ids: int[B, S], image tokens already expanded (as the HF processor does).
+      pixel_values: float[I, C, H, W] (NCHW, HF layout) for the I images, in prompt order.
+      attention_mask: int[B, S], 0 marks left padding.
+      attn_delta: optional float[L, B, N, S] added to each layer's last-query attention row.
+      output_full_attentions: also return [L, B, N, S, S].
+
+    Returns:
+      ModelOutput: .logits float32[B, S, V], .attentions float32[L, B, N, S] (last query rows).
+    """
+    check_inputs(model.config, input_ids, pixel_values)
+    ids = jnp.asarray(input_ids, jnp.int32)
+    mask = None if attention_mask is None else jnp.asarray(attention_mask, jnp.int32)
+    return _forward(
+        model.module, model.params, ids, nchw_to_nhwc(pixel_values), mask, attn_delta,
+        output_full_attentions,
+    )  # fmt: skip

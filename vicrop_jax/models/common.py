@@ -1,0 +1,118 @@
+"""Pieces shared by the model families: config parsing, norms, activations, outputs.
+
+Axis letters used across vicrop_jax.models:
+  B batch, S query length, K key length (prompt + cache), N query heads, G key/value heads,
+  H head dim, D model dim, F MLP dim, V vocabulary, L layers, T image tokens, P patches.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import flax.linen as nn
+import flax.struct
+import jax
+import jax.numpy as jnp
+
+Array = jax.Array
+
+
+def config_from_dict(cls, d: dict[str, Any], **overrides):
+    """Builds a frozen config dataclass from an HF config dict, keeping only known fields."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    kwargs = {k: v for k, v in d.items() if k in names}
+    kwargs.update(overrides)
+    for k, v in kwargs.items():
+        if isinstance(v, list):
+            kwargs[k] = tuple(v)  # configs are hashable: they are static arguments of jit
+    return cls(**kwargs)
+
+
+def quick_gelu(x: Array) -> Array:
+    return x * jax.nn.sigmoid(1.702 * x)
+
+
+_ACTIVATIONS = {
+    "silu": jax.nn.silu,
+    "swish": jax.nn.silu,
+    "gelu": lambda x: jax.nn.gelu(x, approximate=False),  # HF "gelu" is the exact erf form
+    "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),
+    "gelu_pytorch_tanh": lambda x: jax.nn.gelu(x, approximate=True),
+    "quick_gelu": quick_gelu,
+    "relu": jax.nn.relu,
+}
+
+
+def activation(name: str):
+    """Returns the activation HF calls `name`; unknown names raise."""
+    try:
+        return _ACTIVATIONS[name]
+    except KeyError:
+        raise ValueError(
+            f"unsupported activation {name!r}; known: {sorted(_ACTIVATIONS)}"
+        ) from None
+
+
+class LayerNorm(nn.Module):
+    """LayerNorm computed in float32 (as HF does under autocast), cast back to the input dtype."""
+
+    epsilon: float = 1e-5
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        dim = x.shape[-1]
+        scale = self.param("scale", nn.initializers.ones, (dim,))
+        bias = self.param("bias", nn.initializers.zeros, (dim,))
+        xf = x.astype(jnp.float32)
+        mean = xf.mean(-1, keepdims=True)
+        var = jnp.square(xf - mean).mean(-1, keepdims=True)
+        y = (xf - mean) * jax.lax.rsqrt(var + self.epsilon)
+        y = y * scale.astype(jnp.float32) + bias.astype(jnp.float32)
+        return y.astype(x.dtype)
+
+
+class RMSNorm(nn.Module):
+    """Llama RMSNorm: normalise in float32, cast to the input dtype, then scale (HF order)."""
+
+    epsilon: float = 1e-6
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        scale = self.param("scale", nn.initializers.ones, (x.shape[-1],))
+        xf = x.astype(jnp.float32)
+        y = xf * jax.lax.rsqrt(jnp.mean(jnp.square(xf), -1, keepdims=True) + self.epsilon)
+        return scale * y.astype(x.dtype)
+
+
+@flax.struct.dataclass
+class KVCache:
+    """Decoder key/value cache, a plain pytree passed in and returned.
+
+    k, v: [L, B, K, G, H]; mask: bool[B, K], which slots hold real tokens; index: int32[]
+    the next slot to write; position: int32[B] the RoPE position of the next token.
+    """
+
+    k: Array
+    v: Array
+    mask: Array
+    index: Array
+    position: Array
+
+
+@flax.struct.dataclass
+class ModelOutput:
+    """What a forward pass returns.
+
+    logits: [B, S, V] (or [B, 1, V] with only_last_logits).
+    cache: the KVCache after this pass (None when none was given).
+    attentions: [L, B, N, K] each layer's attention row of the last query, heads kept.
+    full_attentions: [L, B, N, S, K] when asked for, else None.
+    image_features: [I, T, D] projected image tokens (I images in the batch), or None.
+    """
+
+    logits: Array
+    cache: KVCache | None = None
+    attentions: Array | None = None
+    full_attentions: Array | None = None
+    image_features: Array | None = None

@@ -1,0 +1,267 @@
+"""Llama decoder (LLaVA-1.5's Vicuna, InstructBLIP's Vicuna) as a Flax module.
+
+Mirrors transformers' LlamaModel with eager attention: RMSNorm, rotary embeddings, grouped-query
+attention, SwiGLU MLP. Every layer returns its last query's attention row so ViCrop can read
+answer-to-image attention; an optional additive perturbation on that row (zero by default)
+lets `jax.grad` give d(output)/d(attention) without patching anything.
+
+Axis letters: see vicrop_jax.models.common.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from vicrop_jax.models.common import KVCache, RMSNorm, activation, config_from_dict
+
+Array = jax.Array
+
+
+@dataclasses.dataclass(frozen=True)
+class LlamaConfig:
+    """Field names follow transformers' LlamaConfig."""
+
+    vocab_size: int = 32000
+    hidden_size: int = 4096
+    intermediate_size: int = 11008
+    num_hidden_layers: int = 32
+    num_attention_heads: int = 32
+    num_key_value_heads: int | None = None
+    head_dim: int | None = None
+    hidden_act: str = "silu"
+    max_position_embeddings: int = 4096
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    rope_type: str = "default"
+    rope_factor: float = 1.0
+    rope_low_freq_factor: float = 1.0
+    rope_high_freq_factor: float = 4.0
+    rope_original_max_position_embeddings: int = 8192
+    attention_bias: bool = False
+    mlp_bias: bool = False
+    tie_word_embeddings: bool = False
+    bos_token_id: int | None = 1
+    eos_token_id: int | tuple[int, ...] | None = 2
+    pad_token_id: int | None = None
+
+    def __post_init__(self):
+        if self.num_key_value_heads is None:
+            object.__setattr__(self, "num_key_value_heads", self.num_attention_heads)
+        if self.head_dim is None:
+            object.__setattr__(self, "head_dim", self.hidden_size // self.num_attention_heads)
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ValueError(
+                f"num_attention_heads={self.num_attention_heads} is not a multiple of "
+                f"num_key_value_heads={self.num_key_value_heads}"
+            )
+        if self.rope_type not in ("default", "linear", "llama3"):
+            raise ValueError(f"unsupported rope_type {self.rope_type!r} (default, linear, llama3)")
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> LlamaConfig:
+        """From an HF config dict; reads both `rope_parameters` (v5) and `rope_scaling` (v4)."""
+        rope = dict(d.get("rope_parameters") or d.get("rope_scaling") or {})
+        extra = {}
+        if "rope_theta" in rope or "rope_theta" in d:
+            extra["rope_theta"] = float(rope.get("rope_theta", d.get("rope_theta")))
+        rope_type = rope.get("rope_type", rope.get("type", "default"))
+        extra["rope_type"] = rope_type
+        if rope_type != "default":
+            extra["rope_factor"] = float(rope.get("factor", 1.0))
+        if rope_type == "llama3":
+            extra["rope_low_freq_factor"] = float(rope["low_freq_factor"])
+            extra["rope_high_freq_factor"] = float(rope["high_freq_factor"])
+            extra["rope_original_max_position_embeddings"] = int(
+                rope["original_max_position_embeddings"]
+            )
+        d = {k: v for k, v in d.items() if k not in ("rope_theta",)}
+        return config_from_dict(cls, d, **extra)
+
+    @property
+    def eos_ids(self) -> tuple[int, ...]:
+        e = self.eos_token_id
+        return () if e is None else (tuple(e) if isinstance(e, tuple | list) else (e,))
+
+
+def rope_inv_freq(cfg: LlamaConfig) -> Array:
+    """Inverse frequencies [H/2] as HF's rope init functions compute them."""
+    h = cfg.head_dim
+    inv = 1.0 / (cfg.rope_theta ** (jnp.arange(0, h, 2, dtype=jnp.float32) / h))
+    if cfg.rope_type == "linear":
+        inv = inv / cfg.rope_factor
+    elif cfg.rope_type == "llama3":
+        low_wavelen = cfg.rope_original_max_position_embeddings / cfg.rope_low_freq_factor
+        high_wavelen = cfg.rope_original_max_position_embeddings / cfg.rope_high_freq_factor
+        wavelen = 2 * math.pi / inv
+        scaled = jnp.where(wavelen > low_wavelen, inv / cfg.rope_factor, inv)
+        smooth = (
+            cfg.rope_original_max_position_embeddings / wavelen - cfg.rope_low_freq_factor
+        ) / (cfg.rope_high_freq_factor - cfg.rope_low_freq_factor)
+        smoothed = (1 - smooth) * scaled / cfg.rope_factor + smooth * scaled
+        medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+        inv = jnp.where(medium, smoothed, scaled)
+    return inv
+
+
+def rope_cos_sin(cfg: LlamaConfig, positions: Array) -> tuple[Array, Array]:
+    """cos, sin: float32[B, S, H] for integer positions [B, S]."""
+    freqs = positions.astype(jnp.float32)[..., None] * rope_inv_freq(cfg)  # [B, S, H/2]
+    emb = jnp.concatenate([freqs, freqs], axis=-1)
+    return jnp.cos(emb), jnp.sin(emb)
+
+
+def apply_rope(x: Array, cos: Array, sin: Array) -> Array:
+    """x: [B, S, N, H]; the rotate-half convention of HF Llama."""
+    x1, x2 = jnp.split(x, 2, axis=-1)
+    rotated = jnp.concatenate([-x2, x1], axis=-1)
+    out = x.astype(jnp.float32) * cos[:, :, None] + rotated.astype(jnp.float32) * sin[:, :, None]
+    return out.astype(x.dtype)
+
+
+def attend(
+    q: Array,
+    k: Array,
+    v: Array,
+    mask: Array,
+    delta: Array | None,
+    want_full: bool,
+) -> tuple[Array, Array, Array | None]:
+    """Softmax attention with grouped heads; returns output, last-query rows, full probs.
+
+    q: [B, S, N, H]; k, v: [B, K, G, H]; mask: bool[B, S, K]; delta: [B, N, K] or None, added
+    to the last query's probability row (the grad-att perturbation point).
+    Returns out [B, S, N, H], rows float32[B, N, K], probs float32[B, N, S, K] or None.
+    """
+    b, s, n, h = q.shape
+    g = k.shape[2]
+    qg = q.reshape(b, s, g, n // g, h)
+    logits = jnp.einsum("bsgrh,bkgh->bgrsk", qg, k, preferred_element_type=jnp.float32)
+    logits = logits.reshape(b, n, s, k.shape[1]) / math.sqrt(h)
+    logits = jnp.where(mask[:, None], logits, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(logits, axis=-1)  # float32, as HF eager attention
+    if delta is not None:
+        probs = probs.at[:, :, -1, :].add(delta.astype(jnp.float32))
+    rows = probs[:, :, -1, :]
+    pg = probs.astype(v.dtype).reshape(b, g, n // g, s, -1)
+    out = jnp.einsum("bgrsk,bkgh->bsgrh", pg, v).reshape(b, s, n, h)
+    return out, rows, (probs if want_full else None)
+
+
+class LlamaAttention(nn.Module):
+    config: LlamaConfig
+
+    @nn.compact
+    def __call__(self, x, cos, sin, mask, kv, delta, want_full):
+        cfg = self.config
+        b, s, _ = x.shape
+        n, g, h = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        dense = lambda f, name: nn.Dense(f, use_bias=cfg.attention_bias, name=name)
+        q = dense(n * h, "q_proj")(x).reshape(b, s, n, h)
+        k = dense(g * h, "k_proj")(x).reshape(b, s, g, h)
+        v = dense(g * h, "v_proj")(x).reshape(b, s, g, h)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if kv is not None:  # write this step's keys into the cache at slot `index`
+            cache_k, cache_v, index = kv
+            k = jax.lax.dynamic_update_slice(cache_k, k.astype(cache_k.dtype), (0, index, 0, 0))
+            v = jax.lax.dynamic_update_slice(cache_v, v.astype(cache_v.dtype), (0, index, 0, 0))
+        out, rows, probs = attend(q, k, v, mask, delta, want_full)
+        out = nn.Dense(cfg.hidden_size, use_bias=cfg.attention_bias, name="o_proj")(
+            out.reshape(b, s, n * h)
+        )
+        return out, (k, v), rows, probs
+
+
+class LlamaMLP(nn.Module):
+    config: LlamaConfig
+
+    @nn.compact
+    def __call__(self, x):
+        cfg = self.config
+        act = activation(cfg.hidden_act)
+        gate = nn.Dense(cfg.intermediate_size, use_bias=cfg.mlp_bias, name="gate_proj")(x)
+        up = nn.Dense(cfg.intermediate_size, use_bias=cfg.mlp_bias, name="up_proj")(x)
+        return nn.Dense(cfg.hidden_size, use_bias=cfg.mlp_bias, name="down_proj")(act(gate) * up)
+
+
+class LlamaDecoderLayer(nn.Module):
+    config: LlamaConfig
+
+    @nn.compact
+    def __call__(self, x, cos, sin, mask, kv, delta, want_full):
+        cfg = self.config
+        h = RMSNorm(cfg.rms_norm_eps, name="input_layernorm")(x)
+        h, kv, rows, probs = LlamaAttention(cfg, name="self_attn")(
+            h, cos, sin, mask, kv, delta, want_full
+        )
+        x = x + h
+        h = RMSNorm(cfg.rms_norm_eps, name="post_attention_layernorm")(x)
+        return x + LlamaMLP(cfg, name="mlp")(h), kv, rows, probs
+
+
+class LlamaModel(nn.Module):
+    """The decoder stack (HF LlamaModel). Embedding lookup is separate (`embed`)."""
+
+    config: LlamaConfig
+
+    def setup(self):
+        cfg = self.config
+        self.embed_tokens = nn.Embed(cfg.vocab_size, cfg.hidden_size)
+        self.layers = [LlamaDecoderLayer(cfg) for _ in range(cfg.num_hidden_layers)]
+        self.norm = RMSNorm(cfg.rms_norm_eps)
+
+    def embed(self, input_ids: Array) -> Array:
+        return self.embed_tokens(input_ids)
+
+    def attend_logits(self, x: Array) -> Array:
+        """Tied output head: x @ embedding^T."""
+        return self.embed_tokens.attend(x)
+
+    def __call__(
+        self,
+        inputs_embeds: Array,
+        positions: Array,
+        kv_mask: Array,
+        cache: KVCache | None = None,
+        attn_delta: Array | None = None,
+        output_full_attentions: bool = False,
+    ):
+        """Runs the stack.
+
+        Args:
+          inputs_embeds: float[B, S, D].
+          positions: int[B, S] RoPE positions.
+          kv_mask: bool[B, K] which key slots are real tokens (K = S without a cache, else the
+            cache length, already including this step's S slots).
+          cache: optional KVCache; this pass writes its keys at cache.index.
+          attn_delta: optional float[L, B, N, K] added to each layer's last-query row.
+          output_full_attentions: also return every layer's [B, N, S, K] probabilities.
+
+        Returns:
+          hidden [B, S, D] after the final norm, new (k, v) stacks [L, B, K, G, H],
+          rows float32[L, B, N, K], full probabilities [L, B, N, S, K] or None.
+        """
+        s = inputs_embeds.shape[1]
+        start = 0 if cache is None else cache.index
+        k_len = kv_mask.shape[1]
+        q_slot = start + jnp.arange(s)  # [S] absolute cache slot of each query
+        causal = jnp.arange(k_len)[None, :] <= q_slot[:, None]  # [S, K]
+        mask = causal[None] & kv_mask[:, None, :]  # [B, S, K]
+        cos, sin = rope_cos_sin(self.config, positions)
+        x = inputs_embeds
+        ks, vs, rows, fulls = [], [], [], []
+        for i, layer in enumerate(self.layers):
+            kv = None if cache is None else (cache.k[i], cache.v[i], cache.index)
+            delta = None if attn_delta is None else attn_delta[i]
+            x, (k, v), r, p = layer(x, cos, sin, mask, kv, delta, output_full_attentions)
+            ks.append(k)
+            vs.append(v)
+            rows.append(r)
+            fulls.append(p)
+        full = jnp.stack(fulls) if output_full_attentions else None
+        return self.norm(x), (jnp.stack(ks), jnp.stack(vs)), jnp.stack(rows), full
