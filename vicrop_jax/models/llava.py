@@ -160,6 +160,7 @@ class LlavaForConditionalGeneration(nn.Module):
         attn_delta: Array | None = None,
         output_full_attentions: bool = False,
         only_last_logits: bool = False,
+        image_features: Array | None = None,
     ) -> ModelOutput:
         """One pass over a prompt (prefill) or over new tokens with a cache (decode).
 
@@ -171,6 +172,8 @@ class LlavaForConditionalGeneration(nn.Module):
           attn_delta: optional float[L, B, N, K] added to each layer's last-query attention row.
           output_full_attentions: also return [L, B, N, S, K] probabilities.
           only_last_logits: compute logits for the last position only.
+          image_features: optional precomputed [I, T, D] projected features, used instead of
+            pixel_values (lets several prompts share one vision pass).
 
         Returns:
           ModelOutput (logits, cache, attentions [L, B, N, K], ...).
@@ -178,9 +181,10 @@ class LlavaForConditionalGeneration(nn.Module):
         b, s = input_ids.shape
         mask = jnp.ones((b, s), bool) if attention_mask is None else attention_mask.astype(bool)
         embeds = self.language_model.embed(input_ids)
-        feats = None
-        if pixel_values is not None:
+        feats = image_features
+        if feats is None and pixel_values is not None:
             feats, _ = self.image_features(pixel_values)
+        if feats is not None:
             embeds = merge_image_features(embeds, input_ids, feats, self.config.image_token_index)
         # Positions count real tokens only, so a left-padded row matches its unpadded run.
         steps = jnp.cumsum(mask, axis=1) - 1

@@ -1,0 +1,117 @@
+"""ViCrop maps vs the official recipe computed with the HF PyTorch model (float32, eager)."""
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from vicrop_jax import filters
+from vicrop_jax.importance import importance, maps_for_images, resolve_layers
+from vicrop_jax.processing import GENERAL_QUESTION, llava_prompt
+
+QUESTION = "What is written on the red circle?"
+
+
+def _image(seed=0, size=(61, 47)):
+    rng = np.random.RandomState(seed)
+    return Image.fromarray((rng.rand(size[1], size[0], 3) * 255).astype(np.uint8))
+
+
+def _torch_inputs(proc, question, image):
+    enc = proc(images=image, text=llava_prompt(question), return_tensors="pt")
+    pos = enc["input_ids"][0].tolist().index(proc.tokenizer.convert_tokens_to_ids("<image>"))
+    return enc, pos
+
+
+def _official_rel_att(hf, proc, image, layers, t, g):
+    maps = []
+    for q in (QUESTION, GENERAL_QUESTION):
+        enc, pos = _torch_inputs(proc, q, image)
+        with torch.no_grad():
+            att = hf(**enc, output_attentions=True).attentions
+        maps.append(np.mean([att[l][0, :, -1, pos : pos + t].mean(0).numpy() for l in layers], 0))
+    return (maps[0] / maps[1]).reshape(g, g)
+
+
+def _official_grad_att(hf, proc, image, layers, t, g):
+    enc, pos = _torch_inputs(proc, QUESTION, image)
+    out = hf(**enc, output_attentions=True)
+    z = out.logits[:, -1, :]
+    loss = -torch.nn.functional.cross_entropy(z, z.argmax(1))
+    atts = [out.attentions[l] for l in layers]
+    grads = torch.autograd.grad(loss, atts)
+    per = [
+        (a * torch.relu(gr))[0, :, -1, pos : pos + t].mean(0).detach().numpy()
+        for a, gr in zip(atts, grads, strict=True)
+    ]
+    return np.mean(per, 0).reshape(g, g)
+
+
+def _official_pure_grad(hf, proc, image, patch, res):
+    norms = []
+    for q in (QUESTION, GENERAL_QUESTION):
+        enc, _ = _torch_inputs(proc, q, image)
+        enc["pixel_values"].requires_grad_(True)
+        z = hf(**enc).logits[:, -1, :]
+        loss = -torch.nn.functional.cross_entropy(z, z.argmax(1))
+        (gpix,) = torch.autograd.grad(loss, enc["pixel_values"])
+        norms.append(np.linalg.norm(gpix[0].numpy().transpose(1, 2, 0), axis=2))
+    mask = np.asarray(filters.detail_mask(np.asarray(filters.resize_for_mask(image, res))))
+    grad = norms[0] / norms[1] * mask
+    h, w = grad.shape
+    return grad.reshape(h // patch, patch, w // patch, patch).mean((1, 3))
+
+
+@pytest.mark.parametrize("layer", [2, [1, 3], "all"])
+def test_rel_att_matches_official(tiny_llava, layer):
+    model, hf = tiny_llava
+    cfg = model.config
+    img = _image(1)
+    layers = resolve_layers(layer, cfg.text_config.num_hidden_layers)
+    ref = _official_rel_att(hf, model.processor, img, layers, cfg.num_image_tokens, 5)
+    ours = np.asarray(importance(model.params, img, QUESTION, model=model, layer=layer))
+    assert ours.shape == (5, 5)
+    np.testing.assert_allclose(ours, ref, rtol=1e-4)
+
+
+@pytest.mark.parametrize("layer", [2, [0, 4]])
+def test_grad_att_matches_official(tiny_llava, layer):
+    model, hf = tiny_llava
+    img = _image(2)
+    layers = resolve_layers(layer, 5)
+    ref = _official_grad_att(hf, model.processor, img, layers, 25, 5)
+    assert np.abs(ref).max() > 0, "reference map is all zeros: the test would be vacuous"
+    ours = np.asarray(importance(model.params, img, QUESTION, model=model, method="grad_att",
+                                 layer=layer))  # fmt: skip
+    np.testing.assert_allclose(ours, ref, rtol=1e-4, atol=1e-7 * np.abs(ref).max())
+
+
+def test_pure_grad_matches_official(tiny_llava):
+    model, hf = tiny_llava
+    img = _image(3, size=(80, 52))
+    ref = _official_pure_grad(hf, model.processor, img, 7, 35)
+    ours = np.asarray(importance(model.params, img, QUESTION, model=model, method="pure_grad"))
+    assert ours.shape == (5, 5)
+    np.testing.assert_allclose(ours, ref, rtol=1e-4, atol=1e-6 * np.abs(ref).max())
+
+
+def test_batched_maps_equal_single(tiny_llava):
+    model, _ = tiny_llava
+    imgs = [_image(4), _image(5, size=(30, 90))]
+    qs = [QUESTION, "What color is the square?"]
+    for method in ("rel_att", "grad_att"):
+        batch = np.asarray(maps_for_images(model, imgs, qs, method=method, layer=2))
+        for i in range(2):
+            single = np.asarray(maps_for_images(model, [imgs[i]], [qs[i]], method=method, layer=2))
+            np.testing.assert_allclose(batch[i], single[0], rtol=1e-5, atol=1e-7)
+
+
+def test_bad_arguments(tiny_llava):
+    model, _ = tiny_llava
+    img = _image(0)
+    with pytest.raises(ValueError, match="unknown method 'att'"):
+        importance(model.params, img, QUESTION, model=model, method="att")
+    with pytest.raises(ValueError, match="layer 9 out of range"):
+        importance(model.params, img, QUESTION, model=model, layer=9)
+    with pytest.raises(ValueError, match="question is empty"):
+        importance(model.params, img, "   ", model=model)
