@@ -143,9 +143,9 @@ def test_fma_and_product_are_correctly_rounded():
     rng = np.random.default_rng(1)
     n = 200_000
     kernel_w = filters.gaussian_kernel(3).ravel()
-    a = np.concatenate(
-        [rng.choice(kernel_w, n), rng.standard_normal(n).astype(np.float32)]
-    ).astype(np.float32)
+    a = np.concatenate([rng.choice(kernel_w, n), rng.standard_normal(n).astype(np.float32)]).astype(
+        np.float32
+    )
     b = np.concatenate(
         [
             rng.integers(0, 256, n).astype(np.float32) / np.float32(255),
@@ -188,7 +188,7 @@ def test_blur_matches_reference_bitwise(shape):
     np.testing.assert_allclose(got, want, rtol=0, atol=1e-5)
     np.testing.assert_array_equal(got, want)
     # Any float data, not only k / 255.
-    xf = rng.standard_normal((*shape, 2)).astype(np.float32)
+    xf = rng.standard_normal((*shape, 3)).astype(np.float32)
     got = np.asarray(filters.gaussian_blur3(jnp.asarray(xf)))
     np.testing.assert_array_equal(got, _ref_blur(xf.transpose(2, 0, 1)).transpose(1, 2, 0))
 
@@ -220,7 +220,7 @@ def test_blur_batched_and_integer_input():
 @pytest.mark.parametrize("size", [3, 4, 7])
 def test_median_filter_matches_scipy(size):
     rng = np.random.default_rng(size)
-    for shape in [(17, 23), (40, 31), (5, 9)]:
+    for shape in [(17, 23), (5, 9)]:
         # Few distinct values: many ties inside each window.
         x = (rng.integers(0, 6, shape) / 7).astype(np.float32)
         got = np.asarray(filters.median_filter(jnp.asarray(x), size=size))
@@ -249,14 +249,19 @@ def test_map_median_matches_numpy():
 # The whole mask.
 
 
+@jax.jit
+def _map_and_mask(u8):
+    # One compilation for both public functions (the inner jits inline).
+    return filters.high_pass(u8), filters.detail_mask(u8)
+
+
 @pytest.mark.parametrize("resolution", [336, 224])
 def test_detail_mask_matches_official_pipeline(resolution):
     for name, img in IMAGES.items():
         u8 = filters.resize_for_mask(img, resolution)
-        hp = np.asarray(filters.high_pass(jnp.asarray(u8)))
+        hp, mask = map(np.asarray, _map_and_mask(jnp.asarray(u8)))
         ref_hp = _ref_high_pass(u8)
         np.testing.assert_array_equal(hp, ref_hp, err_msg=name)
-        mask = np.asarray(filters.detail_mask(jnp.asarray(u8)))
         ref = ref_hp > np.median(ref_hp)
         assert mask.dtype == np.bool_ and mask.shape == (resolution, resolution)
         assert (mask != ref).sum() == 0, name

@@ -1,0 +1,99 @@
+"""The crop-and-ask pipeline, visualisation and degenerate maps."""
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from vicrop_jax import bbox, pipeline
+from vicrop_jax.importance import finite_map, importance
+
+Q = "What is written on the red circle?"
+
+
+def _img(w=90, h=64, seed=0):
+    return Image.fromarray((np.random.RandomState(seed).rand(h, w, 3) * 255).astype(np.uint8))
+
+
+def test_ask_uses_one_image_then_two(tiny_llava, monkeypatch):
+    model, _ = tiny_llava
+    calls = []
+    real = pipeline.encode
+
+    def spy(proc, texts, images):
+        calls.append((list(texts), [im.size for im in images]))
+        return real(proc, texts, images)
+
+    monkeypatch.setattr(pipeline, "encode", spy)
+    img = _img()
+    ans = pipeline.ask(model, img, Q, max_new_tokens=4)
+    (base_texts, base_imgs), (crop_texts, crop_imgs) = calls
+    assert base_texts[0].count("<image>") == 1 and base_imgs == [img.size]
+    assert crop_texts[0].count("<image>") == 2
+    x1, y1, x2, y2 = ans.bbox
+    assert crop_imgs == [img.size, (x2 - x1, y2 - y1)]
+    assert 0 <= x1 < x2 <= img.size[0] and 0 <= y1 < y2 <= img.size[1]
+    assert isinstance(ans.original_answer, str) and isinstance(ans.crop_answer, str)
+    assert set(ans.timings) >= {"preprocess", "baseline_answer", "map", "box", "crop_answer"}
+    expected = importance(model.params, img, Q, model=model)
+    np.testing.assert_allclose(ans.att_map, expected, rtol=1e-5)
+    assert tuple(np.asarray(bbox.select_bbox(expected, img.size, 35)).tolist()) == ans.bbox
+
+
+def test_ask_batch_matches_single_and_short_question(tiny_llava):
+    model, _ = tiny_llava
+    imgs = [_img(seed=1), _img(120, 40, seed=2)]
+    qs = [Q, "What color is the square?"]
+    batch = pipeline.ask_batch(model, imgs, qs, method="grad_att", max_new_tokens=4)
+    for i in range(2):
+        one = pipeline.ask(model, imgs[i], qs[i], method="grad_att", max_new_tokens=4)
+        assert one.bbox == batch[i].bbox
+        assert one.original_answer == batch[i].original_answer
+        assert one.crop_answer == batch[i].crop_answer
+    short = pipeline.ask(model, imgs[0], qs[0], short_question="red circle?", max_new_tokens=2)
+    np.testing.assert_allclose(
+        short.att_map, importance(model.params, imgs[0], "red circle?", model=model), rtol=1e-5
+    )
+
+
+def test_high_res_pipeline(tiny_llava):
+    model, _ = tiny_llava
+    img = _img(2300, 1100, seed=3)
+    ans = pipeline.ask(model, img, Q, high_res=True, max_new_tokens=2)
+    rows, cols = bbox.high_res_grid(img.size)[:2]
+    assert (rows, cols) == (2, 4)
+    assert ans.att_map.shape == (rows * 5, cols * 5)
+    assert ans.method == "rel_att_high"
+    x1, y1, x2, y2 = ans.bbox
+    assert 0 <= x1 < x2 <= 2300 and 0 <= y1 < y2 <= 1100
+
+
+@pytest.mark.parametrize(
+    "m",
+    [np.zeros((5, 5)), np.ones((5, 5)), np.full((5, 5), np.nan),
+     np.where(np.eye(5) > 0, np.inf, 1.0), np.where(np.eye(5) > 0, np.nan, 2.0)],
+)  # fmt: skip
+def test_degenerate_maps_give_finite_valid_boxes(m):
+    fm = np.asarray(finite_map(np.asarray(m, np.float32)))
+    assert np.isfinite(fm).all()
+    for size in [(90, 64), (1000, 30), (20, 20)]:
+        x1, y1, x2, y2 = np.asarray(bbox.select_bbox(fm, size, 35)).tolist()
+        assert 0 <= x1 < x2 <= size[0] and 0 <= y1 < y2 <= size[1]
+
+
+def test_show_cli_writes_png(tiny_llava, tmp_path):
+    model, _ = tiny_llava
+    img_path = tmp_path / "in.png"
+    _img().save(img_path)
+    out = tmp_path / "out.png"
+    r = subprocess.run(
+        [sys.executable, "-m", "vicrop_jax.show", f"--model={model.path}", f"--image={img_path}",
+         f"--question={Q}", "--method=grad_att", "--layer=2", f"--out={out}"],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "box [" in r.stdout
+    with Image.open(out) as im:
+        assert im.size[0] > 100 and im.format == "PNG"

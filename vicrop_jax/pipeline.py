@@ -1,0 +1,144 @@
+"""ViCrop end to end: baseline answer, importance map, box, crop, answer with [original, crop].
+
+`ask(model, image, question)` for one question; `ask_batch` for many (each stage batched).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from PIL import Image
+
+from vicrop_jax import bbox as bbox_lib
+from vicrop_jax.generate import greedy_generate, trim
+from vicrop_jax.importance import importance, maps_for_images
+from vicrop_jax.loading import Model, nchw_to_nhwc
+from vicrop_jax.processing import check_question, encode, llava_prompt, to_rgb
+
+BASE_SIZE = {"llava": None}  # None: the vision tower's input resolution
+
+
+@dataclasses.dataclass
+class Answer:
+    """One question's ViCrop result; field names follow the official run.py records."""
+
+    question: str
+    original_answer: str
+    crop_answer: str
+    bbox: tuple[int, int, int, int]  # (left, top, right, bottom) in original-image pixels
+    att_map: np.ndarray  # float32 [N, N] (or the merged high-res map)
+    method: str
+    timings: dict[str, float]  # seconds per stage, shared by the batch it ran in
+
+    def map_stats(self) -> dict[str, float]:
+        m = self.att_map
+        return {"min": float(m.min()), "max": float(m.max()), "mean": float(m.mean())}
+
+
+def base_size(model: Model) -> int:
+    return model.config.vision_config.image_size
+
+
+def generate_answers(
+    model: Model, texts: list[str], images: list[Image.Image], max_new_tokens: int, params=None
+) -> list[str]:
+    """Greedy answers for a batch of prompts (their images flattened in prompt order)."""
+    enc = encode(model.processor, texts, images)
+    tok = model.processor.tokenizer
+    out = greedy_generate(
+        model.module, model.params if params is None else params,
+        jnp.asarray(enc["input_ids"]), nchw_to_nhwc(enc["pixel_values"]),
+        jnp.asarray(enc["attention_mask"]), max_new_tokens=max_new_tokens,
+        eos_ids=model.config.text_config.eos_ids,
+        pad_id=tok.pad_token_id if tok.pad_token_id is not None else 0,
+    )  # fmt: skip
+    return [tok.decode(t, skip_special_tokens=True).strip() for t in trim(out.tokens, out.lengths)]
+
+
+def _timed(timings: dict, name: str, fn, *args, **kwargs):
+    t0 = time.perf_counter()
+    out = jax.block_until_ready(fn(*args, **kwargs))
+    timings[name] = timings.get(name, 0.0) + time.perf_counter() - t0
+    return out
+
+
+def ask_batch(
+    model: Model,
+    images: Sequence[Image.Image],
+    questions: Sequence[str],
+    *,
+    method: str = "rel_att",
+    layer=None,
+    high_res: bool = False,
+    short_questions: Sequence[str | None] | None = None,
+    max_new_tokens: int = 20,
+    params=None,
+) -> list[Answer]:
+    """ViCrop for a batch of (image, question) pairs.
+
+    Args:
+      model: a loaded Model with a processor.
+      images: PIL images of any mode and size.
+      questions: the questions asked for the answers.
+      method: "rel_att", "grad_att" or "pure_grad".
+      layer: LM layer(s) for the attention methods (see importance.importance).
+      high_res: the *_high variant (per-tile maps merged).
+      short_questions: optional per-item questions used for the map only (V*).
+      max_new_tokens: the most answer tokens (the official code uses 20).
+
+    Returns:
+      One Answer per item.
+    """
+    if len(images) != len(questions):
+        raise ValueError(f"{len(images)} images but {len(questions)} questions")
+    timings: dict[str, float] = {}
+    t0 = time.perf_counter()
+    images = [to_rgb(im) for im in images]
+    questions = [check_question(q) for q in questions]
+    shorts = list(short_questions) if short_questions is not None else [None] * len(questions)
+    map_qs = [check_question(s, "short_question") if s else q for s, q in zip(shorts, questions)]
+    timings["preprocess"] = time.perf_counter() - t0
+
+    baseline = _timed(
+        timings, "baseline_answer", generate_answers, model,
+        [llava_prompt(q) for q in questions], images, max_new_tokens, params,
+    )  # fmt: skip
+    if high_res:
+        maps = [
+            np.asarray(_timed(timings, "map", importance, model.params if params is None else params,
+                              im, q, model=model, method=method, layer=layer, high_res=True))
+            for im, q in zip(images, map_qs, strict=True)
+        ]  # fmt: skip
+        boxes = [
+            np.asarray(_timed(timings, "box", bbox_lib.select_bbox, m, im.size, base_size(model)))
+            for m, im in zip(maps, images, strict=True)
+        ]
+    else:
+        stacked = _timed(timings, "map", maps_for_images, model, images, map_qs,
+                         method=method, layer=layer, params=params)  # fmt: skip
+        sizes = np.array([im.size for im in images])
+        boxes = list(np.asarray(_timed(timings, "box", bbox_lib.select_bboxes, stacked, sizes,
+                                       base_size(model))))  # fmt: skip
+        maps = list(np.asarray(stacked))
+    boxes = [tuple(int(v) for v in b) for b in boxes]
+    crops = [im.crop(b) for im, b in zip(images, boxes, strict=True)]
+    pairs = [x for im, c in zip(images, crops, strict=True) for x in (im, c)]
+    cropped = _timed(
+        timings, "crop_answer", generate_answers, model,
+        [llava_prompt(q, n_images=2) for q in questions], pairs, max_new_tokens, params,
+    )  # fmt: skip
+    return [
+        Answer(q, a, c, b, m, method + ("_high" if high_res else ""), dict(timings))
+        for q, a, c, b, m in zip(questions, baseline, cropped, boxes, maps, strict=True)
+    ]
+
+
+def ask(model: Model, image: Image.Image, question: str, **kwargs) -> Answer:
+    """ViCrop for one question; keyword arguments as ask_batch (short_question for V*)."""
+    short = kwargs.pop("short_question", None)
+    return ask_batch(model, [image], [question], short_questions=[short], **kwargs)[0]
