@@ -24,8 +24,8 @@ How the official box is reproduced exactly:
     map shape.
   * Window sums come from an integral image over an int64 fixed-point copy of the map
     (scaled by a power of two chosen from the largest magnitude, so no sum overflows).
-    Each cell is rounded to a step of 2**(ceil(log2(H * W)) - 60) times the largest
-    magnitude (2**-50 for 24x24), and the sums are then exact, so equal windows compare
+    Each cell is rounded to a step of at most 2**(ceil(log2(H * W)) - 60) times the
+    largest magnitude (2**-50 for 24x24), and the sums are then exact, so equal windows compare
     equal (integer-valued and constant maps tie exactly as the official float64 sums
     do). The first maximum in the official scan order (x outer, y inner) wins.
   * Sharpness is evaluated in float64 in the official order (neighbours left, right, up,
@@ -45,7 +45,8 @@ Kept from the official code:
     larger ratios whose window covers the whole map are skipped.
   * A window of zero cells (image wider or taller than base * ratio * map size, e.g. over
     8064 px on a 24-cell axis at base 336) sums to 0 and has sharpness 0 / 0 = NaN, which
-    wins the ratio vote (`np.argmax` returns the first NaN).
+    wins the ratio vote (`np.argmax` returns the first NaN). Every window then ties at 0,
+    so such an image gets the ratio-1 box in its top-left corner, whatever the map.
   * The half side is `floor(base * ratio / 2)`, so the box for ratio 1.2 at base 336 is
     402 px, not 403; a box never leaves the image and spans it fully along an axis that
     is shorter than the box.
