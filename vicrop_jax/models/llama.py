@@ -124,6 +124,34 @@ def apply_rope(x: Array, cos: Array, sin: Array) -> Array:
     return out.astype(x.dtype)
 
 
+def last_query_rows(q: Array, k: Array, mask: Array) -> Array:
+    """Softmax attention row of the last query, float32[B, N, K] (what ViCrop reads).
+
+    q: [B, S, N, H]; k: [B, K, G, H]; mask: bool[B, S, K].
+    """
+    b, _, n, h = q.shape
+    g = k.shape[2]
+    ql = q[:, -1].reshape(b, g, n // g, h)
+    logits = jnp.einsum("bgrh,bkgh->bgrk", ql, k, preferred_element_type=jnp.float32)
+    logits = logits.reshape(b, n, -1) / math.sqrt(h)
+    logits = jnp.where(mask[:, -1][:, None], logits, jnp.finfo(jnp.float32).min)
+    return jax.nn.softmax(logits, axis=-1)
+
+
+def explicit_attention(q: Array, k: Array, v: Array, mask: Array) -> tuple[Array, Array]:
+    """Eager softmax attention (HF's eager path): output [B, S, N, H], probs f32[B, N, S, K]."""
+    b, s, n, h = q.shape
+    g = k.shape[2]
+    qg = q.reshape(b, s, g, n // g, h)
+    logits = jnp.einsum("bsgrh,bkgh->bgrsk", qg, k, preferred_element_type=jnp.float32)
+    logits = logits.reshape(b, n, s, k.shape[1]) / math.sqrt(h)
+    logits = jnp.where(mask[:, None], logits, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(logits, axis=-1)  # float32, as HF eager attention
+    pg = probs.astype(v.dtype).reshape(b, g, n // g, s, -1)
+    out = jnp.einsum("bgrsk,bkgh->bsgrh", pg, v).reshape(b, s, n, h)
+    return out, probs
+
+
 def attend(
     q: Array,
     k: Array,
@@ -132,25 +160,33 @@ def attend(
     delta: Array | None,
     want_full: bool,
 ) -> tuple[Array, Array, Array | None]:
-    """Softmax attention with grouped heads; returns output, last-query rows, full probs.
+    """Grouped-query attention; returns output, last-query rows and (optionally) full probs.
 
-    q: [B, S, N, H]; k, v: [B, K, G, H]; mask: bool[B, S, K]; delta: [B, N, K] or None, added
-    to the last query's probability row (the grad-att perturbation point).
+    The output comes from a fused kernel (jax.nn.dot_product_attention: cuDNN flash attention
+    on GPU where it applies, XLA elsewhere) unless full maps are asked for; the last query's
+    row is computed explicitly in float32 either way, which is all a ViCrop map reads.
+    `delta` [B, N, K] is added to that row: since only the last row changes,
+    (P + delta) V = P V + delta V on the last query, so the fused path keeps the
+    perturbation point and `jax.grad` w.r.t. delta is d(output)/d(attention row).
+
+    q: [B, S, N, H]; k, v: [B, K, G, H]; mask: bool[B, S, K].
     Returns out [B, S, N, H], rows float32[B, N, K], probs float32[B, N, S, K] or None.
     """
     b, s, n, h = q.shape
     g = k.shape[2]
-    qg = q.reshape(b, s, g, n // g, h)
-    logits = jnp.einsum("bsgrh,bkgh->bgrsk", qg, k, preferred_element_type=jnp.float32)
-    logits = logits.reshape(b, n, s, k.shape[1]) / math.sqrt(h)
-    logits = jnp.where(mask[:, None], logits, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(logits, axis=-1)  # float32, as HF eager attention
+    if want_full:
+        out, probs = explicit_attention(q, k, v, mask)
+        rows = probs[:, :, -1, :]
+    else:
+        out = jax.nn.dot_product_attention(q, k, v, mask=mask[:, None], scale=1 / math.sqrt(h))
+        rows, probs = last_query_rows(q, k, mask), None
     if delta is not None:
-        probs = probs.at[:, :, -1, :].add(delta.astype(jnp.float32))
-    rows = probs[:, :, -1, :]
-    pg = probs.astype(v.dtype).reshape(b, g, n // g, s, -1)
-    out = jnp.einsum("bgrsk,bkgh->bsgrh", pg, v).reshape(b, s, n, h)
-    return out, rows, (probs if want_full else None)
+        dv = jnp.einsum(
+            "bgrk,bkgh->bgrh", delta.reshape(b, g, n // g, -1).astype(v.dtype), v
+        ).reshape(b, n, h)
+        out = out.at[:, -1].add(dv.astype(out.dtype))
+        rows = rows + delta.astype(jnp.float32)
+    return out, rows, probs
 
 
 class LlamaAttention(nn.Module):
@@ -158,6 +194,8 @@ class LlamaAttention(nn.Module):
 
     @nn.compact
     def __call__(self, x, cos, sin, mask, kv, delta, want_full):
+        """kv: None, or (k_all, v_all, layer, index): the stacked [L, B, K, G, H] cache, which
+        this layer updates in place at [layer, :, index:index + S] and returns."""
         cfg = self.config
         b, s, _ = x.shape
         n, g, h = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
@@ -166,15 +204,20 @@ class LlamaAttention(nn.Module):
         k = dense(g * h, "k_proj")(x).reshape(b, s, g, h)
         v = dense(g * h, "v_proj")(x).reshape(b, s, g, h)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        if kv is not None:  # write this step's keys into the cache at slot `index`
-            cache_k, cache_v, index = kv
-            k = jax.lax.dynamic_update_slice(cache_k, k.astype(cache_k.dtype), (0, index, 0, 0))
-            v = jax.lax.dynamic_update_slice(cache_v, v.astype(cache_v.dtype), (0, index, 0, 0))
+        if kv is None:
+            new_kv = (k, v)
+        else:  # one dynamic-update-slice into the loop-carried cache: XLA does it in place
+            k_all, v_all, layer, index = kv
+            at = (layer, 0, index, 0, 0)
+            k_all = jax.lax.dynamic_update_slice(k_all, k[None].astype(k_all.dtype), at)
+            v_all = jax.lax.dynamic_update_slice(v_all, v[None].astype(v_all.dtype), at)
+            k, v = k_all[layer], v_all[layer]
+            new_kv = (k_all, v_all)
         out, rows, probs = attend(q, k, v, mask, delta, want_full)
         out = nn.Dense(cfg.hidden_size, use_bias=cfg.attention_bias, name="o_proj")(
             out.reshape(b, s, n * h)
         )
-        return out, (k, v), rows, probs
+        return out, new_kv, rows, probs
 
 
 class LlamaMLP(nn.Module):
@@ -251,17 +294,25 @@ class LlamaModel(nn.Module):
         k_len = kv_mask.shape[1]
         q_slot = start + jnp.arange(s)  # [S] absolute cache slot of each query
         causal = jnp.arange(k_len)[None, :] <= q_slot[:, None]  # [S, K]
-        mask = causal[None] & kv_mask[:, None, :]  # [B, S, K]
+        # A left-padding query sees no real key; letting it see its own slot keeps every row
+        # non-empty (fused kernels may return NaN for empty rows), and real rows never see it.
+        own = jnp.arange(k_len)[None, :] == q_slot[:, None]
+        mask = causal[None] & (kv_mask[:, None, :] | own[None])  # [B, S, K]
         cos, sin = rope_cos_sin(self.config, positions)
         x = inputs_embeds
         ks, vs, rows, fulls = [], [], [], []
+        kv_all = None if cache is None else (cache.k, cache.v)
         for i, layer in enumerate(self.layers):
-            kv = None if cache is None else (cache.k[i], cache.v[i], cache.index)
+            kv = None if cache is None else (*kv_all, i, cache.index)
             delta = None if attn_delta is None else attn_delta[i]
-            x, (k, v), r, p = layer(x, cos, sin, mask, kv, delta, output_full_attentions)
-            ks.append(k)
-            vs.append(v)
+            x, new_kv, r, p = layer(x, cos, sin, mask, kv, delta, output_full_attentions)
+            if cache is None:
+                ks.append(new_kv[0])
+                vs.append(new_kv[1])
+            else:
+                kv_all = new_kv
             rows.append(r)
             fulls.append(p)
         full = jnp.stack(fulls) if output_full_attentions else None
-        return self.norm(x), (jnp.stack(ks), jnp.stack(vs)), jnp.stack(rows), full
+        kv_out = (jnp.stack(ks), jnp.stack(vs)) if cache is None else kv_all
+        return self.norm(x), kv_out, jnp.stack(rows), full
