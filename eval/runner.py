@@ -1,0 +1,346 @@
+"""The evaluation loop: load a benchmark, answer every question, append results, resume.
+
+`run(settings)` is what `python -m eval.run` calls. It
+
+1. loads the task's examples (eval.datasets) and keeps this shard's share (every
+   shard_count-th example from shard_index);
+2. writes run_config.json into the output directory, or refuses if the directory holds
+   another configuration (eval.records);
+3. reopens this shard's JSONL, drops a line cut short by a crash, and skips the ids already
+   there (error rows too, unless retry_errors);
+4. answers the rest in batches (eval.engine) while the next batch's images load in threads,
+   and appends one record per question, flushed and fsync'd.
+
+A question that cannot be answered (missing, corrupt or oversized image, a path outside the
+image root, an empty or too long question) becomes an error row and the run goes on. If a
+whole batch fails, its questions are retried one at a time so only the culprit is lost.
+After `max_consecutive_errors` failures in a row the run stops: that is a setup problem (a
+wrong --image_root, out of memory), not bad data.
+
+One JSON record per question (the official run.py names first; the top-level answer, box
+and map statistics are those of the first method):
+
+  id, question, labels             the dataset's (labels: what eval.metrics scores against)
+  original_answer                  the answer with the image alone (shared by all methods)
+  crop_answer, bbox, method        the first method's answer with [image, crop], its box
+                                   [x1, y1, x2, y2] in original pixels, its name
+  methods                          {name: {crop_answer, bbox, map_stats, gt_coverage, error}}
+                                   for every method; error "no ground-truth box" for gt_crop
+                                   without one; gt_coverage: share of the GT box in the box
+  map_stats                        {shape, min, max, mean, std, peak [row, col]} or null
+  task, model, short_question, image_path, image_size [w, h], gt_bbox [x1, y1, x2, y2]|null
+  timings                          seconds per question: load_image, baseline_answer,
+                                   <method>/map, <method>/box, <method>/crop_answer (a
+                                   batch's stage time divided by its questions)
+  error                            null, or "Type: message" (then answers are null;
+                                   traceback holds the last frames for compute failures)
+  shard, extra                     the shard that wrote it; dataset fields kept for analysis
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import dataclasses
+import os
+import sys
+import time
+import traceback
+from collections.abc import Callable
+
+from PIL import Image
+
+from eval import datasets, records, report
+from eval.datasets import DataSpec, Example, ImageError
+from eval.engine import Engine, Item, local_mesh, parse_methods
+
+FORMAT_VERSION = 1
+
+
+class TooManyErrors(RuntimeError):
+    """max_consecutive_errors questions failed in a row: a setup problem, the run stops."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    """Everything a run needs. Fields under "identity" must match to resume a directory."""
+
+    # identity
+    model: str
+    task: str
+    methods: tuple[str, ...]
+    data: DataSpec
+    output_dir: str
+    layer: str | None = None
+    dtype: str = "float32"
+    max_new_tokens: int = 20
+    limit: int = 0
+    shard_count: int = 1
+    seed: int = 0
+    # execution only
+    shard_index: int = 0
+    batch_size: int = 8
+    max_image_pixels: int | None = Image.MAX_IMAGE_PIXELS
+    retry_errors: bool = False
+    max_consecutive_errors: int = 50
+    progress: bool = True
+    data_parallel: bool = True
+    high_res: bool = False  # adds _high to every map method (the names then say it)
+
+    def __post_init__(self):
+        object.__setattr__(self, "methods", parse_methods(self.methods, self.high_res))
+        if self.task not in datasets.TASKS:
+            raise ValueError(f"unknown task {self.task!r}; choose from {datasets.TASKS}")
+        if self.dtype not in ("float32", "bfloat16"):
+            raise ValueError(f"dtype must be float32 or bfloat16, got {self.dtype!r}")
+        if not 0 <= self.shard_index < self.shard_count:
+            raise ValueError(f"shard_index {self.shard_index} not in [0, {self.shard_count})")
+        if self.limit < 0 or self.batch_size < 1 or self.max_new_tokens < 1:
+            raise ValueError("limit must be >= 0, batch_size and max_new_tokens >= 1")
+        try:
+            parse_layer(self.layer)
+        except ValueError:
+            msg = f"layer must be an int, a comma list or 'all', got {self.layer!r}"
+            raise ValueError(msg) from None
+
+    def identity(self, num_examples: int) -> dict:
+        """The run_config.json content: what decides the results, not how they are computed."""
+        # Image roots are left out: moving the images does not change the results.
+        data = {}
+        for k, v in dataclasses.asdict(self.data).items():
+            if v and k != "image_root":
+                data[k] = v if k == "bbox_format" else ",".join(map(os.path.abspath, v.split(",")))
+        return {
+            "format_version": FORMAT_VERSION,
+            "model": os.path.abspath(self.model),
+            "task": self.task,
+            "methods": list(self.methods),
+            "data": data,
+            "layer": self.layer,
+            "dtype": self.dtype,
+            "max_new_tokens": self.max_new_tokens,
+            "limit": self.limit,
+            "shard_count": self.shard_count,
+            "seed": self.seed,
+            "num_examples": num_examples,
+        }
+
+    @property
+    def model_name(self) -> str:
+        return os.path.basename(os.path.normpath(self.model))
+
+
+def parse_layer(text: str | None):
+    """None, "14", "12,14" or "all" -> what vicrop_jax.importance takes."""
+    if text is None or text == "" or text == "all":
+        return text or None
+    parts = [int(p) for p in text.split(",")]
+    return parts[0] if len(parts) == 1 else parts
+
+
+def _load(example: Example, max_pixels: int | None) -> tuple[Image.Image, float]:
+    t0 = time.perf_counter()
+    image = datasets.load_image(example.image_file(), max_pixels)
+    return image, time.perf_counter() - t0
+
+
+def _base_record(ex: Example, s: Settings) -> dict:
+    return {
+        "id": ex.id,
+        "question": ex.question,
+        "labels": ex.labels,
+        "original_answer": None,
+        "crop_answer": None,
+        "bbox": None,
+        "method": s.methods[0],
+        "task": s.task,
+        "model": s.model_name,
+        "short_question": ex.short_question,
+        "image_path": ex.image_path,
+        "image_size": None,
+        "gt_bbox": None if ex.gt_bbox is None else list(ex.gt_bbox),
+        "map_stats": None,
+        "methods": {},
+        "timings": {},
+        "error": None,
+        "shard": s.shard_index,
+        "extra": ex.extra,
+    }
+
+
+def _error(e: BaseException) -> str:
+    return f"{type(e).__name__}: {e}"
+
+
+def _answer_safely(engine: Engine, items: list[Item], methods, log) -> list[dict]:
+    """engine.answer, or one item at a time when the batch fails."""
+    try:
+        return engine.answer(items, methods)
+    except Exception as e:  # noqa: BLE001 - isolate the failing question, keep the run going
+        if len(items) == 1:
+            log(f"question {items[0].example.id} failed: {_error(e)}")
+            return [{"error": _error(e), "traceback": traceback.format_exc(limit=4)}]
+        log(f"a batch of {len(items)} failed ({_error(e)}); retrying its questions one by one")
+    return [_answer_safely(engine, [it], methods, log)[0] for it in items]
+
+
+class _Progress:
+    """tqdm bar with ETA and running accuracy (no crop vs the first method)."""
+
+    def __init__(self, s: Settings, done: list[dict], total: int):
+        from tqdm import tqdm
+
+        self.task, self.first = s.task, s.methods[0]
+        self.sums = [0.0, 0.0]
+        self.n = self.errors = 0
+        for r in done:
+            self._add(r)
+        self.bar = tqdm(
+            total=total,
+            initial=len(done),
+            desc=f"{s.task} shard {s.shard_index}",
+            unit="q",
+            disable=not s.progress,
+            file=sys.stderr,
+            dynamic_ncols=True,
+        )
+        self._show()
+
+    def _add(self, r: dict) -> None:
+        self.n += 1
+        self.errors += bool(r.get("error"))
+        self.sums[0] += report.score(self.task, r.get("original_answer"), r)
+        self.sums[1] += report.score(self.task, r.get("crop_answer"), r)
+
+    def _show(self) -> None:
+        if self.n:
+            self.bar.set_postfix(
+                {
+                    "no_crop": f"{self.sums[0] / self.n:.1f}",
+                    self.first: f"{self.sums[1] / self.n:.1f}",
+                    "errors": self.errors,
+                },
+                refresh=False,
+            )
+
+    def update(self, r: dict) -> None:
+        self._add(r)
+        self._show()
+        self.bar.update(1)
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+def run(settings: Settings, model=None, log: Callable[[str], None] | None = None) -> str:
+    """Runs (or resumes) one shard of an evaluation; returns its JSONL path.
+
+    Args:
+      settings: the run's Settings.
+      model: an already loaded vicrop_jax Model for settings.model (tests), else loaded here.
+      log: where messages go (default: stderr).
+
+    Raises:
+      records.ConfigMismatch: the output directory holds a different configuration.
+      datasets.DatasetError: a dataset file does not follow its published schema.
+      TooManyErrors: max_consecutive_errors questions failed in a row.
+    """
+    s = settings
+    log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
+    examples = datasets.load(s.task, s.data)
+    if s.limit:
+        examples = examples[: s.limit]
+    records.check_or_write_config(s.output_dir, s.identity(len(examples)))
+    shard = examples[s.shard_index :: s.shard_count]
+    path = records.shard_file(
+        s.output_dir, s.model_name, s.task, s.methods, s.shard_index, s.shard_count
+    )
+    with records.ResultsFile(path) as out:
+        finished = out.ids(include_errors=not s.retry_errors)
+        todo = [ex for ex in shard if ex.id not in finished]
+        log(
+            f"{path}: {len(shard)} questions in this shard, {len(shard) - len(todo)} already "
+            f"done, {len(todo)} to answer"
+        )
+        if todo:
+            _run_shard(s, todo, out, model, log, total=len(shard))
+    return path
+
+
+def _run_shard(s: Settings, todo: list[Example], out, model, log, total: int) -> None:
+    import jax.numpy as jnp
+
+    from vicrop_jax.loading import load_model
+
+    if model is None:
+        t0 = time.perf_counter()
+        model = load_model(s.model, dtype=jnp.bfloat16 if s.dtype == "bfloat16" else jnp.float32)
+        log(f"loaded {s.model} ({s.dtype}) in {time.perf_counter() - t0:.1f}s")
+    mesh = local_mesh() if s.data_parallel else None
+    if mesh is not None:
+        log(f"data parallel over {mesh.devices.size} local devices")
+    engine = Engine(
+        model,
+        batch_size=s.batch_size,
+        max_new_tokens=s.max_new_tokens,
+        layer=parse_layer(s.layer),
+        seed=s.seed,
+        mesh=mesh,
+    )
+    bs = engine.batch_size
+    batches = [todo[i : i + bs] for i in range(0, len(todo), bs)]
+    latest = {r["id"]: r for r in out.records}
+    redo = {ex.id for ex in todo}
+    done = [r for r in latest.values() if r["id"] not in redo]
+    progress = _Progress(s, done, total)
+    streak = 0
+    with concurrent.futures.ThreadPoolExecutor(max_workers=4) as pool:
+
+        def submit(batch):
+            return [pool.submit(_load, ex, s.max_image_pixels) for ex in batch]
+
+        pending = submit(batches[0])
+        try:
+            for k, batch in enumerate(batches):
+                loads, pending = pending, submit(batches[k + 1]) if k + 1 < len(batches) else []
+                rows, items, slots = [], [], []
+                for ex, fut in zip(batch, loads, strict=True):
+                    rec = _base_record(ex, s)
+                    rows.append(rec)
+                    try:
+                        image, seconds = fut.result()
+                        engine.check_question(ex)
+                    except (ImageError, ValueError, TypeError) as e:
+                        rec["error"] = _error(e)
+                        continue
+                    rec["image_size"] = list(image.size)
+                    rec["timings"] = {"load_image": seconds}
+                    items.append(Item(ex, image))
+                    slots.append(rec)
+                results = _answer_safely(engine, items, s.methods, log) if items else []
+                for rec, res in zip(slots, results, strict=True):
+                    _fill(rec, res, s.methods[0])
+                for rec in rows:
+                    out.append(rec)
+                    progress.update(rec)
+                    streak = streak + 1 if rec["error"] else 0
+                    if streak >= s.max_consecutive_errors:
+                        raise TooManyErrors(
+                            f"{streak} questions in a row failed, the last with: {rec['error']}. "
+                            "Stopping: this looks like a setup problem (image root, memory). "
+                            "Fix it and rerun with --retry_errors; finished records are kept."
+                        )
+        finally:
+            for fut in pending:
+                fut.cancel()
+            progress.close()
+
+
+def _fill(rec: dict, res: dict, first: str) -> None:
+    if res.get("error"):
+        rec["error"], rec["traceback"] = res["error"], res.get("traceback")
+        return
+    rec["original_answer"] = res["original_answer"]
+    rec["methods"] = res["methods"]
+    rec["timings"] = {**rec["timings"], **res["timings"]}
+    m = res["methods"][first]
+    rec["crop_answer"], rec["bbox"], rec["map_stats"] = m["crop_answer"], m["bbox"], m["map_stats"]

@@ -1,0 +1,157 @@
+"""eval.report and eval.records on hand-made records (no model): Table 2 layout, size buckets,
+errors counted, shards merged, CSV, the command line; and the JSONL file's crash handling."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from eval import records, report
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _rec(i, labels, orig, crops: dict, gt=None, size=(100, 100), error=None, question="q?"):
+    methods = {
+        m: {
+            "crop_answer": a,
+            "bbox": [0, 0, 10, 10],
+            "map_stats": None,
+            "gt_coverage": None,
+            "error": None if a is not None else "no ground-truth box",
+        }
+        for m, a in crops.items()
+    }
+    first = next(iter(crops))
+    return {
+        "id": str(i),
+        "question": question,
+        "labels": labels,
+        "original_answer": orig,
+        "crop_answer": crops[first],
+        "bbox": [0, 0, 10, 10],
+        "method": first,
+        "gt_bbox": gt,
+        "image_size": list(size),
+        "methods": methods,
+        "timings": {"baseline_answer": 0.5, f"{first}/map": 0.25, f"{first}/crop_answer": 0.25},
+        "error": error,
+    }
+
+
+def _write_run(out, task, methods, recs_by_shard, total):
+    config = {"task": task, "methods": methods, "model": "/ckpt/llava-x", "num_examples": total}
+    records.check_or_write_config(str(out), config)
+    for i, recs in enumerate(recs_by_shard):
+        path = records.shard_file(str(out), "llava-x", task, methods, i, len(recs_by_shard))
+        with records.ResultsFile(path) as f:
+            for r in recs:
+                f.append(r)
+
+
+def test_table2_layout_buckets_errors_and_shards(tmp_path):
+    ten = ["red"] * 10
+    tv = [
+        _rec(0, ten, "red", {"rel_att": "red", "gt_crop": "red"}, gt=[0, 0, 5, 5]),  # small
+        _rec(1, ten, "blue", {"rel_att": "red", "gt_crop": None}),  # no GT box
+        _rec(2, ten, "blue", {"rel_att": "blue", "gt_crop": "red"}, gt=[0, 0, 50, 50]),  # large
+        _rec(3, ten, None, {"rel_att": None, "gt_crop": None}, error="ImageError: missing"),
+    ]
+    _write_run(tmp_path / "tv", "textvqa", ["rel_att", "gt_crop"], [tv[:2], tv[2:]], total=4)
+    vq = "Which color?\n(A) red\n(B) blue\nAnswer with the option's letter."
+    vs = [_rec(0, ["B"], "(A) red", {"rel_att_high": "blue"}, question=vq)]
+    _write_run(tmp_path / "vs", "vstar", ["rel_att_high"], [vs], total=2)
+    text = report.make_report(str(tmp_path))
+    with open(tmp_path / "report.csv") as f:
+        rows = {r["task"]: r for r in csv.DictReader(f)}
+    t = rows["textvqa"]
+    assert t["questions"] == "4/4" and t["errors"] == "1"
+    assert t["no crop"] == "25.00"  # 1 of 4; the failed question counts as wrong
+    assert t["rel_att"] == "50.00"
+    assert t["gt_crop"] == "66.67 (n=3)"  # question 1 has no GT box: left out of that column
+    v = rows["vstar"]
+    assert v["questions"] == "1/2 (partial)" and v["no crop"] == "0.00"
+    assert v["rel_att_high"] == "100.00" and t.get("rel_att_high") == ""
+    with open(tmp_path / "report_buckets.csv") as f:
+        buckets = {r["bucket"].split()[0]: r for r in csv.DictReader(f)}
+    assert set(buckets) == {"small", "large"}
+    assert buckets["small"]["questions"] == "1" and buckets["small"]["no crop"] == "100.00"
+    assert buckets["large"]["gt_crop"] == "100.00" and buckets["large"]["rel_att"] == "0.00"
+    assert "| llava-x | textvqa | rel_att | 0.500 |" in text  # map + crop answer per question
+    assert (tmp_path / "report.md").read_text() == text
+
+
+def test_scores_follow_the_official_rules():
+    r = {"labels": ["yes"] * 3 + ["no"] * 7, "question": "q"}
+    assert report.score("textvqa", "yes", r) == pytest.approx(90.0)
+    assert report.score("textvqa", "yes", r, "standard") == pytest.approx(100 * 0.9)
+    assert report.score("textvqa", None, r) == 0.0
+    assert report.score("pope", "NO", {"labels": "no"}) == 0.0  # raw difflib: "NO" reads as yes
+    assert report.score("docvqa", "Red", {"labels": ["red"]}) == 0.0  # case-sensitive
+    q = "Which?\n(A) red\n(B) blue\n(C) green\nAnswer."
+    assert report.score("vstar", "C", {"question": q, "labels": ["B"]}) == 0.0
+    assert report.score("vstar", "blue", {"question": q, "labels": "B"}) == 100.0
+
+
+def test_report_command_line(tmp_path):
+    _write_run(
+        tmp_path / "run", "gqa", ["rel_att"], [[_rec(0, ["red"], "red", {"rel_att": "x"})]], total=1
+    )
+    p = subprocess.run(
+        [sys.executable, "-m", "eval.report", str(tmp_path), "--variant=standard"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "PYTHONPATH": REPO},
+    )
+    assert p.returncode == 0, p.stderr
+    assert "| llava-x | gqa | 1/1 | 0 | 100.00 | 0.00 |" in p.stdout
+    p = subprocess.run(
+        [sys.executable, "-m", "eval.report", str(tmp_path / "none")],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "PYTHONPATH": REPO},
+    )
+    assert p.returncode != 0 and "no run directories" in p.stderr
+
+
+def test_results_file_survives_cut_writes(tmp_path):
+    path = str(tmp_path / "r.jsonl")
+    with records.ResultsFile(path) as f:
+        for i in range(3):
+            f.append({"id": str(i), "x": i})
+    with open(path, "ab") as g:
+        g.write(b'{"id": "3", "x"')  # killed mid-write
+    assert [r["id"] for r in records.read_records(path)] == ["0", "1", "2"]
+    with records.ResultsFile(path) as f:  # reopening cuts the partial line
+        assert f.ids() == {"0", "1", "2"}
+        f.append({"id": "3", "x": 3})
+    with open(path) as g:
+        assert [json.loads(line)["id"] for line in g] == ["0", "1", "2", "3"]
+    with open(path, "a") as g:
+        g.write('{"id": "4", "x": 4}')  # complete JSON, newline missing: also redone
+    assert len(records.read_records(path)) == 4
+    with open(path, "a") as g:
+        g.write('\n{"id": "5"}\n')
+    assert len(records.read_records(path)) == 6
+    with open(path, "w") as g:
+        g.write('{"id": "0"}\nnot json\n{"id": "2"}\n')
+    with pytest.raises(ValueError, match="line 2 is not a valid record"):
+        records.ResultsFile(path)
+
+
+def test_config_check(tmp_path):
+    records.check_or_write_config(str(tmp_path), {"task": "gqa", "methods": ("rel_att",)})
+    records.check_or_write_config(str(tmp_path), {"task": "gqa", "methods": ["rel_att"]})
+    with pytest.raises(records.ConfigMismatch) as e:
+        records.check_or_write_config(str(tmp_path), {"task": "gqa", "methods": ["grad_att"]})
+    assert "methods: existing ['rel_att'], this run ['grad_att']" in str(e.value)
+    assert "Use another --output_dir" in str(e.value)

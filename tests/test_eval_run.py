@@ -1,0 +1,534 @@
+"""eval.run / eval.runner / eval.engine end to end on the tiny random LLaVA.
+
+In process: a smoke run through every loader, all methods and controls (checked against the
+library pipeline), bad inputs as error rows, resume, retries, shards, refusing a different
+configuration. In subprocesses: the command line (flagfiles, unknown flags, bad data), a
+kill -9 mid-run then resume, and data parallelism over 8 simulated CPU devices.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from eval import datasets, records, report
+from eval.datasets import DataSpec
+from eval.engine import Engine, base_box, gt_box, random_box
+from eval.runner import Settings, run
+from tests.test_eval_datasets import WRITERS, _exif_rotated, write_image, write_unified
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+FAST = dict(batch_size=2, max_new_tokens=3, progress=False)
+
+
+def _settings(model_dir, task, spec, out, methods=("rel_att", "center_crop"), **kw):
+    return Settings(
+        model=model_dir,
+        task=task,
+        methods=methods,
+        data=spec,
+        output_dir=str(out),
+        **{**FAST, **kw},
+    )
+
+
+def _records(out) -> dict[str, dict]:
+    return {r["id"]: r for r in records.merged_records(str(out))}
+
+
+def _quiet(msg):
+    del msg
+
+
+def test_smoke_through_every_loader(tiny_llava, tiny_llava_dir, tmp_path):
+    model, _ = tiny_llava
+    runs = dict(WRITERS)
+    runs["textvqa (data.json)"] = write_unified
+    for name, writer in runs.items():
+        task = name.split()[0]
+        spec = writer(str(tmp_path / "data" / name.replace(" ", "_")))
+        out = tmp_path / "runs" / name.replace(" ", "_")
+        path = run(_settings(tiny_llava_dir[0], task, spec, out), model=model, log=_quiet)
+        recs = records.read_records(path)
+        assert len(recs) == len(datasets.load(task, spec)), name
+        for r in recs:
+            assert r["error"] is None, (name, r["error"])
+            assert isinstance(r["original_answer"], str) and isinstance(r["crop_answer"], str)
+            assert r["method"] == "rel_att" and set(r["methods"]) == {"rel_att", "center_crop"}
+            x1, y1, x2, y2 = r["bbox"]
+            assert 0 <= x1 < x2 <= r["image_size"][0] and 0 <= y1 < y2 <= r["image_size"][1]
+            assert r["map_stats"]["shape"] == [5, 5] and r["timings"]["baseline_answer"] > 0
+            assert r["methods"]["center_crop"]["map_stats"] is None
+    report.make_report(str(tmp_path / "runs"))
+    with open(tmp_path / "runs" / "report.csv") as f:
+        rows = list(csv.reader(f))
+    assert rows[0][:5] == ["model", "task", "questions", "errors", "no crop"]
+    assert sorted(r[1] for r in rows[1:]) == sorted(n.split()[0] for n in runs)
+    assert all(r[3] == "0" and "partial" not in r[2] for r in rows[1:])
+
+
+def test_all_methods_share_the_baseline_and_match_the_pipeline(
+    tiny_llava, tiny_llava_dir, tmp_path
+):
+    from vicrop_jax import bbox, pipeline
+    from vicrop_jax.importance import maps_for_images
+
+    model, _ = tiny_llava
+    spec = WRITERS["vstar"](str(tmp_path / "vstar"))
+    methods = ("rel_att", "grad_att", "pure_grad_high", "gt_crop", "random_crop", "center_crop")
+    out = tmp_path / "out"
+    run(_settings(tiny_llava_dir[0], "vstar", spec, out, methods), model=model, log=_quiet)
+    recs = _records(out)
+    examples = datasets.load("vstar", spec)[:2]  # one tiled (1500 px), one small image
+    images = [datasets.load_image(e.image_file()) for e in examples]
+    # The library pipeline on the same questions gives the same answers, maps and boxes.
+    ref = pipeline.ask_batch(
+        model,
+        images,
+        [e.question for e in examples],
+        max_new_tokens=3,
+        short_questions=[e.short_question for e in examples],
+    )
+    maps = np.asarray(maps_for_images(model, images, [e.short_question for e in examples]))
+    for ex, im, a, m in zip(examples, images, ref, maps, strict=True):
+        r = recs[ex.id]
+        assert set(r["methods"]) == set(methods) and r["error"] is None
+        assert r["original_answer"] == a.original_answer
+        assert r["crop_answer"] == a.crop_answer and tuple(r["bbox"]) == a.bbox
+        assert r["map_stats"]["max"] == pytest.approx(float(m.max()), rel=1e-5)
+        size = im.size
+        got = {k: tuple(v["bbox"]) for k, v in r["methods"].items()}
+        assert got["center_crop"] == base_box((size[0] / 2, size[1] / 2), size, 35)
+        assert got["random_crop"] == random_box(ex.id, size, 35, seed=0)
+        gx1, gy1, gx2, gy2 = ex.gt_bbox
+        x1, y1, x2, y2 = got["gt_crop"]
+        assert x1 <= gx1 and y1 <= gy1 and x2 >= gx2 and y2 >= gy2
+        assert r["methods"]["gt_crop"]["gt_coverage"] == 1.0
+        rows, cols = bbox.high_res_grid(size)[:2]
+        assert r["methods"]["pure_grad_high"]["map_stats"]["shape"] == [rows * 5, cols * 5]
+        for k in methods:
+            assert isinstance(r["methods"][k]["crop_answer"], str)
+    assert any(r["image_size"][0] > 1024 for r in recs.values())  # the tiled path ran
+
+
+def test_control_boxes():
+    assert base_box((50, 40), (100, 80), 35) == (33, 23, 67, 57)
+    assert base_box((0, 0), (100, 80), 35) == (0, 0, 34, 34)  # clamped inside
+    assert base_box((10, 10), (20, 12), 35) == (0, 0, 20, 12)  # smaller than the box
+    assert gt_box((40, 30, 140, 36), (300, 200), 35) == (40, 16, 140, 50)
+    a = random_box("q1", (300, 200), 35, seed=0)
+    assert a == random_box("q1", (300, 200), 35, seed=0) != random_box("q2", (300, 200), 35, 0)
+    assert a[2] - a[0] == 34 and a[3] - a[1] == 34
+
+
+def _bad_input_records(root: str) -> tuple[DataSpec, dict[str, str | None]]:
+    """A data.json mixing usable odd images and broken questions; id -> expected error."""
+    img = f"{root}/images"
+    write_image(f"{img}/ok.jpg")
+    for mode in ("L", "RGBA", "P", "CMYK", "1"):
+        write_image(f"{img}/{mode}.{'jpg' if mode == 'CMYK' else 'png'}", mode=mode)
+    Image.fromarray((np.arange(48 * 64).reshape(48, 64) * 20).astype(np.uint16)).save(
+        f"{img}/I16.png"
+    )
+    _exif_rotated(f"{img}/exif.jpg")
+    write_image(f"{img}/tiny.png", size=(3, 2))
+    write_image(f"{img}/big.png", size=(120, 100))
+    with open(f"{img}/corrupt.jpg", "wb") as f:
+        f.write(b"\xff\xd8\xff\xe0 garbage")
+    os.makedirs(f"{root}/outside", exist_ok=True)
+    write_image(f"{root}/outside/x.jpg")
+    q = "What is written on the red circle?"
+    cases = {  # id: (image_path, question, expected error substring or None)
+        "ok": ("ok.jpg", q, None),
+        "gray": ("L.png", q, None),
+        "rgba": ("RGBA.png", q, None),
+        "palette": ("P.png", q, None),
+        "cmyk": ("CMYK.jpg", q, None),
+        "bw": ("1.png", q, None),
+        "16bit": ("I16.png", q, None),
+        "exif": ("exif.jpg", q, None),
+        "tiny": ("tiny.png", q, None),
+        "missing": ("absent.jpg", q, "no such image file"),
+        "corrupt": ("corrupt.jpg", q, "cannot read image"),
+        "bomb": ("big.png", q, "decompression bomb"),
+        "escape": ("../outside/x.jpg", q, "escapes the image root"),
+        "absolute": (f"{root}/outside/x.jpg", q, "escapes the image root"),
+        "empty": ("ok.jpg", "   ", "question is empty"),
+        "huge": ("ok.jpg", "word " * 1000, "at most 4000 are accepted"),
+        "many_tokens": ("ok.jpg", "what " * 600, "question too long"),
+    }
+    recs = [
+        {"id": k, "image_path": p, "question": qq, "labels": ["red"]}
+        for k, (p, qq, _) in cases.items()
+    ]
+    return write_unified(root, records=recs), {k: v[2] for k, v in cases.items()}
+
+
+def test_bad_inputs_become_error_rows_and_the_run_goes_on(tiny_llava, tiny_llava_dir, tmp_path):
+    model, _ = tiny_llava
+    spec, expected = _bad_input_records(str(tmp_path / "data"))
+    s = _settings(tiny_llava_dir[0], "gqa", spec, tmp_path / "out", max_image_pixels=100 * 100)
+    run(s, model=model, log=_quiet)
+    recs = _records(tmp_path / "out")
+    assert set(recs) == set(expected)
+    for k, err in expected.items():
+        if err is None:
+            assert recs[k]["error"] is None, (k, recs[k]["error"])
+            assert isinstance(recs[k]["crop_answer"], str)
+        else:
+            assert err in (recs[k]["error"] or ""), (k, recs[k]["error"])
+            assert recs[k]["original_answer"] is None
+    assert recs["exif"]["image_size"] == [20, 40]  # upright
+    assert recs["tiny"]["bbox"] == [0, 0, 3, 2]
+    text = report.make_report(str(tmp_path / "out"))
+    assert f"| {sum(e is not None for e in expected.values())} |" in text  # errors column
+
+
+def test_a_failing_batch_is_retried_per_question(tiny_llava, tiny_llava_dir, tmp_path, monkeypatch):
+    model, _ = tiny_llava
+    spec = write_unified(str(tmp_path / "data"), n=4)
+    real = Engine.answer
+
+    def flaky(self, items, methods, baseline=True):
+        if any(it.example.id == "u2" for it in items):
+            raise RuntimeError("simulated device failure")
+        return real(self, items, methods, baseline)
+
+    monkeypatch.setattr(Engine, "answer", flaky)
+    run(_settings(tiny_llava_dir[0], "gqa", spec, tmp_path / "out"), model=model, log=_quiet)
+    recs = _records(tmp_path / "out")
+    assert recs["u2"]["error"] == "RuntimeError: simulated device failure"
+    assert all(recs[k]["error"] is None for k in ("u0", "u1", "u3"))
+
+
+def test_consecutive_failures_stop_the_run(tiny_llava, tiny_llava_dir, tmp_path):
+    model, _ = tiny_llava
+    recs = [
+        {"id": i, "image_path": f"none{i}.jpg", "question": "q", "labels": ["x"]} for i in range(9)
+    ]
+    spec = write_unified(str(tmp_path / "data"), records=recs)
+    s = _settings(tiny_llava_dir[0], "gqa", spec, tmp_path / "out", max_consecutive_errors=3)
+    with pytest.raises(RuntimeError, match="3 questions in a row failed"):
+        run(s, model=model, log=_quiet)
+    assert len(_records(tmp_path / "out")) in (3, 4)  # the batch in flight is kept
+
+
+def test_resume_skips_done_and_redoes_a_cut_line(tiny_llava, tiny_llava_dir, tmp_path, monkeypatch):
+    model, _ = tiny_llava
+    spec = write_unified(str(tmp_path / "data"), n=5)
+    s = _settings(tiny_llava_dir[0], "gqa", spec, tmp_path / "out")
+    path = run(s, model=model, log=_quiet)
+    first = records.read_records(path)
+    # Simulate a crash mid-write: drop the last record, leave half a line.
+    with open(path) as f:
+        lines = f.readlines()
+    with open(path, "w") as f:
+        f.writelines(lines[:3])
+        f.write(lines[3][:40])
+    assert len(records.read_records(path)) == 3
+    messages = []
+    run(s, model=model, log=messages.append)
+    assert "3 already done, 2 to answer" in messages[0]
+    again = records.read_records(path)
+    assert [r["id"] for r in again] == [r["id"] for r in first]
+    for a, b in zip(first, again, strict=True):
+        assert (a["original_answer"], a["crop_answer"], a["bbox"]) == (
+            b["original_answer"],
+            b["crop_answer"],
+            b["bbox"],
+        )
+    with open(path) as f:
+        assert all(json.loads(line) for line in f)  # every line whole
+    # Finished: nothing to do, the model is not even loaded.
+    import vicrop_jax.loading
+
+    monkeypatch.setattr(vicrop_jax.loading, "load_model", lambda *a, **k: 1 / 0)
+    messages.clear()
+    run(s, log=messages.append)
+    assert "0 to answer" in messages[0]
+    # A damaged line in the middle is not silently dropped.
+    with open(path) as f:
+        lines = f.readlines()
+    lines[1] = "{broken\n"
+    with open(path, "w") as f:
+        f.writelines(lines)
+    with pytest.raises(ValueError, match="line 2 is not a valid record"):
+        run(s, log=_quiet)
+
+
+def test_retry_errors_and_shards_merge(tiny_llava, tiny_llava_dir, tmp_path):
+    model, _ = tiny_llava
+    spec = write_unified(str(tmp_path / "data"), n=5)
+    os.rename(f"{spec.image_root}/u1.jpg", f"{spec.image_root}/later.jpg")
+    out = tmp_path / "out"
+    for i in range(2):
+        run(
+            _settings(tiny_llava_dir[0], "gqa", spec, out, shard_index=i, shard_count=2),
+            model=model,
+            log=_quiet,
+        )
+    assert len(records.result_files(str(out))) == 2
+    recs = _records(out)
+    assert len(recs) == 5 and "no such image file" in recs["u1"]["error"]
+    os.rename(f"{spec.image_root}/later.jpg", f"{spec.image_root}/u1.jpg")
+    messages = []
+    run(
+        _settings(
+            tiny_llava_dir[0], "gqa", spec, out, shard_index=1, shard_count=2, retry_errors=True
+        ),
+        model=model,
+        log=messages.append,
+    )
+    assert "1 to answer" in messages[0]
+    recs = _records(out)
+    assert recs["u1"]["error"] is None and len(recs) == 5
+    rep = report.Run(str(out))
+    assert rep.complete and rep.errors == 0
+
+
+def test_a_different_configuration_is_refused(tiny_llava, tiny_llava_dir, tmp_path):
+    model, _ = tiny_llava
+    spec = write_unified(str(tmp_path / "data"), n=2)
+    out = tmp_path / "out"
+    run(_settings(tiny_llava_dir[0], "gqa", spec, out), model=model, log=_quiet)
+    for change in (
+        {"methods": ("grad_att",)},
+        {"max_new_tokens": 5},
+        {"layer": "2"},
+        {"task": "textvqa"},
+    ):
+        kw = {"methods": ("rel_att", "center_crop"), **change}
+        task = kw.pop("task", "gqa")
+        with pytest.raises(records.ConfigMismatch, match="refusing to mix") as e:
+            run(_settings(tiny_llava_dir[0], task, spec, out, **kw), model=model, log=_quiet)
+        assert next(iter(change)) in str(e.value)
+    # Execution settings may change between restarts.
+    run(_settings(tiny_llava_dir[0], "gqa", spec, out, batch_size=1), model=model, log=_quiet)
+    stray = tmp_path / "stray"
+    stray.mkdir()
+    (stray / "old.jsonl").write_text("")
+    with pytest.raises(records.ConfigMismatch, match="no run_config.json"):
+        run(_settings(tiny_llava_dir[0], "gqa", spec, stray), model=model, log=_quiet)
+
+
+# ---------------------------------------------------------------------------------------
+# Subprocesses: the command line, kill -9, several devices.
+
+
+def _env(**extra) -> dict:
+    env = dict(os.environ)
+    env.pop("XLA_FLAGS", None)
+    env.update(PYTHONPATH=REPO, JAX_PLATFORMS="cpu", TOKENIZERS_PARALLELISM="false", **extra)
+    return env
+
+
+def _flagfile(path, **flags) -> str:
+    with open(path, "w") as f:
+        f.write("".join(f"--{k}={v}\n" for k, v in flags.items()))
+    return str(path)
+
+
+def test_command_line_errors_are_clear(tiny_llava_dir, tmp_path):
+    cmd = [sys.executable, "-m", "eval.run"]
+    p = subprocess.run(
+        [*cmd, "--model=x", "--task=gqa", "--output_dir=o", "--no_such_flag=1"],
+        cwd=REPO,
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert p.returncode != 0 and "no_such_flag" in p.stderr
+    bad = tmp_path / "data.json"
+    bad.write_text('[{"image_path": "a.jpg", "question": "q"}]')
+    p = subprocess.run(
+        [
+            *cmd,
+            f"--model={tiny_llava_dir[0]}",
+            "--task=gqa",
+            f"--data_json={bad}",
+            f"--image_root={tmp_path}",
+            f"--output_dir={tmp_path / 'o'}",
+        ],
+        cwd=REPO,
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert p.returncode == 2, p.stderr
+    assert f"error: {bad}: record 0: missing field 'labels'" in p.stderr
+    assert "Traceback" not in p.stderr
+
+
+_FLAGS_TO_SETTINGS = r"""
+import json, sys
+import jax
+from absl import flags
+import eval.run as cli
+calls = {}
+jax.distributed.initialize = lambda **kw: calls.update(kw)
+jax.process_index, jax.process_count = (lambda: 1), (lambda: 3)
+flags.FLAGS(sys.argv)
+s = cli.settings_from_flags()
+print(json.dumps({"calls": calls, "shard": [s.shard_index, s.shard_count], "methods": s.methods,
+                  "limit": s.limit, "batch": s.batch_size, "dtype": s.dtype,
+                  "vstar": s.data.vstar_dir, "new_tokens": s.max_new_tokens}))
+"""
+
+
+def test_example_flagfiles_and_distributed_shards():
+    """The shipped flagfiles parse; --distributed makes process index/count the shard."""
+    argv = [
+        "prog",
+        f"--flagfile={REPO}/eval/flags/vstar_llava.flags",
+        f"--flagfile={REPO}/eval/flags/smoke.flags",
+        "--distributed",
+        "--coordinator_address=host:1234",
+        "--num_processes=3",
+        "--process_id=1",
+    ]
+    p = subprocess.run(
+        [sys.executable, "-c", _FLAGS_TO_SETTINGS, *argv[1:]],
+        cwd=REPO,
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert p.returncode == 0, p.stderr[-2000:]
+    got = json.loads(p.stdout.strip().splitlines()[-1])
+    assert got["calls"] == {"coordinator_address": "host:1234", "num_processes": 3, "process_id": 1}
+    assert got["shard"] == [1, 3] and got["limit"] == 8 and got["batch"] == 2
+    assert got["methods"][0] == "rel_att_high" and "gt_crop" in got["methods"]
+    assert got["dtype"] == "bfloat16" and got["vstar"] == "data/vstar_bench"
+    assert got["new_tokens"] == 4
+    mine = [n for n in os.listdir(f"{REPO}/eval/flags") if n.endswith("_llava.flags")]
+    script = (
+        "import sys; from absl import flags; import eval.run\n"
+        "for f in sys.argv[1:]:\n"
+        "    flags.FLAGS(['p', '--task=gqa', '--model=m', '--output_dir=o', '--flagfile=' + f])\n"
+        "    flags.FLAGS.unparse_flags()\n"
+    )
+    p = subprocess.run(
+        [sys.executable, "-c", script, *(f"{REPO}/eval/flags/{n}" for n in [*mine, "smoke.flags"])],
+        cwd=REPO,
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert p.returncode == 0, p.stderr[-1000:]
+    assert len(mine) >= 7
+
+
+def _comparable(recs: dict) -> dict:
+    keep = ("original_answer", "crop_answer", "bbox", "error", "labels", "question")
+    return {
+        k: (
+            {f: r[f] for f in keep},
+            {m: (v["crop_answer"], v["bbox"]) for m, v in r["methods"].items()},
+        )
+        for k, r in recs.items()
+    }
+
+
+def test_kill_minus_9_on_8_devices_then_resume_equals_an_uninterrupted_run(
+    tiny_llava, tiny_llava_dir, tmp_path
+):
+    """The command line runs data parallel over 8 simulated CPU devices and is killed with
+    SIGKILL mid-run; resuming (here on one device) completes it, and the records equal an
+    uninterrupted single-device run: same ids, answers and boxes, in dataset order."""
+    n = 32
+    spec = write_unified(str(tmp_path / "data"), n=n)
+    methods = "rel_att,random_crop"
+    flags = _flagfile(
+        tmp_path / "run.flags",
+        model=tiny_llava_dir[0],
+        task="gqa",
+        data_json=spec.data_json,
+        image_root=spec.image_root,
+        methods=methods,
+    )
+    out = tmp_path / "killed"
+    cmd = [
+        sys.executable,
+        "-m",
+        "eval.run",
+        f"--flagfile={flags}",
+        f"--flagfile={REPO}/eval/flags/smoke.flags",
+        f"--limit={n}",
+        "--max_new_tokens=3",
+        f"--output_dir={out}",
+        "--noprogress",
+    ]
+    env = _env(
+        XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_DEFAULT_MATMUL_PRECISION="highest"
+    )  # as tests/conftest.py pins in process
+    proc = subprocess.Popen(
+        cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+    )
+    path = None
+    deadline = time.time() + 240
+    try:
+        while time.time() < deadline and proc.poll() is None:
+            files = records.result_files(str(out)) if out.exists() else []
+            if files and len(records.read_records(files[0])) >= 3:
+                path = files[0]
+                break
+            time.sleep(0.005)
+        os.kill(proc.pid, signal.SIGKILL)
+    finally:
+        proc.wait()
+    stderr = proc.stderr.read()
+    assert path is not None and proc.returncode == -signal.SIGKILL, stderr[-2000:]
+    assert "data parallel over 8 local devices" in stderr
+    n_killed = len(records.read_records(path))
+    assert 3 <= n_killed < n, n_killed
+    model, _ = tiny_llava
+    settings = _settings(tiny_llava_dir[0], "gqa", spec, out, tuple(methods.split(",")), limit=n)
+    messages = []
+    assert run(settings, model=model, log=messages.append) == path
+    assert f"{n_killed} already done, {n - n_killed} to answer" in messages[0]
+    assert [r["id"] for r in records.read_records(path)] == [f"u{i}" for i in range(n)]
+    ref = tmp_path / "ref"
+    run(dataclasses.replace(settings, output_dir=str(ref)), model=model, log=_quiet)
+    a, b = _records(ref), _records(out)
+    assert len(a) == n and _comparable(a) == _comparable(b)
+    for k in a:
+        assert b[k]["map_stats"]["max"] == pytest.approx(a[k]["map_stats"]["max"], rel=1e-5)
+
+
+def test_items_and_engine_validate(tiny_llava):
+    model, _ = tiny_llava
+    eng = Engine(model, batch_size=2, max_new_tokens=3)
+    ex = datasets.Example("a", "x.jpg", "What is written?", ["x"], "/tmp")
+    eng.check_question(ex)
+    with pytest.raises(ValueError, match="empty"):
+        eng.check_question(datasets.Example("a", "x.jpg", "", ["x"], "/tmp"))
+    assert eng.prompt_tokens("what", 2) > 2 * 25
+    with pytest.raises(ValueError, match="unknown method"):
+        Settings(model="m", task="gqa", methods=("crop",), data=DataSpec(), output_dir="o")
+    with pytest.raises(ValueError, match="listed twice"):
+        Settings(
+            model="m", task="gqa", methods=("rel_att", "rel_att"), data=DataSpec(), output_dir="o"
+        )
+    s = Settings(
+        model="m",
+        task="gqa",
+        methods=("rel_att", "gt_crop"),
+        data=DataSpec(),
+        output_dir="o",
+        high_res=True,
+    )
+    assert s.methods == ("rel_att_high", "gt_crop")
