@@ -25,3 +25,22 @@ def tiny_llava(tiny_llava_dir):
 
     d, hf = tiny_llava_dir
     return vicrop_jax.load_model(d), hf
+
+
+@pytest.fixture(scope="session")
+def tiny_instructblip_dir(tmp_path_factory):
+    """A tiny random InstructBLIP (Vicuna) checkpoint + processor, and its HF torch model."""
+    from tests.tiny import make_tiny_instructblip
+
+    d = str(tmp_path_factory.mktemp("tiny_instructblip"))
+    hf = make_tiny_instructblip(d)
+    hf.set_attn_implementation("eager")
+    return d, hf
+
+
+@pytest.fixture(scope="session")
+def tiny_instructblip(tiny_instructblip_dir):
+    import vicrop_jax
+
+    d, hf = tiny_instructblip_dir
+    return vicrop_jax.load_model(d), hf

@@ -29,3 +29,33 @@ def make_tiny_llava(out_dir: str, seed: int = 0, with_processor: bool = True, **
             out_dir, tokenizer, config_kw.get("vision_feature_select_strategy", "default")
         )
     return model
+
+
+def make_tiny_instructblip(out_dir: str, seed: int = 0, with_processor: bool = True, **config_kw):
+    """Saves a tiny random HF InstructBlipForConditionalGeneration (+ processor); returns it."""
+    import torch
+    from transformers import InstructBlipConfig, InstructBlipForConditionalGeneration
+
+    from vicrop_jax.tiny import (
+        build_instructblip_processor,
+        build_instructblip_tokenizers,
+        instructblip_config_dict,
+    )
+
+    os.makedirs(out_dir, exist_ok=True)
+    tokenizer = qformer_tokenizer = None
+    if with_processor:
+        tokenizer, qformer_tokenizer = build_instructblip_tokenizers(out_dir)
+    image_token = tokenizer.convert_tokens_to_ids("<image>") if tokenizer else 4
+    cfg = InstructBlipConfig(**instructblip_config_dict(image_token_index=image_token, **config_kw))
+    torch.manual_seed(seed)
+    model = InstructBlipForConditionalGeneration(cfg).eval()
+    # Perturb every tensor (fresh init has zero query tokens, unit norms); 0.2 rather than
+    # LLaVA's 0.05 so attention is far from uniform and greedy tokens vary (stronger tests).
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.2)
+    model.save_pretrained(out_dir)
+    if with_processor:
+        build_instructblip_processor(out_dir, tokenizer, qformer_tokenizer)
+    return model

@@ -60,6 +60,7 @@ def greedy_generate(
     eos_ids: tuple[int, ...],
     pad_id: int,
     output_prefill: bool = True,
+    extra: dict | None = None,
 ) -> GenerateOutput:
     """Greedy decoding (HF generate with do_sample=False), stopping at EOS or max_new_tokens.
 
@@ -71,6 +72,8 @@ def greedy_generate(
       attention_mask: int[B, S] or None.
       max_new_tokens: M, the most tokens generated per row.
       eos_ids: token ids that end a row; pad_id fills a row after it ended.
+      extra: optional dict of further keyword arrays for the prefill pass only (InstructBLIP's
+        qformer_input_ids / qformer_attention_mask).
 
     Returns:
       GenerateOutput.
@@ -82,7 +85,7 @@ def greedy_generate(
     apply = functools.partial(module.apply, {"params": params})
     pre = apply(
         input_ids, pixel_values, attention_mask, cache=cache, attn_delta=attn_delta,
-        only_last_logits=True,
+        only_last_logits=True, **(extra or {}),
     )  # fmt: skip
     eos = jnp.asarray(eos_ids if eos_ids else (-1,), jnp.int32)
     tok = jnp.argmax(pre.logits[:, -1], axis=-1).astype(jnp.int32)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 import os
 from typing import Any
 
@@ -18,6 +19,7 @@ import numpy as np
 
 from convert.checkpoint import CheckpointError, read_config
 from vicrop_jax.models.common import ModelOutput
+from vicrop_jax.models.instructblip import InstructBlipConfig, InstructBlipForConditionalGeneration
 from vicrop_jax.models.llava import LlavaConfig, LlavaForConditionalGeneration
 
 _PROCESSOR_FILES = ("preprocessor_config.json", "processor_config.json")
@@ -48,6 +50,8 @@ def module_for(config):
     """The Flax module of a config (cached: configs are frozen and hashable)."""
     if isinstance(config, LlavaConfig):
         return LlavaForConditionalGeneration(config)
+    if isinstance(config, InstructBlipConfig):
+        return InstructBlipForConditionalGeneration(config)
     raise TypeError(f"no model for config type {type(config).__name__}")
 
 
@@ -55,9 +59,29 @@ def parse_config(d: dict):
     mt = d.get("model_type")
     if mt == "llava":
         return LlavaConfig.from_dict(d)
+    if mt == "instructblip":
+        try:
+            return InstructBlipConfig.from_dict(d)
+        except ValueError as e:
+            raise CheckpointError(str(e)) from None
     if mt is None:
         raise CheckpointError("config.json has no model_type")
-    raise CheckpointError(f"unsupported model_type {mt!r}; supported: 'llava'")
+    raise CheckpointError(f"unsupported model_type {mt!r}; supported: 'llava', 'instructblip'")
+
+
+def _generation_eos(path: str, config):
+    """InstructBLIP hub configs carry stale text_config bos/eos ids (0/1); generate() reads
+    generation_config.json, so its eos_token_id wins when the file exists."""
+    gen = os.path.join(path, "generation_config.json")
+    if not os.path.isfile(gen):
+        return config
+    with open(gen) as f:
+        eos = json.load(f).get("eos_token_id")
+    if eos is None:
+        return config
+    eos = tuple(eos) if isinstance(eos, list) else eos
+    text = dataclasses.replace(config.text_config, eos_token_id=eos)
+    return dataclasses.replace(config, text_config=text)
 
 
 def load_processor(path: str):
@@ -81,12 +105,17 @@ def load_model(path: str, dtype=jnp.float32, processor: bool = True) -> Model:
     Returns:
       Model with .config, .params, .processor (None when the directory has none).
     """
+    from convert import instructblip as instructblip_convert
     from convert import llava as llava_convert
 
     path = os.fspath(path)
     hf = read_config(path)
     config = parse_config(hf)
-    params = llava_convert.load_params(path, config, dtype)
+    if isinstance(config, InstructBlipConfig):
+        config = _generation_eos(path, config)
+        params = instructblip_convert.load_params(path, config, dtype)
+    else:
+        params = llava_convert.load_params(path, config, dtype)
     proc = load_processor(path) if processor else None
     return Model(config=config, params=params, processor=proc, hf_config=hf, path=path)
 
@@ -95,7 +124,7 @@ def count_image_tokens(input_ids: np.ndarray, token: int) -> int:
     return int((np.asarray(input_ids) == token).sum())
 
 
-def check_inputs(config, input_ids, pixel_values) -> None:
+def check_inputs(config, input_ids, pixel_values, qformer_input_ids=None) -> None:
     """Host-side checks with clear messages (traced code cannot raise on values)."""
     ids = np.asarray(input_ids)
     if ids.ndim != 2:
@@ -119,13 +148,23 @@ def check_inputs(config, input_ids, pixel_values) -> None:
                 f"pixel_values must be [images, {v.num_channels}, {v.image_size}, "
                 f"{v.image_size}] (NCHW, as the HF processor gives), got {shape}"
             )
+    if isinstance(config, InstructBlipConfig) and qformer_input_ids is not None:
+        q = np.asarray(qformer_input_ids)
+        if q.ndim != 2 or q.shape[0] != n_img:
+            raise ValueError(
+                f"qformer_input_ids must be [images, length] with one row per image ({n_img}), "
+                f"got shape {q.shape}"
+            )
+        limit = config.qformer_config.max_position_embeddings
+        if q.shape[1] > limit:
+            raise ValueError(f"the Q-Former instruction has {q.shape[1]} tokens; at most {limit}")
 
 
 @functools.partial(jax.jit, static_argnames=("module", "full"))
-def _forward(module, params, input_ids, pixel_values, attention_mask, attn_delta, full):
+def _forward(module, params, input_ids, pixel_values, attention_mask, attn_delta, full, extra):
     return module.apply(
         {"params": params}, input_ids, pixel_values, attention_mask,
-        attn_delta=attn_delta, output_full_attentions=full,
+        attn_delta=attn_delta, output_full_attentions=full, **extra,
     )  # fmt: skip
 
 
@@ -141,6 +180,9 @@ def forward(
     *,
     attn_delta=None,
     output_full_attentions: bool = False,
+    qformer_input_ids=None,
+    qformer_attention_mask=None,
+    qformer_delta=None,
 ) -> ModelOutput:
     """One jitted forward pass.
 
@@ -151,14 +193,25 @@ def forward(
       attention_mask: int[B, S], 0 marks left padding.
       attn_delta: optional float[L, B, N, S] added to each layer's last-query attention row.
       output_full_attentions: also return [L, B, N, S, S].
+      qformer_input_ids, qformer_attention_mask: InstructBLIP only: int[I, L], the
+        instruction in the Q-Former's vocabulary, one row per image (as the processor gives).
+      qformer_delta: InstructBLIP only: float[C, I, N, T, P] added to the cross-attentions.
 
     Returns:
-      ModelOutput: .logits float32[B, S, V], .attentions float32[L, B, N, S] (last query rows).
+      ModelOutput: .logits float32[B, S, V], .attentions float32[L, B, N, S] (last query rows);
+      InstructBLIP also .qformer_cross_attentions float32[C, I, N, T, P].
     """
-    check_inputs(model.config, input_ids, pixel_values)
+    check_inputs(model.config, input_ids, pixel_values, qformer_input_ids)
     ids = jnp.asarray(input_ids, jnp.int32)
     mask = None if attention_mask is None else jnp.asarray(attention_mask, jnp.int32)
+    extra = {}
+    if qformer_input_ids is not None:
+        extra["qformer_input_ids"] = jnp.asarray(qformer_input_ids, jnp.int32)
+    if qformer_attention_mask is not None:
+        extra["qformer_attention_mask"] = jnp.asarray(qformer_attention_mask, jnp.int32)
+    if qformer_delta is not None:
+        extra["qformer_delta"] = qformer_delta
     return _forward(
         model.module, model.params, ids, nchw_to_nhwc(pixel_values), mask, attn_delta,
-        output_full_attentions,
+        output_full_attentions, extra,
     )  # fmt: skip

@@ -18,9 +18,9 @@ from vicrop_jax import bbox as bbox_lib
 from vicrop_jax.generate import greedy_generate, trim
 from vicrop_jax.importance import importance, maps_for_images
 from vicrop_jax.loading import Model, nchw_to_nhwc
-from vicrop_jax.processing import check_question, encode, llava_prompt, to_rgb
+from vicrop_jax.processing import check_question, encode, prompt_for, to_rgb
 
-BASE_SIZE = {"llava": None}  # None: the vision tower's input resolution
+BASE_SIZE = {"llava": None, "instructblip": None}  # None: the vision tower's input resolution
 
 
 @dataclasses.dataclass
@@ -50,12 +50,14 @@ def generate_answers(
     """Greedy answers for a batch of prompts (their images flattened in prompt order)."""
     enc = encode(model.processor, texts, images)
     tok = model.processor.tokenizer
+    # InstructBLIP's Q-Former inputs ride along to the prefill; LLaVA has none (extra=None).
+    extra = {k: jnp.asarray(v) for k, v in enc.items() if k.startswith("qformer_")} or None
     out = greedy_generate(
         model.module, model.params if params is None else params,
         jnp.asarray(enc["input_ids"]), nchw_to_nhwc(enc["pixel_values"]),
         jnp.asarray(enc["attention_mask"]), max_new_tokens=max_new_tokens,
         eos_ids=model.config.text_config.eos_ids,
-        pad_id=tok.pad_token_id if tok.pad_token_id is not None else 0,
+        pad_id=tok.pad_token_id if tok.pad_token_id is not None else 0, extra=extra,
     )  # fmt: skip
     return [tok.decode(t, skip_special_tokens=True).strip() for t in trim(out.tokens, out.lengths)]
 
@@ -106,7 +108,7 @@ def ask_batch(
 
     baseline = _timed(
         timings, "baseline_answer", generate_answers, model,
-        [llava_prompt(q) for q in questions], images, max_new_tokens, params,
+        [prompt_for(model.family, q) for q in questions], images, max_new_tokens, params,
     )  # fmt: skip
     if high_res:
         maps = [
@@ -130,7 +132,8 @@ def ask_batch(
     pairs = [x for im, c in zip(images, crops, strict=True) for x in (im, c)]
     cropped = _timed(
         timings, "crop_answer", generate_answers, model,
-        [llava_prompt(q, n_images=2) for q in questions], pairs, max_new_tokens, params,
+        [prompt_for(model.family, q, n_images=2) for q in questions], pairs, max_new_tokens,
+        params,
     )  # fmt: skip
     return [
         Answer(q, a, c, b, m, method + ("_high" if high_res else ""), dict(timings))

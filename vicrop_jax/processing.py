@@ -1,7 +1,9 @@
 """Prompt templates per model family and host-side preprocessing through the HF processor.
 
 The templates are the official code's (run.py in saccharomycetes/mllms_know): LLaVA asks
-"{question} Answer the question using a single word or phrase." after one `<image>` per image.
+"{question} Answer the question using a single word or phrase." after one `<image>` per image;
+InstructBLIP asks "Question: {question} Short answer:" and its processor puts the image tokens
+(one per query token and image) in front of the text.
 """
 
 from __future__ import annotations
@@ -16,6 +18,23 @@ _LLAVA_SUFFIX = " Answer the question using a single word or phrase.\nASSISTANT:
 def llava_prompt(question: str, n_images: int = 1) -> str:
     """The official LLaVA-1.5 prompt with n_images image placeholders."""
     return "<image>" * n_images + f"\nUSER: {question}" + _LLAVA_SUFFIX
+
+
+def blip_prompt(question: str, n_images: int = 1) -> str:
+    """The official InstructBLIP prompt (image tokens are added by `encode`, per image)."""
+    del n_images
+    return f"Question: {question} Short answer:"
+
+
+PROMPTS = {"llava": llava_prompt, "instructblip": blip_prompt}
+
+
+def prompt_for(family: str, question: str, n_images: int = 1) -> str:
+    """The family's prompt template applied to a question."""
+    try:
+        return PROMPTS[family](question, n_images)
+    except KeyError:
+        raise ValueError(f"no prompt template for model family {family!r}") from None
 
 
 def check_question(question: str, name: str = "question", max_chars: int = 4000) -> str:
@@ -49,9 +68,47 @@ def to_rgb(image: Image.Image) -> Image.Image:
 
 
 def encode(processor, texts: list[str], images: list[Image.Image]) -> dict[str, np.ndarray]:
-    """Tokenises (left-padded) and preprocesses with the checkpoint's own HF processor."""
+    """Tokenises (left-padded) and preprocesses with the checkpoint's own HF processor.
+
+    LLaVA prompts carry their own `<image>` placeholders; InstructBLIP prompts get
+    len(images) / len(texts) images each (see `encode_instructblip`).
+    """
+    if hasattr(processor, "qformer_tokenizer"):
+        return encode_instructblip(processor, texts, images)
     out = processor(images=images, text=texts, return_tensors="np", padding=True)
     mask = np.asarray(out["attention_mask"])
     if (mask[:, -1] == 0).any():
         raise ValueError("the processor pads on the right; set tokenizer.padding_side='left'")
     return {k: np.asarray(v) for k, v in out.items()}
+
+
+def encode_instructblip(
+    processor, texts: list[str], images: list[Image.Image]
+) -> dict[str, np.ndarray]:
+    """InstructBlipProcessor's layout, extended to several images per prompt.
+
+    The text goes through the processor itself (both tokenizers, with its padding rules); for
+    one image per prompt the result is exactly the processor's (tested). With k images per
+    prompt, k * num_query_tokens image tokens precede the text (images in order) and each
+    prompt's Q-Former instruction row is repeated once per image, so `qformer_input_ids` has
+    one row per entry of `pixel_values`.
+    """
+    if not texts or len(images) % len(texts):
+        raise ValueError(f"{len(images)} images do not split evenly over {len(texts)} prompts")
+    per = len(images) // len(texts)
+    enc = {k: np.asarray(v) for k, v in
+           processor(text=texts, return_tensors="np", padding=True).items()}  # fmt: skip
+    if (enc["attention_mask"][:, -1] == 0).any():
+        raise ValueError("the processor pads on the right; set tokenizer.padding_side='left'")
+    token = processor.image_token
+    image_id = processor.tokenizer.convert_tokens_to_ids(getattr(token, "content", token))
+    b, t = len(texts), per * processor.num_query_tokens
+    ids, mask = enc["input_ids"], enc["attention_mask"]
+    pixels = processor.image_processor(images, return_tensors="np")["pixel_values"]
+    return {
+        "input_ids": np.concatenate([np.full((b, t), image_id, ids.dtype), ids], axis=1),
+        "attention_mask": np.concatenate([np.ones((b, t), mask.dtype), mask], axis=1),
+        "qformer_input_ids": np.repeat(enc["qformer_input_ids"], per, axis=0),
+        "qformer_attention_mask": np.repeat(enc["qformer_attention_mask"], per, axis=0),
+        "pixel_values": np.asarray(pixels),
+    }

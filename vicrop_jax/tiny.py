@@ -109,3 +109,105 @@ def make_random_checkpoint(out_dir: str, seed: int = 0) -> str:
     params = init_params(LlavaConfig.from_dict(hf), seed=seed, dtype=jnp.float32)
     save_safetensors(export_params(params), out_dir, hf)
     return out_dir
+
+
+# --- InstructBLIP (Vicuna) -------------------------------------------------------------------
+
+BLIP_WORDS = ("Question:", "Short", "answer:")
+BLIP_QUERY_TOKENS = 7
+
+
+def instructblip_config_dict(
+    vocab_size: int = 131,
+    image_token_index: int = 4,
+    qformer_vocab_size: int = 67,
+    num_query_tokens: int = BLIP_QUERY_TOKENS,
+    text_layers: int = 5,
+    qformer_layers: int = 5,
+    tie_word_embeddings: bool = False,
+) -> dict:
+    """An HF InstructBlipConfig dict (Llama text) with tiny, distinct dimensions."""
+    return {
+        "model_type": "instructblip",
+        "architectures": ["InstructBlipForConditionalGeneration"],
+        "num_query_tokens": num_query_tokens,
+        "image_token_index": image_token_index,
+        "tie_word_embeddings": tie_word_embeddings,
+        "vision_config": {
+            "model_type": "instructblip_vision_model", "hidden_size": 22, "intermediate_size": 37,
+            "num_hidden_layers": 2, "num_attention_heads": 2, "image_size": IMAGE,
+            "patch_size": PATCH, "hidden_act": "gelu", "layer_norm_eps": 1e-6, "qkv_bias": True,
+        },
+        "qformer_config": {
+            "model_type": "instructblip_qformer", "vocab_size": qformer_vocab_size,
+            "hidden_size": 30, "num_hidden_layers": qformer_layers, "num_attention_heads": 3,
+            "intermediate_size": 41, "hidden_act": "gelu", "max_position_embeddings": 64,
+            "layer_norm_eps": 1e-12, "pad_token_id": 0, "cross_attention_frequency": 2,
+            "encoder_hidden_size": 22,
+        },
+        "text_config": {
+            "model_type": "llama", "vocab_size": vocab_size, "hidden_size": 40,
+            "intermediate_size": 53, "num_hidden_layers": text_layers, "num_attention_heads": 4,
+            "num_key_value_heads": 2, "max_position_embeddings": 512, "rms_norm_eps": 1e-6,
+            "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 3,
+            "tie_word_embeddings": tie_word_embeddings,
+            "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0},
+        },
+    }  # fmt: skip
+
+
+def build_qformer_tokenizer(out_dir: str):
+    """A BERT-style WordLevel tokenizer ([CLS] text [SEP], right padding) for the Q-Former."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]"]
+    vocab = {t: i for i, t in enumerate(specials)}
+    for w in (*WORDS, *BLIP_WORDS):
+        vocab.setdefault(w, len(vocab))
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.decoder = decoders.WordPiece(prefix="##")
+    tok.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", special_tokens=[("[CLS]", 2), ("[SEP]", 3)]
+    )
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]", cls_token="[CLS]",
+        sep_token="[SEP]", padding_side="right",
+    )  # fmt: skip
+    return fast
+
+
+def build_instructblip_processor(out_dir: str, tokenizer, qformer_tokenizer):
+    """An HF InstructBlipProcessor (BLIP image processor at IMAGE px) saved to out_dir."""
+    from transformers import BlipImageProcessor, InstructBlipProcessor
+
+    image_processor = BlipImageProcessor(size={"height": IMAGE, "width": IMAGE})
+    proc = InstructBlipProcessor(
+        image_processor=image_processor, tokenizer=tokenizer, qformer_tokenizer=qformer_tokenizer,
+        num_query_tokens=BLIP_QUERY_TOKENS,
+    )  # fmt: skip
+    proc.save_pretrained(out_dir)
+    return proc
+
+
+def build_instructblip_tokenizers(out_dir: str):
+    """(LM tokenizer with `<image>`, Q-Former tokenizer) for the tiny InstructBLIP."""
+    return build_tokenizer(out_dir, BLIP_WORDS), build_qformer_tokenizer(out_dir)
+
+
+def make_random_instructblip_checkpoint(out_dir: str, seed: int = 0) -> str:
+    """A complete tiny random InstructBLIP checkpoint written with vicrop_jax's exporter."""
+    import jax.numpy as jnp
+
+    from convert.checkpoint import save_safetensors
+    from convert.instructblip import export_params, init_params
+    from vicrop_jax.models.instructblip import InstructBlipConfig
+
+    os.makedirs(out_dir, exist_ok=True)
+    tokenizer, qformer_tokenizer = build_instructblip_tokenizers(out_dir)
+    build_instructblip_processor(out_dir, tokenizer, qformer_tokenizer)
+    hf = instructblip_config_dict(image_token_index=tokenizer.convert_tokens_to_ids("<image>"))
+    params = init_params(InstructBlipConfig.from_dict(hf), seed=seed, dtype=jnp.float32)
+    save_safetensors(export_params(params), out_dir, hf)
+    return out_dir

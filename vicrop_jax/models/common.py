@@ -109,6 +109,8 @@ class ModelOutput:
     attentions: [L, B, N, K] each layer's attention row of the last query, heads kept.
     full_attentions: [L, B, N, S, K] when asked for, else None.
     image_features: [I, T, D] projected image tokens (I images in the batch), or None.
+    qformer_cross_attentions: InstructBLIP only: [C, I, N, T, P] each Q-Former cross-attention
+      layer's query-token attention over the ViT tokens (class token first), else None.
     """
 
     logits: Array
@@ -116,3 +118,4 @@ class ModelOutput:
     attentions: Array | None = None
     full_attentions: Array | None = None
     image_features: Array | None = None
+    qformer_cross_attentions: Array | None = None

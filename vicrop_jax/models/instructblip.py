@@ -1,0 +1,239 @@
+"""InstructBLIP with a Vicuna decoder (transformers' InstructBlipForConditionalGeneration).
+
+A thin composite: BLIP ViT -> Q-Former (learned queries + the instruction text, cross-attending
+to the ViT tokens) -> `language_projection` -> the Llama decoder. As the checkpoint's
+processor lays the prompt out (transformers >= 4.47), each image owns `num_query_tokens`
+image-token positions in `input_ids`; the projected query outputs of every image in the
+batch, in order, replace them (HF's masked_scatter). Several images per prompt work the same
+way (ViCrop's [original, crop]: the two images' query tokens back to back), each image's
+Q-Former reading its prompt's instruction.
+
+Axis letters: see vicrop_jax.models.common (I = images in the batch, T = query tokens per
+image, C = Q-Former cross-attention layers, P = ViT tokens incl. the class token).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from vicrop_jax.models.blip_vision import InstructBlipVisionConfig, InstructBlipVisionModel
+from vicrop_jax.models.common import KVCache, ModelOutput
+from vicrop_jax.models.llama import LlamaConfig, LlamaModel
+from vicrop_jax.models.llava import merge_image_features
+from vicrop_jax.models.qformer import InstructBlipQFormerConfig, InstructBlipQFormerModel
+
+Array = jax.Array
+
+
+@dataclasses.dataclass(frozen=True)
+class InstructBlipConfig:
+    """Field names follow transformers' InstructBlipConfig (decoder-only Llama/Vicuna text)."""
+
+    vision_config: InstructBlipVisionConfig = InstructBlipVisionConfig()
+    qformer_config: InstructBlipQFormerConfig = InstructBlipQFormerConfig(vocab_size=30523)
+    text_config: LlamaConfig = LlamaConfig(vocab_size=32064)
+    num_query_tokens: int = 32
+    image_token_index: int = 32001
+    tie_word_embeddings: bool = False
+    model_type: str = "instructblip"
+
+    def __post_init__(self):
+        if self.qformer_config.encoder_hidden_size != self.vision_config.hidden_size:
+            # HF forces this in InstructBlipConfig.__post_init__; from_dict does the same.
+            raise ValueError(
+                f"qformer_config.encoder_hidden_size={self.qformer_config.encoder_hidden_size} "
+                f"!= vision_config.hidden_size={self.vision_config.hidden_size}"
+            )
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> InstructBlipConfig:
+        if d.get("model_type", "instructblip") != "instructblip":
+            raise ValueError(f"expected model_type 'instructblip', got {d.get('model_type')!r}")
+        text = dict(d.get("text_config") or {})
+        text_type = text.get("model_type", "opt")  # HF's default text config is OPT
+        if text_type != "llama":
+            extra = (
+                " (Flan-T5 InstructBLIP is an encoder-decoder; only the Vicuna/Llama "
+                "decoder-only checkpoints are ported)" if text_type in ("t5", "umt5", "mt5")
+                else ""
+            )  # fmt: skip
+            raise ValueError(
+                f"InstructBLIP with a {text_type!r} language model is not supported{extra}"
+            )
+        vision = InstructBlipVisionConfig.from_dict(dict(d.get("vision_config") or {}))
+        qformer = InstructBlipQFormerConfig.from_dict(
+            dict(d.get("qformer_config") or {}), encoder_hidden_size=vision.hidden_size
+        )
+        tie = bool(d.get("tie_word_embeddings", False) or text.get("tie_word_embeddings", False))
+        text["tie_word_embeddings"] = tie
+        token = d.get("image_token_index", d.get("image_token_id"))
+        if token is None:
+            raise ValueError(
+                "config.json has no image_token_index: the checkpoint predates InstructBLIP's "
+                "image tokens (transformers < 4.47); use a current Salesforce/instructblip-* "
+                "revision, whose processor expands one image token per query"
+            )
+        return cls(
+            vision_config=vision,
+            qformer_config=qformer,
+            text_config=LlamaConfig.from_dict(text),
+            num_query_tokens=int(d.get("num_query_tokens", 32)),
+            image_token_index=int(token),
+            tie_word_embeddings=tie,
+        )
+
+    @property
+    def num_image_tokens(self) -> int:
+        """T: LM positions per image (one per query token)."""
+        return self.num_query_tokens
+
+
+def _vicuna(hidden, inter, layers, heads) -> LlamaConfig:
+    return LlamaConfig(
+        vocab_size=32064, hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers,
+        num_attention_heads=heads, max_position_embeddings=2048, rms_norm_eps=1e-6,
+        pad_token_id=32000,
+    )  # fmt: skip
+
+
+PRESETS: dict[str, InstructBlipConfig] = {
+    "instructblip-vicuna-7b": InstructBlipConfig(text_config=_vicuna(4096, 11008, 32, 32)),
+    "instructblip-vicuna-13b": InstructBlipConfig(text_config=_vicuna(5120, 13824, 40, 40)),
+}
+
+
+class InstructBlipForConditionalGeneration(nn.Module):
+    config: InstructBlipConfig
+
+    def setup(self):
+        cfg = self.config
+        q = cfg.qformer_config
+        self.vision_model = InstructBlipVisionModel(cfg.vision_config)
+        self.query_tokens = self.param(
+            "query_tokens", nn.initializers.normal(0.02), (1, cfg.num_query_tokens, q.hidden_size)
+        )
+        self.qformer = InstructBlipQFormerModel(q)
+        self.language_projection = nn.Dense(cfg.text_config.hidden_size)
+        self.language_model = LlamaModel(cfg.text_config)
+        if not cfg.tie_word_embeddings:
+            self.lm_head = nn.Dense(cfg.text_config.vocab_size, use_bias=False)
+
+    def vision_features(self, pixel_values: Array) -> Array:
+        """pixel_values float[I, H, W, C] -> ViT tokens after the post-layernorm [I, P, Dv]."""
+        return self.vision_model(pixel_values)[0]
+
+    def query_features(
+        self,
+        image_embeds: Array,
+        qformer_input_ids: Array | None = None,
+        qformer_attention_mask: Array | None = None,
+        qformer_delta: Array | None = None,
+    ) -> tuple[Array, Array, Array]:
+        """ViT tokens [I, P, Dv] -> (projected [I, T, D], cross-attentions [C, I, N, T, P],
+        Q-Former hidden states [I, T + L, Dq]); the instruction rows align with the images."""
+        n = image_embeds.shape[0]
+        queries = jnp.broadcast_to(self.query_tokens, (n, *self.query_tokens.shape[1:]))
+        hidden, cross = self.qformer(
+            queries.astype(image_embeds.dtype), image_embeds, qformer_input_ids,
+            qformer_attention_mask, qformer_delta,
+        )  # fmt: skip
+        projected = self.language_projection(hidden[:, : self.config.num_query_tokens])
+        return projected, cross, hidden
+
+    def image_features(
+        self,
+        pixel_values: Array,
+        qformer_input_ids: Array | None = None,
+        qformer_attention_mask: Array | None = None,
+        qformer_delta: Array | None = None,
+    ) -> tuple[Array, Array]:
+        """pixel_values float[I, H, W, C] -> (projected [I, T, D], cross-attentions)."""
+        feats, cross, _ = self.query_features(
+            self.vision_features(pixel_values), qformer_input_ids, qformer_attention_mask,
+            qformer_delta,
+        )  # fmt: skip
+        return feats, cross
+
+    def logits(self, hidden: Array) -> Array:
+        if self.config.tie_word_embeddings:
+            return self.language_model.attend_logits(hidden)
+        return self.lm_head(hidden)
+
+    def __call__(
+        self,
+        input_ids: Array,
+        pixel_values: Array | None = None,
+        attention_mask: Array | None = None,
+        cache: KVCache | None = None,
+        attn_delta: Array | None = None,
+        output_full_attentions: bool = False,
+        only_last_logits: bool = False,
+        image_features: Array | None = None,
+        qformer_input_ids: Array | None = None,
+        qformer_attention_mask: Array | None = None,
+        qformer_delta: Array | None = None,
+    ) -> ModelOutput:
+        """One pass over a prompt (prefill) or over new tokens with a cache (decode).
+
+        Args:
+          input_ids: int[B, S]; each image's T positions hold config.image_token_index.
+          pixel_values: float[I, H, W, C] for the I images in the batch, in prompt order.
+          attention_mask: int/bool[B, S], 0 for padding; defaults to all ones.
+          cache: optional KVCache; keys of this pass go to slots [index, index + S).
+          attn_delta: optional float[L, B, N, K] added to each LM layer's last-query row.
+          output_full_attentions: also return [L, B, N, S, K] probabilities.
+          only_last_logits: compute logits for the last position only.
+          image_features: optional precomputed projected query outputs [I, T, D], used instead
+            of pixel_values.
+          qformer_input_ids: int[I, L] the instruction in the Q-Former's vocabulary, one row
+            per image (a prompt's row repeated for each of its images); None: queries only.
+          qformer_attention_mask: int[I, L], 0 for padding.
+          qformer_delta: optional float[C, I, N, T, P] added to the cross-attentions.
+
+        Returns:
+          ModelOutput (logits, cache, attentions [L, B, N, K], qformer_cross_attentions
+          [C, I, N, T, P] when pixel_values were given, ...).
+        """
+        b, s = input_ids.shape
+        mask = jnp.ones((b, s), bool) if attention_mask is None else attention_mask.astype(bool)
+        embeds = self.language_model.embed(input_ids)
+        feats, cross = image_features, None
+        if feats is None and pixel_values is not None:
+            feats, cross = self.image_features(
+                pixel_values, qformer_input_ids, qformer_attention_mask, qformer_delta
+            )
+        if feats is not None:
+            embeds = merge_image_features(embeds, input_ids, feats, self.config.image_token_index)
+        # Positions count real tokens only, so a padded row matches its unpadded run (the
+        # processor pads between the image tokens and the text; see BUILD_NOTES.md).
+        steps = jnp.cumsum(mask, axis=1) - 1
+        if cache is None:
+            positions = jnp.maximum(steps, 0)
+            kv_mask = mask
+        else:
+            positions = cache.position[:, None] + jnp.maximum(steps, 0)
+            kv_mask = jax.lax.dynamic_update_slice(cache.mask, mask, (0, cache.index))
+            cache = cache.replace(mask=kv_mask)
+        hidden, (k, v), rows, full = self.language_model(
+            embeds, positions, kv_mask, cache, attn_delta, output_full_attentions
+        )
+        if only_last_logits:
+            hidden = hidden[:, -1:]
+        new_cache = None
+        if cache is not None:
+            new_cache = cache.replace(
+                k=k, v=v, index=cache.index + s, position=positions[:, -1] + 1
+            )
+        return ModelOutput(
+            logits=self.logits(hidden).astype(jnp.float32),
+            cache=new_cache,
+            attentions=rows,
+            full_attentions=full,
+            image_features=feats,
+            qformer_cross_attentions=cross,
+        )
