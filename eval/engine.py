@@ -37,11 +37,10 @@ from PIL import Image
 
 from eval.datasets import Example
 from vicrop_jax import bbox as bbox_lib
-from vicrop_jax import filters
-from vicrop_jax.generate import greedy_generate, trim
-from vicrop_jax.importance import default_layer, llava_maps, resolve_layers
+from vicrop_jax.importance import default_layer, maps_for_images, resolve_layers
 from vicrop_jax.loading import Model
-from vicrop_jax.processing import GENERAL_QUESTION, check_question, llava_prompt
+from vicrop_jax.pipeline import generate_answers
+from vicrop_jax.processing import check_question, prompt_for
 
 ATTENTION_METHODS = ("rel_att", "grad_att", "pure_grad")
 CONTROL_METHODS = ("gt_crop", "random_crop", "center_crop")
@@ -168,7 +167,7 @@ class Engine:
     """Runs the baseline and every method over batches of Items on one model.
 
     Args:
-      model: a loaded LLaVA Model with its processor.
+      model: a loaded Model (LLaVA or InstructBLIP) with its processor.
       batch_size: questions per device call (rounded up to a multiple of the device count).
       max_new_tokens: the most answer tokens (official: 20).
       layer: LM layer(s) for the attention maps (int, list, "all"); None: the paper's.
@@ -186,8 +185,6 @@ class Engine:
         seed: int = 0,
         mesh: Mesh | None = None,
     ):
-        if model.family != "llava":
-            raise NotImplementedError(f"evaluation of {model.family!r} is not implemented")
         if model.processor is None:
             raise ValueError(f"model at {model.path!r} has no processor/tokenizer files")
         if batch_size < 1 or max_new_tokens < 1:
@@ -217,28 +214,21 @@ class Engine:
         spec = PartitionSpec("data", *([None] * (x.ndim - 1)))
         return jax.device_put(np.asarray(x), NamedSharding(self.mesh, spec))
 
-    def _encode(self, texts: list[str], images: list[Image.Image]) -> dict[str, np.ndarray]:
-        out = self.model.processor(
-            images=images,
-            text=texts,
-            return_tensors="np",
-            padding=True,
-            pad_to_multiple_of=LENGTH_BUCKET,
-        )
-        if (np.asarray(out["attention_mask"])[:, -1] == 0).any():
-            raise ValueError("the processor pads on the right; set tokenizer.padding_side='left'")
-        return {k: np.asarray(v) for k, v in out.items()}
-
     def _chunks(self, n: int):
         """Index lists of full batches over n items (the last padded with its last index)."""
         for start in range(0, n, self.batch_size):
             idx = list(range(start, min(start + self.batch_size, n)))
             yield idx, idx + [idx[-1]] * (self.batch_size - len(idx))
 
+    def prompt(self, question: str, n_images: int = 1) -> str:
+        return prompt_for(self.model.family, question, n_images)
+
     def prompt_tokens(self, question: str, n_images: int = 2) -> int:
         """Prompt length in tokens with the image placeholders expanded."""
-        ids = self.tokenizer(llava_prompt(question, n_images))["input_ids"]
-        return len(ids) + n_images * (self.model.config.num_image_tokens - 1)
+        prompt = self.prompt(question, n_images)
+        ids = self.tokenizer(prompt)["input_ids"]
+        placeholders = prompt.count("<image>")  # LLaVA: one token each, expanded by the processor
+        return len(ids) - placeholders + n_images * self.model.config.num_image_tokens
 
     def check_question(self, example: Example) -> None:
         """Raises ValueError for an empty or too long question (too long for the model too)."""
@@ -259,51 +249,24 @@ class Engine:
         """Greedy answers; images[i] are the images of texts[i], in prompt order."""
         answers: list[str] = []
         for real, idx in self._chunks(len(texts)):
-            enc = self._encode([texts[i] for i in idx], [im for i in idx for im in images[i]])
-            out = greedy_generate(
-                self.model.module,
-                self.params,
-                self._place(enc["input_ids"]),
-                self._place(np.transpose(enc["pixel_values"], (0, 2, 3, 1))),
-                self._place(enc["attention_mask"]),
-                max_new_tokens=self.max_new_tokens,
-                eos_ids=self.model.config.text_config.eos_ids,
-                pad_id=self.pad_id,
-            )
-            tokens = trim(np.asarray(out.tokens), np.asarray(out.lengths))[: len(real)]
-            answers += [self.tokenizer.decode(t, skip_special_tokens=True).strip() for t in tokens]
+            answers += generate_answers(
+                self.model, [texts[i] for i in idx], [im for i in idx for im in images[i]],
+                self.max_new_tokens, self.params, pad_to_multiple_of=LENGTH_BUCKET,
+                place=self._place,
+            )[: len(real)]  # fmt: skip
         return answers
 
     def maps(self, images: list[Image.Image], questions: list[str], method: str) -> np.ndarray:
         """Importance maps float32[n, N, N] of (image, question) pairs, full batches at a time."""
         out = []
         for real, idx in self._chunks(len(images)):
-            ims = [images[i] for i in idx]
-            texts = [llava_prompt(questions[i]) for i in idx]
-            texts += [llava_prompt(GENERAL_QUESTION)] * len(idx)
-            enc = self._encode(texts, ims + ims)
-            pixels = np.transpose(enc["pixel_values"][: len(idx)], (0, 2, 3, 1))
-            detail = self._place(self._detail_masks(ims)) if method == "pure_grad" else None
-            m = llava_maps(
-                self.model.module,
-                self.params,
-                self._place(enc["input_ids"]),
-                self._place(enc["attention_mask"]),
-                self._place(pixels),
-                detail,
-                method=method,
-                layers=() if method == "pure_grad" else self.layers,
-            )
+            m = maps_for_images(
+                self.model, [images[i] for i in idx], [questions[i] for i in idx],
+                method=method, layer=self.layers, params=self.params,
+                pad_to_multiple_of=LENGTH_BUCKET, place=self._place,
+            )  # fmt: skip
             out.append(np.asarray(m)[: len(real)])
         return np.concatenate(out)
-
-    def _detail_masks(self, images: list[Image.Image]) -> np.ndarray:
-        """pure-grad's detail masks bool[B, R, R] (vicrop_jax.filters, as maps_for_images)."""
-        res = self.model.config.vision_config.image_size
-        masks = [
-            filters.detail_mask(jnp.asarray(filters.resize_for_mask(im, res))) for im in images
-        ]
-        return np.stack([np.asarray(m) for m in masks])
 
     # -- one batch ---------------------------------------------------------------------
 
@@ -368,7 +331,7 @@ class Engine:
             answers = timer(
                 "baseline_answer",
                 self.generate,
-                [llava_prompt(q) for q in questions],
+                [self.prompt(q) for q in questions],
                 [[it.image] for it in items],
             )
         results = [{"original_answer": a, "methods": {}} for a in answers]
@@ -376,7 +339,7 @@ class Engine:
             timed = timer.scoped(method)
             boxes, maps = self._boxes(method, items, map_qs, timed)
             todo = [i for i, b in enumerate(boxes) if b is not None]
-            texts = [llava_prompt(questions[i], n_images=2) for i in todo]
+            texts = [self.prompt(questions[i], n_images=2) for i in todo]
             pairs = [[items[i].image, items[i].image.crop(boxes[i])] for i in todo]
             answers = timed("crop_answer", self.generate, texts, pairs) if todo else []
             crops = dict(zip(todo, answers, strict=True))

@@ -44,7 +44,8 @@ def _max_diff(a, b):
     [
         # transformers >= 4.52 in-memory layout
         {"language_model.model.": "model.language_model.", "language_model.lm_head.": "lm_head.",
-         "vision_tower.": "model.vision_tower.", "multi_modal_projector.": "model.multi_modal_projector."},
+         "vision_tower.": "model.vision_tower.",
+         "multi_modal_projector.": "model.multi_modal_projector."},
         # hub files (llava-hf/llava-1.5-7b-hf): vision keys under vision_model
         {"vision_tower.": "vision_tower.vision_model."},
     ],
@@ -151,7 +152,8 @@ def test_presets_param_count_matches_hf(name):
     ours = sum(int(np.prod(s.shape)) for s in jax.tree.leaves(shapes))
     t = cfg.text_config
     hf_cfg = HFLlavaConfig(
-        text_config={"model_type": "llama", "vocab_size": t.vocab_size, "hidden_size": t.hidden_size,
+        text_config={"model_type": "llama", "vocab_size": t.vocab_size,
+                     "hidden_size": t.hidden_size,
                      "intermediate_size": t.intermediate_size,
                      "num_hidden_layers": t.num_hidden_layers,
                      "num_attention_heads": t.num_attention_heads},

@@ -532,3 +532,26 @@ def test_items_and_engine_validate(tiny_llava):
         high_res=True,
     )
     assert s.methods == ("rel_att_high", "gt_crop")
+
+
+def test_engine_runs_instructblip_like_the_pipeline(tiny_instructblip):
+    from eval.engine import Item
+    from vicrop_jax import pipeline
+
+    model, _ = tiny_instructblip
+    eng = Engine(model, batch_size=2, max_new_tokens=3)
+    rng = np.random.RandomState(0)
+    images = [Image.fromarray((rng.rand(h, w, 3) * 255).astype(np.uint8))
+              for w, h in [(60, 45), (40, 70)]]  # fmt: skip
+    qs = ["What is written on the red circle?", "What color is the square?"]
+    items = [Item(datasets.Example(str(i), "x.png", q, ["x"], "/tmp"), im)
+             for i, (q, im) in enumerate(zip(qs, images, strict=True))]  # fmt: skip
+    res = eng.answer(items, ["rel_att"])
+    ref = pipeline.ask_batch(model, images, qs, max_new_tokens=3)
+    for r, a in zip(res, ref, strict=True):
+        assert r["original_answer"] == a.original_answer
+        assert tuple(r["methods"]["rel_att"]["bbox"]) == a.bbox
+        assert r["methods"]["rel_att"]["crop_answer"] == a.crop_answer
+    n = eng.prompt_tokens(qs[0], 2)
+    enc = model.processor(images=images[0], text=eng.prompt(qs[0]), return_tensors="np")
+    assert n == enc["input_ids"].shape[1] + model.config.num_query_tokens  # one more image

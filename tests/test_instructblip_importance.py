@@ -124,8 +124,8 @@ def test_pipeline_and_importance_for_both_families(tiny_llava, tiny_instructblip
     calls = []
     real = pipeline.encode
 
-    def spy(proc, texts, images):
-        out = real(proc, texts, images)
+    def spy(proc, texts, images, *args):
+        out = real(proc, texts, images, *args)
         calls.append((list(texts), len(images), out))
         return out
 

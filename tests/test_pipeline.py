@@ -22,9 +22,9 @@ def test_ask_uses_one_image_then_two(tiny_llava, monkeypatch):
     calls = []
     real = pipeline.encode
 
-    def spy(proc, texts, images):
+    def spy(proc, texts, images, *args):
         calls.append((list(texts), [im.size for im in images]))
-        return real(proc, texts, images)
+        return real(proc, texts, images, *args)
 
     monkeypatch.setattr(pipeline, "encode", spy)
     img = _img()

@@ -32,7 +32,7 @@ from PIL import Image
 
 from vicrop_jax import bbox as bbox_lib
 from vicrop_jax import filters
-from vicrop_jax.loading import Model, nchw_to_nhwc
+from vicrop_jax.loading import Model
 from vicrop_jax.processing import (
     GENERAL_QUESTION,
     check_question,
@@ -280,11 +280,15 @@ def maps_for_images(
     layer=None,
     params=None,
     qformer_layer: int | None = None,
+    pad_to_multiple_of: int | None = None,
+    place=jnp.asarray,
 ) -> Array:
     """Host wrapper: preprocess B (image, question) pairs and compute their maps [B, N, N].
 
     qformer_layer (InstructBLIP only): index into the Q-Former's cross-attention layers;
     default the paper's (2 of 6, or the same relative depth).
+    pad_to_multiple_of: bucket prompt lengths (fewer compiled shapes).
+    place: np.ndarray -> jax.Array for each batched input (e.g. sharded over a data mesh).
     """
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose from {METHODS}")
@@ -299,21 +303,22 @@ def maps_for_images(
     fam = model.family
     texts = [prompt_for(fam, q) for q in questions]
     texts += [prompt_for(fam, GENERAL_QUESTION)] * len(images)
-    enc = encode(model.processor, texts, list(images) + list(images))
+    enc = encode(model.processor, texts, list(images) + list(images), pad_to_multiple_of)
     n = len(images)
-    pixels = nchw_to_nhwc(enc["pixel_values"][:n])
+    pixels = place(np.transpose(enc["pixel_values"][:n], (0, 2, 3, 1)))
     detail = None
     if method == "pure_grad":
         res = model.config.vision_config.image_size
-        detail = jnp.stack(
-            [filters.detail_mask(jnp.asarray(filters.resize_for_mask(im, res))) for im in images]
-        )
+        detail = place(np.stack([
+            np.asarray(filters.detail_mask(jnp.asarray(filters.resize_for_mask(im, res))))
+            for im in images
+        ]))  # fmt: skip
     nl = model.config.text_config.num_hidden_layers
     layers = () if method == "pure_grad" else resolve_layers(
         default_layer(model.family, nl) if layer is None else layer, nl
     )  # fmt: skip
     params = model.params if params is None else params
-    ids, mask = jnp.asarray(enc["input_ids"]), jnp.asarray(enc["attention_mask"])
+    ids, mask = place(enc["input_ids"]), place(enc["attention_mask"])
     if fam == "llava":
         return llava_maps(model.module, params, ids, mask, pixels, detail, method=method,
                           layers=layers)  # fmt: skip
@@ -324,8 +329,8 @@ def maps_for_images(
     if len(qformer_layer) != 1:
         raise ValueError("qformer_layer must be one int")
     return blip_maps(
-        model.module, params, ids, mask, jnp.asarray(enc["qformer_input_ids"]),
-        jnp.asarray(enc["qformer_attention_mask"]), pixels, detail, method=method, layers=layers,
+        model.module, params, ids, mask, place(enc["qformer_input_ids"]),
+        place(enc["qformer_attention_mask"]), pixels, detail, method=method, layers=layers,
         qformer_layer=qformer_layer[0],
     )  # fmt: skip
 

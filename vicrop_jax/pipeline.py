@@ -17,7 +17,7 @@ from PIL import Image
 from vicrop_jax import bbox as bbox_lib
 from vicrop_jax.generate import greedy_generate, trim
 from vicrop_jax.importance import importance, maps_for_images
-from vicrop_jax.loading import Model, nchw_to_nhwc
+from vicrop_jax.loading import Model
 from vicrop_jax.processing import check_question, encode, prompt_for, to_rgb
 
 BASE_SIZE = {"llava": None, "instructblip": None}  # None: the vision tower's input resolution
@@ -45,17 +45,28 @@ def base_size(model: Model) -> int:
 
 
 def generate_answers(
-    model: Model, texts: list[str], images: list[Image.Image], max_new_tokens: int, params=None
+    model: Model,
+    texts: list[str],
+    images: list[Image.Image],
+    max_new_tokens: int,
+    params=None,
+    *,
+    pad_to_multiple_of: int | None = None,
+    place=jnp.asarray,
 ) -> list[str]:
-    """Greedy answers for a batch of prompts (their images flattened in prompt order)."""
-    enc = encode(model.processor, texts, images)
+    """Greedy answers for a batch of prompts (their images flattened in prompt order).
+
+    pad_to_multiple_of buckets prompt lengths; place(np.ndarray) -> jax.Array puts each input
+    on device (e.g. sharded over a data mesh; the default is one device).
+    """
+    enc = encode(model.processor, texts, images, pad_to_multiple_of)
     tok = model.processor.tokenizer
     # InstructBLIP's Q-Former inputs ride along to the prefill; LLaVA has none (extra=None).
-    extra = {k: jnp.asarray(v) for k, v in enc.items() if k.startswith("qformer_")} or None
+    extra = {k: place(v) for k, v in enc.items() if k.startswith("qformer_")} or None
     out = greedy_generate(
         model.module, model.params if params is None else params,
-        jnp.asarray(enc["input_ids"]), nchw_to_nhwc(enc["pixel_values"]),
-        jnp.asarray(enc["attention_mask"]), max_new_tokens=max_new_tokens,
+        place(enc["input_ids"]), place(np.transpose(enc["pixel_values"], (0, 2, 3, 1))),
+        place(enc["attention_mask"]), max_new_tokens=max_new_tokens,
         eos_ids=model.config.text_config.eos_ids,
         pad_id=tok.pad_token_id if tok.pad_token_id is not None else 0, extra=extra,
     )  # fmt: skip
@@ -103,7 +114,12 @@ def ask_batch(
     images = [to_rgb(im) for im in images]
     questions = [check_question(q) for q in questions]
     shorts = list(short_questions) if short_questions is not None else [None] * len(questions)
-    map_qs = [check_question(s, "short_question") if s else q for s, q in zip(shorts, questions)]
+    if len(shorts) != len(questions):
+        raise ValueError(f"{len(shorts)} short_questions but {len(questions)} questions")
+    map_qs = [
+        check_question(s, "short_question") if s else q
+        for s, q in zip(shorts, questions, strict=True)
+    ]
     timings["preprocess"] = time.perf_counter() - t0
 
     baseline = _timed(
@@ -111,9 +127,10 @@ def ask_batch(
         [prompt_for(model.family, q) for q in questions], images, max_new_tokens, params,
     )  # fmt: skip
     if high_res:
+        p = model.params if params is None else params
         maps = [
-            np.asarray(_timed(timings, "map", importance, model.params if params is None else params,
-                              im, q, model=model, method=method, layer=layer, high_res=True))
+            np.asarray(_timed(timings, "map", importance, p, im, q, model=model, method=method,
+                              layer=layer, high_res=True))
             for im, q in zip(images, map_qs, strict=True)
         ]  # fmt: skip
         boxes = [

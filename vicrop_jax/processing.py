@@ -67,15 +67,19 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
-def encode(processor, texts: list[str], images: list[Image.Image]) -> dict[str, np.ndarray]:
+def encode(
+    processor, texts: list[str], images: list[Image.Image], pad_to_multiple_of: int | None = None
+) -> dict[str, np.ndarray]:
     """Tokenises (left-padded) and preprocesses with the checkpoint's own HF processor.
 
     LLaVA prompts carry their own `<image>` placeholders; InstructBLIP prompts get
-    len(images) / len(texts) images each (see `encode_instructblip`).
+    len(images) / len(texts) images each (see `encode_instructblip`). pad_to_multiple_of
+    buckets prompt lengths so jit compiles a handful of shapes.
     """
     if hasattr(processor, "qformer_tokenizer"):
-        return encode_instructblip(processor, texts, images)
-    out = processor(images=images, text=texts, return_tensors="np", padding=True)
+        return encode_instructblip(processor, texts, images, pad_to_multiple_of)
+    out = processor(images=images, text=texts, return_tensors="np", padding=True,
+                    pad_to_multiple_of=pad_to_multiple_of)  # fmt: skip
     mask = np.asarray(out["attention_mask"])
     if (mask[:, -1] == 0).any():
         raise ValueError("the processor pads on the right; set tokenizer.padding_side='left'")
@@ -83,7 +87,7 @@ def encode(processor, texts: list[str], images: list[Image.Image]) -> dict[str, 
 
 
 def encode_instructblip(
-    processor, texts: list[str], images: list[Image.Image]
+    processor, texts: list[str], images: list[Image.Image], pad_to_multiple_of: int | None = None
 ) -> dict[str, np.ndarray]:
     """InstructBlipProcessor's layout, extended to several images per prompt.
 
@@ -97,7 +101,8 @@ def encode_instructblip(
         raise ValueError(f"{len(images)} images do not split evenly over {len(texts)} prompts")
     per = len(images) // len(texts)
     enc = {k: np.asarray(v) for k, v in
-           processor(text=texts, return_tensors="np", padding=True).items()}  # fmt: skip
+           processor(text=texts, return_tensors="np", padding=True,
+                     pad_to_multiple_of=pad_to_multiple_of).items()}  # fmt: skip
     if (enc["attention_mask"][:, -1] == 0).any():
         raise ValueError("the processor pads on the right; set tokenizer.padding_side='left'")
     token = processor.image_token

@@ -1,0 +1,831 @@
+"""Trains the shipped demo model: a small LLaVA on the synthetic small-detail benchmark.
+
+python -m eval.train_demo --flagfile=eval/flags/train_demo.flags
+python -m eval.train_demo --flagfile=eval/flags/train_demo.flags --export_only
+
+The model is this project's own Flax LLaVA (CLIP-style ViT, MLP projector, Llama decoder)
+with a WordLevel tokenizer (tokenizers library) and an HF LlavaProcessor, exported in HF
+format so `vicrop_jax.load_model` reads it through the llava-1.5-7b-hf converter.
+
+What it learns, and why the data look as they do:
+  * Input resolution. The processor squashes every image to R x R (no centre crop, so no
+    subject is ever cut off; images are at most 4:3). A subject of relative size r spans
+    r * R pixels of the model input, so at R = 128 a small subject (r < 0.08) is under
+    10 px and its word is unreadable, while a large one (r >= 0.2, >= 26 px) can be read.
+  * Two prompts per item, exactly the pipeline's: `llava_prompt(q)` with [image] and
+    `llava_prompt(q, 2)` with [image, crop]. The crop imitates what ViCrop passes: a square
+    of side max(R * ratio, subject side * g), ratio in [1, 2] as the box search's windows,
+    g in [1, 1.5], around the subject with a random offset that keeps it inside, shifted
+    into the image (an axis shorter than the box is spanned fully, as the box search does).
+    In the crop a subject of s pixels spans about s / ratio pixels whatever R is, so a small
+    subject in a large image becomes readable.
+  * A fraction (`negative_fraction`) of the pairs get a crop without the subject: the
+    answer must then come from the first image, as when the box search misses.
+  * Loss: cross-entropy on the answer tokens and EOS only (teacher forcing); prompts are
+    left-padded to one fixed length per prompt kind, so one program is compiled.
+  * Optional auxiliary loss (`attention_loss_weight`): -log of the share of the single-image
+    prompt's answer-position attention (heads averaged, at the LM layer rel-att reads) that
+    falls on the subject's patches. It teaches the model where to look, so a demo trained
+    with it shows ViCrop's mechanics, not that a model learns where to look by itself; the
+    share is logged (`att_subject`) either way.
+  * The vision tower runs once per image of the step; the single-image and the pair
+    prompts share those features (LlavaForConditionalGeneration's `image_features`).
+
+Determinism: item i of the stream is `eval.synthetic.generate_item(seed, i, split="train")`
+and its crop is drawn from a generator seeded with (seed, i); step s uses items
+[s * B, (s + 1) * B). A run resumed from an orbax checkpoint therefore sees the same data
+and ends with the same params as an uninterrupted one.
+
+Outputs under `workdir`: checkpoints/ (orbax: params, optimizer state, step), log.jsonl
+(train records every `log_every` steps; eval records: exact-match accuracy by size bucket
+for the full image, the [image, ground-truth crop] pair and the full rel-att ViCrop
+pipeline, plus how often the rel-att map's peak and box hit the subject), settings.json,
+processor/ (tokenizer + image processor). The export goes to `export_dir`.
+"""
+
+from __future__ import annotations
+
+import collections
+import concurrent.futures
+import dataclasses
+import functools
+import json
+import math
+import os
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+from absl import app, flags, logging
+from tqdm import tqdm
+
+from convert.checkpoint import save_safetensors
+from convert.llava import abstract_params, export_params
+from eval import synthetic as syn
+from vicrop_jax import pipeline
+from vicrop_jax.importance import default_layer
+from vicrop_jax.loading import Model, module_for
+from vicrop_jax.models.llava import LlavaConfig
+from vicrop_jax.processing import GENERAL_QUESTION, llava_prompt
+from vicrop_jax.tiny import build_tokenizer
+
+_WORKDIR = flags.DEFINE_string("workdir", "/tmp/vicrop_train_demo", "Checkpoints and logs.")
+_EXPORT_DIR = flags.DEFINE_string(
+    "export_dir", "vicrop_jax/assets/demo", "HF-format output directory ('' to skip export)."
+)
+_EXPORT_ONLY = flags.DEFINE_bool("export_only", False, "Export the latest checkpoint and exit.")
+_SMOKE = flags.DEFINE_bool("smoke", False, "A few steps on a tiny model, to check the script.")
+_SEED = flags.DEFINE_integer("seed", 0, "Seed of the init and of the training stream.")
+_STEPS = flags.DEFINE_integer("steps", 9000, "Optimizer steps (the schedule's length).")
+_STOP_AT = flags.DEFINE_integer("stop_at", 0, "Stop this run at this step (0: at --steps).")
+_BATCH = flags.DEFINE_integer("batch_size", 8, "Items per step (each: 1 single + 1 pair row).")
+_LR = flags.DEFINE_float("learning_rate", 1e-3, "Peak learning rate (AdamW).")
+_WARMUP = flags.DEFINE_integer("warmup_steps", 200, "Linear warmup steps.")
+_WD = flags.DEFINE_float("weight_decay", 0.05, "AdamW weight decay (matrices only).")
+_CLIP = flags.DEFINE_float("grad_clip", 1.0, "Global gradient-norm clip.")
+_IMAGE_SIZE = flags.DEFINE_integer("image_size", 128, "Vision input side R (pixels).")
+_PATCH = flags.DEFINE_integer("patch_size", 16, "ViT patch side.")
+_V_HIDDEN = flags.DEFINE_integer("vision_hidden", 192, "ViT width.")
+_V_LAYERS = flags.DEFINE_integer("vision_layers", 4, "ViT depth.")
+_V_HEADS = flags.DEFINE_integer("vision_heads", 6, "ViT heads.")
+_V_MLP = flags.DEFINE_integer("vision_mlp", 768, "ViT MLP width.")
+_T_HIDDEN = flags.DEFINE_integer("text_hidden", 192, "Decoder width.")
+_T_LAYERS = flags.DEFINE_integer("text_layers", 4, "Decoder depth.")
+_T_HEADS = flags.DEFINE_integer("text_heads", 4, "Decoder query heads.")
+_T_KV = flags.DEFINE_integer("text_kv_heads", 2, "Decoder key/value heads (GQA).")
+_T_MLP = flags.DEFINE_integer("text_mlp", 512, "Decoder MLP width.")
+_NEG = flags.DEFINE_float("negative_fraction", 0.1, "Pairs whose crop misses the subject.")
+_ATT_W = flags.DEFINE_float(
+    "attention_loss_weight", 0.0, "Weight of -log(subject share of the rel-att layer's attention)."
+)
+_COLOR_Q = flags.DEFINE_float("color_question_fraction", 0.0, "'What color ...' questions.")
+_MIN_SUBJECT = flags.DEFINE_integer("min_subject_px", 20, "Smallest subject side (pixels).")
+_MAX_ASPECT = flags.DEFINE_float("max_aspect", 4 / 3, "Largest image aspect ratio.")
+_LOG_EVERY = flags.DEFINE_integer("log_every", 25, "Steps between train log records.")
+_EVAL_EVERY = flags.DEFINE_integer("eval_every", 500, "Steps between held-out evals (0: none).")
+_EVAL_ITEMS = flags.DEFINE_integer("eval_items", 192, "Held-out items (split 'val').")
+_CKPT_EVERY = flags.DEFINE_integer("checkpoint_every", 250, "Steps between checkpoints.")
+
+IMAGE_TOKEN = "<image>"
+_SPLIT, _EVAL_SPLIT = "train", "val"
+
+
+# ---------------------------------------------------------------------------------------
+# Settings and model config.
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelDims:
+    """The demo LLaVA's sizes (HF config fields are derived in `hf_config`)."""
+
+    image_size: int = 128
+    patch_size: int = 16
+    vision_hidden: int = 192
+    vision_layers: int = 4
+    vision_heads: int = 6
+    vision_mlp: int = 768
+    text_hidden: int = 192
+    text_layers: int = 4
+    text_heads: int = 4
+    text_kv_heads: int = 2
+    text_mlp: int = 512
+
+    @property
+    def grid(self) -> int:
+        return self.image_size // self.patch_size
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    """Everything a run needs; `dims`, `seed`, `steps` and `batch_size` fix a run's identity."""
+
+    workdir: str
+    dims: ModelDims = ModelDims()
+    export_dir: str = ""
+    seed: int = 0
+    steps: int = 9000
+    stop_at: int = 0
+    batch_size: int = 8
+    learning_rate: float = 1e-3
+    warmup_steps: int = 200
+    weight_decay: float = 0.05
+    grad_clip: float = 1.0
+    negative_fraction: float = 0.1
+    attention_loss_weight: float = 0.0
+    color_question_fraction: float = 0.0
+    min_subject_px: int = 20
+    max_aspect: float = 4 / 3
+    log_every: int = 25
+    eval_every: int = 500
+    eval_items: int = 192
+    eval_batch: int = 16
+    checkpoint_every: int = 250
+    progress: bool = True
+
+    def synth_options(self) -> dict[str, Any]:
+        return {
+            "color_question_fraction": self.color_question_fraction,
+            "min_subject_px": self.min_subject_px,
+            "max_aspect": self.max_aspect,
+        }
+
+    def identity(self) -> dict[str, Any]:
+        keys = ("seed", "steps", "batch_size", "learning_rate", "warmup_steps", "weight_decay",
+                "grad_clip", "negative_fraction", "attention_loss_weight",
+                "color_question_fraction", "min_subject_px", "max_aspect")  # fmt: skip
+        return {"dims": dataclasses.asdict(self.dims), **{k: getattr(self, k) for k in keys}}
+
+
+def hf_config(dims: ModelDims, tokenizer) -> dict:
+    """The HF LlavaConfig dict of the demo model (the layout of llava-1.5-7b-hf's config)."""
+    ids = tokenizer.convert_tokens_to_ids
+    return {
+        "model_type": "llava",
+        "architectures": ["LlavaForConditionalGeneration"],
+        "image_token_index": ids(IMAGE_TOKEN),
+        "image_seq_length": dims.grid**2,
+        "projector_hidden_act": "gelu",
+        # The last ViT layer: a 4-layer tower would otherwise compute a layer it never uses.
+        "vision_feature_layer": -1,
+        "vision_feature_select_strategy": "default",
+        "multimodal_projector_bias": True,
+        "tie_word_embeddings": False,
+        "vision_config": {
+            "model_type": "clip_vision_model", "hidden_size": dims.vision_hidden,
+            "intermediate_size": dims.vision_mlp, "num_hidden_layers": dims.vision_layers,
+            "num_attention_heads": dims.vision_heads, "image_size": dims.image_size,
+            "patch_size": dims.patch_size, "projection_dim": dims.vision_hidden,
+            "hidden_act": "quick_gelu", "layer_norm_eps": 1e-5,
+        },
+        "text_config": {
+            "model_type": "llama", "vocab_size": len(tokenizer),
+            "hidden_size": dims.text_hidden, "intermediate_size": dims.text_mlp,
+            "num_hidden_layers": dims.text_layers, "num_attention_heads": dims.text_heads,
+            "num_key_value_heads": dims.text_kv_heads, "max_position_embeddings": 2048,
+            "rms_norm_eps": 1e-5, "bos_token_id": tokenizer.bos_token_id,
+            "eos_token_id": tokenizer.eos_token_id, "pad_token_id": tokenizer.pad_token_id,
+            "tie_word_embeddings": False,
+            "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0},
+        },
+    }  # fmt: skip
+
+
+# ---------------------------------------------------------------------------------------
+# Tokenizer and processor.
+
+
+def prompt_words() -> list[str]:
+    """Every whitespace-separated word of every prompt, question and answer the task uses."""
+    questions = [GENERAL_QUESTION]
+    questions += [
+        syn.TEXT_QUESTION.format(color=c, shape=s) for c in syn.COLORS for s in syn.SHAPES
+    ]
+    questions += [syn.COLOR_QUESTION.format(text=w.upper()) for w in syn.WORDS]
+    texts = [llava_prompt(q, 2).replace(IMAGE_TOKEN, " ") for q in questions]
+    texts += list(syn.answer_vocabulary())
+    return sorted({w for t in texts for w in t.split()})
+
+
+def build_processor(out_dir: str, dims: ModelDims):
+    """Tokenizer (WordLevel) + LlavaProcessor squashing images to R x R, saved to out_dir."""
+    import transformers
+    from transformers import CLIPImageProcessor, LlavaProcessor
+
+    tokenizer = build_tokenizer(out_dir, prompt_words())
+    verbosity = transformers.logging.get_verbosity()
+    transformers.logging.set_verbosity_error()  # "falls back to the PIL backend" notice
+    try:
+        image_processor = CLIPImageProcessor(
+            size={"height": dims.image_size, "width": dims.image_size},
+            crop_size={"height": dims.image_size, "width": dims.image_size},
+            do_center_crop=False,
+        )
+    finally:
+        transformers.logging.set_verbosity(verbosity)
+    proc = LlavaProcessor(
+        image_processor=image_processor, tokenizer=tokenizer, patch_size=dims.patch_size,
+        vision_feature_select_strategy="default", num_additional_image_tokens=1,
+        image_token=IMAGE_TOKEN,
+    )  # fmt: skip
+    proc.save_pretrained(out_dir)
+    return proc
+
+
+class Tokens:
+    """Prompt and answer token ids, cached (the whole task has about a hundred prompts)."""
+
+    def __init__(self, processor, num_image_tokens: int):
+        self.tok = processor.tokenizer
+        self.t = num_image_tokens
+        self.pad = self.tok.pad_token_id
+        self.eos = self.tok.eos_token_id
+        self._cache: dict[tuple[str, int], list[int]] = {}
+
+    def prompt(self, question: str, n_images: int) -> list[int]:
+        """The processor's ids for llava_prompt(question, n_images) (<image> expanded)."""
+        key = (question, n_images)
+        if key not in self._cache:
+            text = llava_prompt(question, n_images).replace(IMAGE_TOKEN, IMAGE_TOKEN * self.t)
+            ids = self.tok(text)["input_ids"]
+            if self.tok.unk_token_id in ids:
+                raise ValueError(f"prompt {text!r} has words outside the tokenizer")
+            self._cache[key] = ids
+        return self._cache[key]
+
+    def answer(self, answer: str) -> list[int]:
+        ids = self.tok(answer, add_special_tokens=False)["input_ids"]
+        if not ids or self.tok.unk_token_id in ids:
+            raise ValueError(f"answer {answer!r} is not in the tokenizer's vocabulary")
+        return [*ids, self.eos]
+
+    def max_length(self, n_images: int) -> int:
+        """Longest prompt + answer + EOS of the task (fixed padded length, one compile)."""
+        qs = [syn.TEXT_QUESTION.format(color=c, shape=s) for c in syn.COLORS for s in syn.SHAPES]
+        qs += [syn.COLOR_QUESTION.format(text=w.upper()) for w in syn.WORDS]
+        longest_answer = max(len(self.answer(a)) for a in syn.answer_vocabulary())
+        return max(len(self.prompt(q, n_images)) for q in qs) + longest_answer
+
+
+def pack(rows: Sequence[tuple[list[int], list[int]]], length: int, pad: int) -> dict:
+    """Left-pads (prompt, answer) rows to `length`.
+
+    Returns input_ids and attention_mask int32[B, length] and loss_mask float32[B, length],
+    1 at the answer and EOS positions: the logits at position t are scored against
+    input_ids[t + 1] with weight loss_mask[t + 1].
+    """
+
+    b = len(rows)
+    ids = np.full((b, length), pad, np.int32)
+    mask = np.zeros((b, length), np.int32)
+    loss = np.zeros((b, length), np.float32)
+    for i, (prompt, answer) in enumerate(rows):
+        seq = prompt + answer
+        if len(seq) > length:
+            raise ValueError(f"row of {len(seq)} tokens exceeds the padded length {length}")
+        ids[i, length - len(seq) :] = seq
+        mask[i, length - len(seq) :] = 1
+        loss[i, length - len(answer) :] = 1.0
+    return {"input_ids": ids, "attention_mask": mask, "loss_mask": loss}
+
+
+# ---------------------------------------------------------------------------------------
+# Crops.
+
+
+def fit_box(cx: float, cy: float, side: int, size: tuple[int, int]) -> tuple[int, int, int, int]:
+    """A square of `side` px centred at (cx, cy), shifted into the image (an axis shorter
+    than the side is spanned fully, as the box search's boxes are)."""
+
+    def axis(c, n):
+        if side >= n:
+            return 0, n
+        lo = min(max(int(round(c - side / 2)), 0), n - side)
+        return lo, lo + side
+
+    (x1, x2), (y1, y2) = axis(cx, size[0]), axis(cy, size[1])
+    return (x1, y1, x2, y2)
+
+
+def subject_crop(bbox, size, base: int, rng) -> tuple[int, int, int, int]:
+    """A crop like ViCrop's around the subject: side max(base * [1, 2], subject * [1, 1.5]),
+    offset at random with the subject kept inside."""
+    x1, y1, x2, y2 = bbox
+    s = max(x2 - x1, y2 - y1)
+    side = int(round(max(base * rng.uniform(1.0, 2.0), s * rng.uniform(1.0, 1.5))))
+    slack = max(0.0, (side - s) / 2)
+    cx = (x1 + x2) / 2 + rng.uniform(-slack, slack)
+    cy = (y1 + y2) / 2 + rng.uniform(-slack, slack)
+    return fit_box(cx, cy, side, size)
+
+
+def miss_crop(bbox, size, base: int, rng, tries: int = 20) -> tuple[int, int, int, int] | None:
+    """A base-to-2x-base crop that does not overlap the subject, or None if none was found."""
+    x1, y1, x2, y2 = bbox
+    for _ in range(tries):
+        side = int(round(base * rng.uniform(1.0, 2.0)))
+        box = fit_box(rng.uniform(0, size[0]), rng.uniform(0, size[1]), side, size)
+        if box[2] <= x1 or x2 <= box[0] or box[3] <= y1 or y2 <= box[1]:
+            return box
+    return None
+
+
+def gt_crop(bbox, size, base: int) -> tuple[int, int, int, int]:
+    """The subject's box grown to at least base x base around its centre (eval's gt_crop)."""
+    x1, y1, x2, y2 = bbox
+    return fit_box((x1 + x2) / 2, (y1 + y2) / 2, max(base, x2 - x1, y2 - y1), size)
+
+
+def _cell_span(bbox, size, grid: int) -> tuple[tuple[int, int], tuple[int, int]]:
+    """(rows, cols) [start, stop) of the grid cells a box overlaps; the image is squashed to a
+    square, so cell (r, c) covers x in [c W / g, (c + 1) W / g), likewise y."""
+    (x1, y1, x2, y2), (w, h) = bbox, size
+    span = lambda a, b, n: (math.floor(a * grid / n), max(math.ceil(b * grid / n), 1))
+    return span(y1, y2, h), span(x1, x2, w)
+
+
+def subject_cells(bbox, size, grid: int) -> np.ndarray:
+    """float32[grid, grid], 1 on the patch cells the subject's box overlaps."""
+    (r1, r2), (c1, c2) = _cell_span(bbox, size, grid)
+    out = np.zeros((grid, grid), np.float32)
+    out[r1:r2, c1:c2] = 1.0
+    return out
+
+
+# ---------------------------------------------------------------------------------------
+# Batches.
+
+
+class Data:
+    """Deterministic training batches: step s -> items [s * B, (s + 1) * B) of the stream."""
+
+    def __init__(self, settings: Settings, processor):
+        self.s = settings
+        self.proc = processor
+        dims = settings.dims
+        self.tokens = Tokens(processor, dims.grid**2)
+        self.len1 = self.tokens.max_length(1)
+        self.len2 = self.tokens.max_length(2)
+
+    def pixels(self, images) -> Any:
+        """float32[I, R, R, 3] (NHWC) through the checkpoint's own image processor."""
+        out = self.proc.image_processor(images, return_tensors="np")["pixel_values"]
+        return np.ascontiguousarray(np.asarray(out, np.float32).transpose(0, 2, 3, 1))
+
+    def item(self, index: int):
+        """(image, crop, record, crop_has_subject) of training item `index`."""
+        s = self.s
+        image, rec = syn.generate_item(s.seed, index, split=_SPLIT, **s.synth_options())
+        rng = np.random.default_rng([s.seed, index, 1])
+        box, hit = None, True
+        if rng.uniform() < s.negative_fraction:
+            box = miss_crop(rec["bbox"], image.size, s.dims.image_size, rng)
+            hit = box is None
+        if box is None:
+            box = subject_crop(rec["bbox"], image.size, s.dims.image_size, rng)
+        return image, image.crop(box), rec, hit
+
+    def batch(self, step: int) -> dict:
+        """Arrays of one step: pixels [2B] (B images, then their crops), rows for the single
+        and the pair prompts, and each item's size bucket."""
+
+        b = self.s.batch_size
+        items = [self.item(step * b + i) for i in range(b)]
+        t = self.tokens
+        single = pack([(t.prompt(r["question"], 1), t.answer(r["answer"])) for _, _, r, _ in items],
+                      self.len1, t.pad)  # fmt: skip
+        pair = pack([(t.prompt(r["question"], 2), t.answer(r["answer"])) for _, _, r, _ in items],
+                    self.len2, t.pad)  # fmt: skip
+        out = {"pixel_values": self.pixels([im for im, *_ in items] + [c for _, c, *_ in items])}
+        out.update({f"single_{k}": v for k, v in single.items()})
+        out.update({f"pair_{k}": v for k, v in pair.items()})
+        g = self.s.dims.grid
+        out["subject_cells"] = np.stack(
+            [subject_cells(r["bbox"], im.size, g).reshape(-1) for im, _, r, _ in items]
+        )
+        out["bucket"] = np.array([_BUCKETS.index(r["size_bucket"]) for *_, r, _ in items])
+        return out
+
+
+_BUCKETS = ("small", "medium", "large")
+
+
+# ---------------------------------------------------------------------------------------
+# Loss and train step.
+
+
+def answer_loss(logits, input_ids, loss_mask):
+    """Mean cross-entropy over answer tokens, and per-row exact match of those tokens.
+
+    logits float[B, S, V]; input_ids int[B, S]; loss_mask float[B, S] (see `pack`).
+    """
+
+    logits, targets, w = logits[:, :-1], input_ids[:, 1:], loss_mask[:, 1:]
+    ce = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), targets)
+    loss = jnp.sum(ce * w) / jnp.maximum(jnp.sum(w), 1.0)
+    wrong = (jnp.argmax(logits, -1) != targets) & (w > 0)
+    return loss, ~jnp.any(wrong, axis=-1), jax.lax.stop_gradient(ce)
+
+
+def subject_attention(probs, input_ids, loss_mask, subject_cells, image_token: int):
+    """Share of the image attention that falls on the subject's cells, per row.
+
+    probs: float32[B, N, S, K] one layer's attention; the query is the position that predicts
+    the first answer token (the prompt's last), the share is over the first image's tokens.
+    subject_cells: float32[B, T] (see `subject_cells`). Returns float32[B].
+    """
+    query = jnp.argmax(loss_mask > 0, axis=1) - 1  # [B]
+    rows = jnp.take_along_axis(probs.mean(1), query[:, None, None], axis=1)[:, 0]  # [B, K]
+    is_img = input_ids == image_token
+    t = subject_cells.shape[1]
+    first = is_img & (jnp.cumsum(is_img, axis=1) <= t)
+    cell = jnp.clip(jnp.cumsum(is_img, axis=1) - 1, 0, t - 1)
+    on_subject = jnp.take_along_axis(subject_cells, cell, axis=1) * first
+    return jnp.sum(rows * on_subject, -1) / jnp.maximum(jnp.sum(rows * first, -1), 1e-9)
+
+
+def loss_fn(module, params, batch, att_weight: float = 0.0, att_layer: int = 0):
+    """Both prompt kinds of a batch; the vision tower runs once per image.
+
+    With att_weight > 0, adds att_weight * -log(subject share of the attention) of the single
+    prompts at LM layer att_layer (see `subject_attention`); the share is logged either way.
+    """
+    apply = functools.partial(module.apply, {"params": params})
+    feats, _ = apply(batch["pixel_values"], method=lambda m, p: m.image_features(p))  # [2B, T, D]
+    b = batch["single_input_ids"].shape[0]
+    pair_feats = jnp.stack([feats[:b], feats[b:]], axis=1).reshape(2 * b, *feats.shape[1:])
+    metrics = {}
+    total = 0.0
+    for name, f in (("single", feats[:b]), ("pair", pair_feats)):
+        ids, lmask = batch[f"{name}_input_ids"], batch[f"{name}_loss_mask"]
+        full = name == "single"
+        out = apply(ids, None, batch[f"{name}_attention_mask"], image_features=f,
+                    output_full_attentions=full)  # fmt: skip
+        loss, correct, _ = answer_loss(out.logits, ids, lmask)
+        total = total + loss / 2
+        metrics[f"loss_{name}"] = loss
+        metrics[f"correct_{name}"] = correct
+        if full:
+            share = subject_attention(
+                out.full_attentions[att_layer], ids, lmask, batch["subject_cells"],
+                module.config.image_token_index,
+            )  # fmt: skip
+            metrics["att_subject"] = jnp.mean(share)
+            if att_weight:
+                total = total + att_weight * jnp.mean(-jnp.log(share + 1e-6))
+    return total, metrics
+
+
+def make_optimizer(settings: Settings):
+    """AdamW (decay on matrices only) after global-norm clipping; warmup + cosine to 5%."""
+    lr, warmup, steps = settings.learning_rate, max(1, settings.warmup_steps), settings.steps
+    schedule = optax.warmup_cosine_decay_schedule(
+        0.0, lr, warmup, max(steps, warmup + 1), end_value=lr * 0.05
+    )
+    decay_mask = lambda params: jax.tree.map(lambda x: x.ndim >= 2, params)
+    tx = optax.chain(
+        optax.clip_by_global_norm(settings.grad_clip),
+        optax.adamw(schedule, b1=0.9, b2=0.98, weight_decay=settings.weight_decay,
+                    mask=decay_mask),
+    )  # fmt: skip
+    return tx, schedule
+
+
+def make_train_step(module, tx, att_weight: float = 0.0, att_layer: int = 0):
+    """A jitted (state, batch) -> (state, metrics); state = {params, opt_state, step}."""
+
+    def step(state, batch):
+        grad_fn = jax.value_and_grad(
+            lambda p: loss_fn(module, p, batch, att_weight, att_layer), has_aux=True
+        )
+        (loss, metrics), grads = grad_fn(state["params"])
+        updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+        params = optax.apply_updates(state["params"], updates)
+        metrics = {**metrics, "loss": loss, "grad_norm": optax.tree.norm(grads)}
+        return {"params": params, "opt_state": opt_state, "step": state["step"] + 1}, metrics
+
+    return jax.jit(step, donate_argnums=0)
+
+
+def compiled_step(config: LlavaConfig, settings: Settings):
+    """(train step, optimizer, schedule); runs in one process with the same model and
+    optimizer settings (a resumed run, tests) share one compiled step."""
+    opt = {k: getattr(settings, k) for k in _STEP_FIELDS}
+    return _compiled(config, dataclasses.replace(Settings(workdir=""), **opt))
+
+
+_STEP_FIELDS = ("learning_rate", "warmup_steps", "weight_decay", "grad_clip", "steps",
+                "attention_loss_weight")  # fmt: skip
+
+
+@functools.cache
+def _compiled(config: LlavaConfig, opt_settings: Settings):
+    tx, schedule = make_optimizer(opt_settings)
+    layer = default_layer("llava", config.text_config.num_hidden_layers)
+    step = make_train_step(module_for(config), tx, opt_settings.attention_loss_weight, layer)
+    return step, tx, schedule
+
+
+# ---------------------------------------------------------------------------------------
+# Held-out evaluation.
+
+
+def _bucket_means(values: dict[str, list[float]]) -> dict[str, float]:
+    out = {b: round(float(sum(v) / len(v)), 4) for b, v in values.items() if v}
+    every = [x for v in values.values() for x in v]
+    out["all"] = round(float(sum(every) / max(1, len(every))), 4)
+    return out
+
+
+def _in_box(cell, bbox, size, grid: int) -> bool:
+    """Whether map cell (row, col) touches the subject's cells or their 8 neighbours."""
+    rows, cols = _cell_span(bbox, size, grid)
+    return rows[0] - 1 <= cell[0] <= rows[1] and cols[0] - 1 <= cell[1] <= cols[1]
+
+
+def evaluate(model, params, settings: Settings) -> dict[str, Any]:
+    """Exact-match accuracy by size bucket on held-out items, through the shipped pipeline.
+
+    full: the baseline answer from the image alone; rel_att: ViCrop's answer with the rel-att
+    box (vicrop_jax.pipeline.ask_batch); gt_crop: the answer with [image, gt_crop];
+    map_hit: the rel-att map's peak cell lies on the subject (one cell of slack);
+    box_hit: the rel-att box contains the subject's centre.
+    """
+
+    base, grid, n = settings.dims.image_size, settings.dims.grid, settings.eval_items
+    keys = ("full", "rel_att", "gt_crop", "map_hit", "box_hit")
+    scores = {k: collections.defaultdict(list) for k in keys}
+    eb = settings.eval_batch
+    for start in range(0, n, eb):
+        idx = list(range(start, min(n, start + eb)))
+        idx += [idx[-1]] * (eb - len(idx))  # a full batch: one compile for the whole eval
+        items = [syn.generate_item(settings.seed, i, split=_EVAL_SPLIT, **settings.synth_options())
+                 for i in idx]  # fmt: skip
+        images = [im for im, _ in items]
+        recs = [r for _, r in items]
+        answers = pipeline.ask_batch(model, images, [r["question"] for r in recs],
+                                     method="rel_att", max_new_tokens=3, params=params)  # fmt: skip
+        pairs = []
+        for im, r in items:
+            pairs += [im, im.crop(gt_crop(r["bbox"], im.size, base))]
+        prompts = [llava_prompt(r["question"], 2) for r in recs]
+        gt_answers = pipeline.generate_answers(model, prompts, pairs, 3, params)
+        seen = set()
+        for i, a, g, r in zip(idx, answers, gt_answers, recs, strict=True):
+            if i in seen:
+                continue
+            seen.add(i)
+            bucket, truth = r["size_bucket"], r["answer"]
+            peak = np.unravel_index(int(np.argmax(a.att_map)), a.att_map.shape)
+            x1, y1, x2, y2 = r["bbox"]
+            cx, cy = (x1 + x2) / 2, (y1 + y2) / 2
+            bx1, by1, bx2, by2 = a.bbox
+            scores["full"][bucket].append(a.original_answer.strip().lower() == truth)
+            scores["rel_att"][bucket].append(a.crop_answer.strip().lower() == truth)
+            scores["gt_crop"][bucket].append(g.strip().lower() == truth)
+            scores["map_hit"][bucket].append(_in_box(peak, r["bbox"], r["image_size"], grid))
+            scores["box_hit"][bucket].append(bx1 <= cx < bx2 and by1 <= cy < by2)
+    out = {k: _bucket_means(v) for k, v in scores.items()}
+    out["n"] = {b: len(v) for b, v in scores["full"].items()}
+    return out
+
+
+# ---------------------------------------------------------------------------------------
+# Checkpoints and export.
+
+
+def checkpoint_manager(workdir: str):
+    # Synchronous saves: the train step donates the state's buffers.
+    options = ocp.CheckpointManagerOptions(max_to_keep=2, enable_async_checkpointing=False)
+    return ocp.CheckpointManager(os.path.abspath(os.path.join(workdir, "checkpoints")),
+                                 options=options)  # fmt: skip
+
+
+@functools.cache
+def _init_fn(config: LlavaConfig):
+    """convert.llava.init_params's init, jitted once per config (it compiles on every call)."""
+    v = config.vision_config
+    ids = jnp.full((1, config.num_image_tokens + 1), config.image_token_index, jnp.int32)
+    pixels = jnp.zeros((1, v.image_size, v.image_size, v.num_channels), jnp.float32)
+    return jax.jit(lambda key: module_for(config).init(key, ids, pixels)["params"])
+
+
+def init_state(config, settings: Settings, tx):
+    """Fresh state: random params (seeded), optimizer state, step 0."""
+    params = _init_fn(config)(jax.random.key(settings.seed))
+    return {"params": params, "opt_state": tx.init(params), "step": jnp.zeros((), jnp.int32)}
+
+
+def abstract_state(config, tx):
+    """The state's shapes and dtypes, without computing it (what a restore needs)."""
+    params = abstract_params(config, jnp.float32)
+    step = jax.ShapeDtypeStruct((), jnp.int32)
+    return {"params": params, "opt_state": jax.eval_shape(tx.init, params), "step": step}
+
+
+def restore_latest(manager, like):
+    """The latest checkpointed state shaped like `like` (ShapeDtypeStructs), or None."""
+    step = manager.latest_step()
+    if step is None:
+        return None
+    return manager.restore(step, args=ocp.args.StandardRestore(like))
+
+
+def save_state(manager, state) -> None:
+    step = int(state["step"])
+    if manager.latest_step() != step:
+        manager.save(step, args=ocp.args.StandardSave(state), force=True)
+        manager.wait_until_finished()
+
+
+def export(params, hf_cfg: dict, processor, out_dir: str) -> str:
+    """Writes config.json, model.safetensors (float32) and the tokenizer/processor files."""
+    save_safetensors(export_params(params), out_dir, hf_cfg)
+    os.chmod(os.path.join(out_dir, "model.safetensors"), 0o644)  # safetensors writes 0600
+    processor.save_pretrained(out_dir)
+    return out_dir
+
+
+# ---------------------------------------------------------------------------------------
+# The loop.
+
+
+class _Log:
+    def __init__(self, path: str):
+        self.path = path
+
+    def write(self, record: dict) -> None:
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+
+def _check_identity(settings: Settings) -> None:
+    """Writes settings.json, or refuses a workdir that holds a different run."""
+    path = os.path.join(settings.workdir, "settings.json")
+    want = settings.identity()
+    if os.path.isfile(path):
+        with open(path) as f:
+            have = json.load(f)
+        if have != json.loads(json.dumps(want)):
+            diff = sorted(k for k in set(have) | set(want) if have.get(k) != want.get(k))
+            raise ValueError(f"{settings.workdir} holds another run (differs in {diff}); "
+                             "use a new --workdir")  # fmt: skip
+        return
+    with open(path, "w") as f:
+        json.dump(want, f, indent=1)
+
+
+def setup(settings: Settings):
+    """(processor, LlavaConfig, hf config dict) of a run; writes workdir/processor."""
+    os.makedirs(settings.workdir, exist_ok=True)
+    _check_identity(settings)
+    processor = build_processor(os.path.join(settings.workdir, "processor"), settings.dims)
+    hf_cfg = hf_config(settings.dims, processor.tokenizer)
+    return processor, LlavaConfig.from_dict(hf_cfg), hf_cfg
+
+
+def train(settings: Settings) -> dict:
+    """Trains (resuming from the latest checkpoint), evaluates, exports; returns the state."""
+    processor, config, hf_cfg = setup(settings)
+    train_step, tx, schedule = compiled_step(config, settings)
+    manager = checkpoint_manager(settings.workdir)
+    state = restore_latest(manager, abstract_state(config, tx))
+    state = init_state(config, settings, tx) if state is None else state
+    start = int(state["step"])
+    stop = min(settings.steps, settings.stop_at or settings.steps)
+    log = _Log(os.path.join(settings.workdir, "log.jsonl"))
+    data = Data(settings, processor)
+    model = Model(config=config, params=None, processor=processor, hf_config=hf_cfg)
+
+    def run_eval(step):
+        t0 = time.perf_counter()
+        res = evaluate(model, state["params"], settings)
+        log.write({"kind": "eval", "step": step, **res, "seconds": time.perf_counter() - t0})
+        tqdm.write(f"eval @ {step}: " + json.dumps({k: res[k] for k in ("full", "rel_att",
+                                                                         "gt_crop")}))  # fmt: skip
+
+    if start == 0 and settings.eval_every and stop > 0:
+        run_eval(0)
+    window = collections.defaultdict(list)
+    pool = concurrent.futures.ThreadPoolExecutor(1)  # renders the next batch during a step
+    pending = pool.submit(data.batch, start) if start < stop else None
+    bar = tqdm(total=stop, initial=start, disable=not settings.progress, dynamic_ncols=True)
+    t_last = time.perf_counter()
+    for step in range(start, stop):
+        batch = pending.result()
+        if step + 1 < stop:
+            pending = pool.submit(data.batch, step + 1)
+        state, m = train_step(state, {k: v for k, v in batch.items() if k != "bucket"})
+        m = jax.device_get(m)
+        window["loss"].append(float(m["loss"]))
+        for name in ("single", "pair"):
+            window[f"loss_{name}"].append(float(m[f"loss_{name}"]))
+            for b, ok in zip(batch["bucket"], m[f"correct_{name}"], strict=True):
+                window[f"acc_{name}_{_BUCKETS[b]}"].append(float(ok))
+            window[f"acc_{name}"].extend(float(x) for x in m[f"correct_{name}"])
+        window["grad_norm"].append(float(m["grad_norm"]))
+        window["att_subject"].append(float(m["att_subject"]))
+        done = step + 1
+        bar.update(1)
+        bar.set_postfix(loss=f"{np.mean(window['loss'][-50:]):.3f}",
+                        acc1=f"{np.mean(window['acc_single'][-400:]):.2f}",
+                        acc2=f"{np.mean(window['acc_pair'][-400:]):.2f}")  # fmt: skip
+        if done % settings.log_every == 0 or done == stop:
+            now = time.perf_counter()
+            rec = {k: round(float(np.mean(v)), 4) for k, v in window.items()}
+            rec.update(kind="train", step=done, lr=float(schedule(done)),
+                       steps_per_s=round(len(window["loss"]) / (now - t_last), 4))  # fmt: skip
+            log.write(rec)
+            window.clear()
+            t_last = now
+        if done % settings.checkpoint_every == 0 or done == stop:
+            save_state(manager, state)
+        if settings.eval_every and (done % settings.eval_every == 0 or done == settings.steps):
+            run_eval(done)
+            t_last = time.perf_counter()  # steps_per_s counts training only
+    bar.close()
+    pool.shutdown()
+    if settings.export_dir and int(state["step"]) == settings.steps:
+        export(state["params"], hf_cfg, processor, settings.export_dir)
+    manager.close()
+    return state
+
+
+def export_latest(settings: Settings) -> str:
+    """Exports the latest checkpoint of settings.workdir to settings.export_dir."""
+    processor, config, hf_cfg = setup(settings)
+    tx, _ = make_optimizer(settings)
+    manager = checkpoint_manager(settings.workdir)
+    state = restore_latest(manager, abstract_state(config, tx))
+    manager.close()
+    if state is None:
+        raise FileNotFoundError(f"no checkpoint under {settings.workdir}/checkpoints")
+    return export(state["params"], hf_cfg, processor, settings.export_dir)
+
+
+SMOKE_DIMS = ModelDims(image_size=32, patch_size=8, vision_hidden=32, vision_layers=2,
+                       vision_heads=2, vision_mlp=64, text_hidden=48, text_layers=2,
+                       text_heads=4, text_kv_heads=2, text_mlp=96)  # fmt: skip
+
+
+def settings_from_flags() -> Settings:
+    dims = ModelDims(
+        image_size=_IMAGE_SIZE.value, patch_size=_PATCH.value, vision_hidden=_V_HIDDEN.value,
+        vision_layers=_V_LAYERS.value, vision_heads=_V_HEADS.value, vision_mlp=_V_MLP.value,
+        text_hidden=_T_HIDDEN.value, text_layers=_T_LAYERS.value, text_heads=_T_HEADS.value,
+        text_kv_heads=_T_KV.value, text_mlp=_T_MLP.value,
+    )  # fmt: skip
+    s = Settings(
+        workdir=_WORKDIR.value, dims=dims, export_dir=_EXPORT_DIR.value, seed=_SEED.value,
+        steps=_STEPS.value, stop_at=_STOP_AT.value, batch_size=_BATCH.value,
+        learning_rate=_LR.value, warmup_steps=_WARMUP.value, weight_decay=_WD.value,
+        grad_clip=_CLIP.value, negative_fraction=_NEG.value, attention_loss_weight=_ATT_W.value,
+        color_question_fraction=_COLOR_Q.value, min_subject_px=_MIN_SUBJECT.value,
+        max_aspect=_MAX_ASPECT.value, log_every=_LOG_EVERY.value, eval_every=_EVAL_EVERY.value,
+        eval_items=_EVAL_ITEMS.value, checkpoint_every=_CKPT_EVERY.value,
+    )  # fmt: skip
+    if _SMOKE.value:
+        s = dataclasses.replace(s, dims=SMOKE_DIMS, steps=4, batch_size=2, warmup_steps=1,
+                                log_every=2, eval_every=4, eval_items=4, eval_batch=4,
+                                checkpoint_every=2)  # fmt: skip
+    return s
+
+
+def main(argv):
+    """Intentionally short: settings from flags, then the library-style functions above."""
+    del argv
+    logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
+    settings = settings_from_flags()
+    if _EXPORT_ONLY.value:
+        print(f"exported to {export_latest(settings)}")
+        return
+    state = train(settings)
+    print(f"finished at step {int(state['step'])}; log: {settings.workdir}/log.jsonl")
+
+
+if __name__ == "__main__":
+    app.run(main)

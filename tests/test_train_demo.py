@@ -1,0 +1,165 @@
+"""The demo-model trainer (eval/train_demo.py): loss mask, learning, resume, export."""
+
+import dataclasses
+
+import jax
+import numpy as np
+import pytest
+from PIL import Image
+
+import vicrop_jax
+from eval import synthetic as syn
+from eval import train_demo as td
+from vicrop_jax.processing import llava_prompt
+
+# Prime-ish, distinct sizes so a wrong transpose fails loudly; 3 x 3 patch grid.
+DIMS = td.ModelDims(image_size=33, patch_size=11, vision_hidden=14, vision_layers=1,
+                    vision_heads=2, vision_mlp=23, text_hidden=24, text_layers=1, text_heads=4,
+                    text_kv_heads=2, text_mlp=29)  # fmt: skip
+
+
+def _settings(workdir, **kw) -> td.Settings:
+    base = dict(workdir=str(workdir), dims=DIMS, steps=3, batch_size=2, learning_rate=3e-3,
+                warmup_steps=1, eval_every=0, log_every=1, checkpoint_every=100,
+                progress=False)  # fmt: skip
+    return td.Settings(**{**base, **kw})
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    s = _settings(tmp_path_factory.mktemp("td_setup"))
+    processor, config, hf = td.setup(s)
+    return s, processor, config, hf
+
+
+def test_tokenizer_covers_every_prompt_and_answer(setup):
+    _, processor, _, _ = setup
+    tok = processor.tokenizer
+    for w in td.prompt_words():
+        assert tok.convert_tokens_to_ids(w) != tok.unk_token_id, w
+    for a in syn.answer_vocabulary():
+        assert len(tok(a, add_special_tokens=False)["input_ids"]) == 1, a
+
+
+def test_tokens_and_pixels_match_the_hf_processor(setup):
+    s, processor, config, _ = setup
+    data = td.Data(s, processor)
+    image, rec = syn.generate_item(0, 3, split="train")
+    crop = image.crop((10, 20, 150, 130))
+    for n, images in ((1, [image]), (2, [image, crop])):
+        ref = processor(images=images, text=[llava_prompt(rec["question"], n)], return_tensors="np")
+        assert data.tokens.prompt(rec["question"], n) == ref["input_ids"][0].tolist()
+        assert (ref["input_ids"] == config.image_token_index).sum() == n * config.num_image_tokens
+        np.testing.assert_array_equal(
+            data.pixels(images), np.asarray(ref["pixel_values"]).transpose(0, 2, 3, 1)
+        )
+
+
+def test_loss_mask_covers_exactly_the_answer_and_eos(setup):
+    s, processor, config, _ = setup
+    data = td.Data(s, processor)
+    batch = data.batch(5)
+    tok = processor.tokenizer
+    recs = [data.item(5 * s.batch_size + i)[2] for i in range(s.batch_size)]
+    for name, n in (("single", 1), ("pair", 2)):
+        ids, mask, loss = (batch[f"{name}_{k}"] for k in ("input_ids", "attention_mask",
+                                                           "loss_mask"))  # fmt: skip
+        assert ids.shape == (s.batch_size, data.len1 if n == 1 else data.len2)
+        for row, rec in enumerate(recs):
+            marked = ids[row][loss[row] > 0].tolist()
+            assert marked == [tok.convert_tokens_to_ids(rec["answer"]), tok.eos_token_id]
+            assert loss[row, -2:].tolist() == [1.0, 1.0] and loss[row, :-2].sum() == 0
+            real = ids[row][mask[row] > 0].tolist()
+            assert real[:-2] == data.tokens.prompt(rec["question"], n)
+            assert (ids[row][mask[row] == 0] == tok.pad_token_id).all()  # left padding
+            assert mask[row, -1] == 1 and (np.diff(mask[row]) >= 0).all()
+    assert batch["pixel_values"].shape == (2 * s.batch_size, 33, 33, 3)
+    # pack() on its own: two-token answers, padding on the left.
+    packed = td.pack([([1, 7], [9, 10, 2]), ([1, 7, 8, 8], [9, 2])], 7, pad=3)
+    np.testing.assert_array_equal(packed["loss_mask"], [[0, 0, 0, 0, 1, 1, 1],
+                                                        [0, 0, 0, 0, 0, 1, 1]])  # fmt: skip
+    np.testing.assert_array_equal(packed["input_ids"][0], [3, 3, 1, 7, 9, 10, 2])
+
+
+def test_answer_loss_scores_only_marked_targets():
+    logits = np.zeros((1, 4, 5), np.float32)
+    logits[0, 1, 3] = 10.0  # position 1 predicts input 2 (token 3), which is marked
+    logits[0, 0, 1] = 10.0  # position 0 predicts the unmarked input 1: wrong, not counted
+    ids = np.array([[0, 4, 3, 2]])
+    mask = np.array([[0, 0, 1, 0]], np.float32)
+    loss, correct, _ = td.answer_loss(logits, ids, mask)
+    assert float(loss) < 1e-3 and bool(correct[0])
+
+
+def test_a_few_steps_lower_the_loss_on_a_fixed_batch(setup):
+    s, processor, config, _ = setup
+    step, tx, _ = td.compiled_step(config, s)
+    state = td.init_state(config, s, tx)
+    batch = {k: v for k, v in td.Data(s, processor).batch(0).items() if k != "bucket"}
+    losses = []
+    for _ in range(3):
+        state, m = step(state, batch)
+        losses.append(float(m["loss"]))
+    assert losses[-1] < losses[0] - 0.1, losses
+
+
+def test_resume_equals_uninterrupted_and_export_loads(tmp_path):
+    export_dir = str(tmp_path / "export")
+    full = td.train(_settings(tmp_path / "a", export_dir=export_dir))
+    td.train(_settings(tmp_path / "b", stop_at=2))
+    resumed = td.train(_settings(tmp_path / "b"))
+    assert int(full["step"]) == int(resumed["step"]) == 3
+    jax.tree.map(np.testing.assert_array_equal, full["params"], resumed["params"])
+    with pytest.raises(ValueError, match="another run"):
+        td.train(_settings(tmp_path / "b", seed=1))
+
+    model = vicrop_jax.load_model(export_dir)
+    flat = dict(jax.tree_util.tree_leaves_with_path(model.params))
+    for path, v in jax.tree_util.tree_leaves_with_path(full["params"]):
+        np.testing.assert_array_equal(np.asarray(flat[path]), np.asarray(v))
+    prompt = llava_prompt("What is written on the red circle?", 2)
+    enc = model.processor(images=[Image.new("RGB", (60, 40))] * 2, text=[prompt],
+                          return_tensors="np")  # fmt: skip
+    ids = enc["input_ids"][0]
+    assert (ids == model.config.image_token_index).sum() == 2 * model.config.num_image_tokens
+    assert model.processor.tokenizer.unk_token_id not in ids.tolist()
+    assert enc["pixel_values"].shape == (2, 3, 33, 33)
+
+
+def test_evaluate_reports_every_bucket_through_the_pipeline(setup):
+    s, processor, config, hf = setup
+    s = dataclasses.replace(s, eval_items=3, eval_batch=2)
+    _, tx, _ = td.compiled_step(config, s)
+    params = td.init_state(config, s, tx)["params"]
+    model = vicrop_jax.Model(config=config, params=None, processor=processor, hf_config=hf)
+    res = td.evaluate(model, params, s)
+    assert sum(res["n"].values()) == 3
+    for k in ("full", "rel_att", "gt_crop", "map_hit", "box_hit"):
+        assert 0.0 <= res[k]["all"] <= 1.0
+
+
+def test_crops_hold_the_subject_or_miss_it():
+    rng = np.random.default_rng(0)
+    size, bbox = (500, 400), (300, 350, 330, 380)
+    for _ in range(50):
+        x1, y1, x2, y2 = td.subject_crop(bbox, size, 64, rng)
+        assert 0 <= x1 <= bbox[0] and bbox[2] <= x2 <= size[0]
+        assert 0 <= y1 <= bbox[1] and bbox[3] <= y2 <= size[1]
+        assert 64 <= x2 - x1 <= 128 and x2 - x1 == y2 - y1
+        m = td.miss_crop(bbox, size, 64, rng)
+        assert m[2] <= bbox[0] or bbox[2] <= m[0] or m[3] <= bbox[1] or bbox[3] <= m[1]
+    assert td.fit_box(10, 10, 600, size) == (0, 0, 500, 400)
+    assert td.gt_crop((0, 0, 10, 10), size, 64) == (0, 0, 64, 64)
+
+
+def test_subject_cells_and_attention_share():
+    cells = td.subject_cells((50, 0, 60, 30), (100, 60), 4)  # x 50-60 -> col 2; y 0-30 -> rows 0-1
+    np.testing.assert_array_equal(np.argwhere(cells), [[0, 2], [1, 2]])
+    # One row: [bos, img x4, q, answer, eos]; the query predicting the answer is position 5.
+    ids = np.array([[1, 4, 4, 4, 4, 9, 7, 2]])
+    loss_mask = np.array([[0, 0, 0, 0, 0, 0, 1, 1]], np.float32)
+    probs = np.zeros((1, 2, 8, 8), np.float32)
+    probs[0, :, 5] = [0.5, 0, 0.3, 0.1, 0, 0.1, 0, 0]  # image tokens 2, 3 = cells 1, 2
+    probs[0, :, 7, 1] = 1.0  # another query: ignored
+    share = td.subject_attention(probs, ids, loss_mask, np.array([[0, 1, 0, 0]], np.float32), 4)
+    np.testing.assert_allclose(share, [0.3 / 0.4], rtol=1e-6)
