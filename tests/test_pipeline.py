@@ -8,6 +8,7 @@ import pytest
 from PIL import Image
 
 from vicrop_jax import bbox, pipeline
+from vicrop_jax import importance as importance_mod
 from vicrop_jax.importance import finite_map, importance
 
 Q = "What is written on the red circle?"
@@ -17,7 +18,8 @@ def _img(w=90, h=64, seed=0):
     return Image.fromarray((np.random.RandomState(seed).rand(h, w, 3) * 255).astype(np.uint8))
 
 
-def test_ask_uses_one_image_then_two(tiny_llava, monkeypatch):
+@pytest.mark.parametrize("share", [True, False])
+def test_ask_uses_one_image_then_two(tiny_llava, monkeypatch, share):
     model, _ = tiny_llava
     calls = []
     real = pipeline.encode
@@ -27,16 +29,24 @@ def test_ask_uses_one_image_then_two(tiny_llava, monkeypatch):
         return real(proc, texts, images, *args)
 
     monkeypatch.setattr(pipeline, "encode", spy)
+    monkeypatch.setattr(importance_mod, "encode", spy)
     img = _img()
-    ans = pipeline.ask(model, img, Q, max_new_tokens=4)
-    (base_texts, base_imgs), (crop_texts, crop_imgs) = calls
-    assert base_texts[0].count("<image>") == 1 and base_imgs == [img.size]
+    ans = pipeline.ask(model, img, Q, max_new_tokens=4, share_prefill=share)
+    if share:  # one prefill: [question, general prompt], one image each
+        (base_texts, base_imgs), (crop_texts, crop_imgs) = calls
+        assert [t.count("<image>") for t in base_texts] == [1, 1]
+        assert Q in base_texts[0] and base_imgs == [img.size] * 2
+    else:  # baseline, then the map pass, as the official code
+        (base_texts, base_imgs), _, (crop_texts, crop_imgs) = calls
+        assert base_texts == [base_texts[0]] and base_texts[0].count("<image>") == 1
+        assert base_imgs == [img.size]
     assert crop_texts[0].count("<image>") == 2
     x1, y1, x2, y2 = ans.bbox
     assert crop_imgs == [img.size, (x2 - x1, y2 - y1)]
     assert 0 <= x1 < x2 <= img.size[0] and 0 <= y1 < y2 <= img.size[1]
     assert isinstance(ans.original_answer, str) and isinstance(ans.crop_answer, str)
-    assert set(ans.timings) >= {"preprocess", "baseline_answer", "map", "box", "crop_answer"}
+    stages = {"baseline_answer_and_map"} if share else {"baseline_answer", "map"}
+    assert set(ans.timings) == {"preprocess", "box", "crop_answer", *stages}
     expected = importance(model.params, img, Q, model=model)
     np.testing.assert_allclose(ans.att_map, expected, rtol=1e-5)
     assert tuple(np.asarray(bbox.select_bbox(expected, img.size, 35)).tolist()) == ans.bbox
@@ -97,3 +107,17 @@ def test_show_cli_writes_png(tiny_llava, tmp_path):
     assert "box [" in r.stdout
     with Image.open(out) as im:
         assert im.size[0] > 100 and im.format == "PNG"
+
+
+def test_shared_prefill_equals_separate_passes(tiny_llava):
+    model, _ = tiny_llava
+    imgs = [_img(seed=6), _img(70, 110, seed=7)]
+    qs = [Q, "What color is the square?"]
+    shared = pipeline.ask_batch(model, imgs, qs, max_new_tokens=6)
+    separate = pipeline.ask_batch(model, imgs, qs, max_new_tokens=6, share_prefill=False)
+    assert "baseline_answer_and_map" in shared[0].timings
+    assert "baseline_answer" in separate[0].timings
+    for a, b in zip(shared, separate, strict=True):
+        assert a.original_answer == b.original_answer
+        assert a.crop_answer == b.crop_answer and a.bbox == b.bbox
+        np.testing.assert_allclose(a.att_map, b.att_map, rtol=1e-5, atol=1e-7)

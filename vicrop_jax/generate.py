@@ -46,8 +46,11 @@ def _param_dtype(params):
 
 
 @functools.partial(
-    jax.jit, static_argnames=("module", "max_new_tokens", "eos_ids", "pad_id", "output_prefill")
-)
+    jax.jit,
+    static_argnames=(
+        "module", "max_new_tokens", "eos_ids", "pad_id", "output_prefill", "decode_rows"
+    ),
+)  # fmt: skip
 def greedy_generate(
     module,
     params,
@@ -61,6 +64,7 @@ def greedy_generate(
     pad_id: int,
     output_prefill: bool = True,
     extra: dict | None = None,
+    decode_rows: int | None = None,
 ) -> GenerateOutput:
     """Greedy decoding (HF generate with do_sample=False), stopping at EOS or max_new_tokens.
 
@@ -73,7 +77,10 @@ def greedy_generate(
       max_new_tokens: M, the most tokens generated per row.
       eos_ids: token ids that end a row; pad_id fills a row after it ended.
       extra: optional dict of further keyword arrays for the prefill pass only (InstructBLIP's
-        qformer_input_ids / qformer_attention_mask).
+        qformer_input_ids / qformer_attention_mask, or precomputed image_features).
+      decode_rows: decode only the first rows of the batch after the prefill (rel-att reads
+        the map from a prefill of [questions; general prompts] and answers the questions
+        only); tokens and lengths then have decode_rows rows, the prefill all of them.
 
     Returns:
       GenerateOutput.
@@ -89,6 +96,11 @@ def greedy_generate(
     )  # fmt: skip
     eos = jnp.asarray(eos_ids if eos_ids else (-1,), jnp.int32)
     tok = jnp.argmax(pre.logits[:, -1], axis=-1).astype(jnp.int32)
+    cache = pre.cache
+    if decode_rows is not None and decode_rows != b:
+        b, tok = decode_rows, tok[:decode_rows]
+        cache = cache.replace(k=cache.k[:, :b], v=cache.v[:, :b], mask=cache.mask[:b],
+                              position=cache.position[:b])  # fmt: skip
     tokens = jnp.full((b, max_new_tokens), pad_id, jnp.int32).at[:, 0].set(tok)
     done = jnp.isin(tok, eos)
     lengths = jnp.ones((b,), jnp.int32)
@@ -108,7 +120,7 @@ def greedy_generate(
         done = done | jnp.isin(nxt, eos)
         return step + 1, tokens, done, lengths, out.cache, nxt
 
-    state = (jnp.int32(1), tokens, done, lengths, pre.cache, tok)
+    state = (jnp.int32(1), tokens, done, lengths, cache, tok)
     _, tokens, _, lengths, _, _ = jax.lax.while_loop(cond, body, state)
     prefill = pre.replace(cache=None) if not output_prefill else pre
     return GenerateOutput(tokens=tokens, lengths=lengths, prefill=prefill)

@@ -137,7 +137,7 @@ def llava_maps(
     """
     cfg = module.config
     b = pixels.shape[0]
-    t, g = cfg.num_image_tokens, cfg.vision_config.grid
+    t = cfg.num_image_tokens
     tok = cfg.image_token_index
     sel = jnp.asarray(layers)
     apply = functools.partial(module.apply, {"params": params})
@@ -145,8 +145,7 @@ def llava_maps(
         feats, _ = apply(pixels, method=lambda m, p: m.image_features(p))
         out = apply(input_ids, None, attention_mask, only_last_logits=True,
                     image_features=jnp.concatenate([feats, feats]))  # fmt: skip
-        att = image_rows(out.attentions, input_ids, tok, t)[:, sel].mean(1)  # [2B, T]
-        m = safe_ratio(att[:b], att[b:])
+        return _llava_rel_att(cfg, out.attentions, input_ids, layers)
     elif method == "grad_att":
         ids, mask = input_ids[:b], attention_mask[:b]
         nl, nh = cfg.text_config.num_hidden_layers, cfg.text_config.num_attention_heads
@@ -157,8 +156,8 @@ def llava_maps(
             return _log_max_softmax(o.logits), o.attentions
 
         grad, rows = jax.grad(v, has_aux=True)(delta0)
-        att = image_rows(rows * jax.nn.relu(grad), ids, tok, t)[:, sel].mean(1)  # [B, T]
-        m = att
+        m = image_rows(rows * jax.nn.relu(grad), ids, tok, t)[:, sel].mean(1)  # [B, T]
+        return _llava_grid(cfg, m)
     elif method == "pure_grad":
 
         def v(px):
@@ -167,11 +166,58 @@ def llava_maps(
 
         grad = jax.grad(v)(jnp.concatenate([pixels, pixels]))  # [2B, H, W, C]
         return _pure_grad_pool(grad, detail, cfg.vision_config.patch_size)
-    else:
-        raise ValueError(f"unknown method {method!r}; choose from {METHODS}")
+    raise ValueError(f"unknown method {method!r}; choose from {METHODS}")
+
+
+def _llava_grid(cfg, m: Array) -> Array:
+    """[B, T] image-token values -> finite float32[B, N, N] over the patch grid."""
     if cfg.vision_feature_select_strategy == "full":
         m = m[:, 1:]  # drop the class-token position: the map covers patches only
-    return finite_map(m.reshape(b, g, g))
+    g = cfg.vision_config.grid
+    return finite_map(m.reshape(m.shape[0], g, g))
+
+
+def _llava_rel_att(cfg, rows: Array, input_ids: Array, layers: tuple[int, ...]) -> Array:
+    """rel-att from the last-query rows [L, 2B, N, K >= S] of [questions; general prompts]."""
+    s = input_ids.shape[1]
+    att = image_rows(rows[..., :s], input_ids, cfg.image_token_index, cfg.num_image_tokens)
+    att = att[:, jnp.asarray(layers)].mean(1)  # [2B, T]
+    b = input_ids.shape[0] // 2
+    return _llava_grid(cfg, safe_ratio(att[:b], att[b:]))
+
+
+@functools.partial(
+    jax.jit, static_argnames=("module", "layers", "max_new_tokens", "eos_ids", "pad_id")
+)
+def llava_rel_att_and_answer(
+    module,
+    params,
+    input_ids: Array,
+    attention_mask: Array,
+    pixels: Array,
+    *,
+    layers: tuple[int, ...],
+    max_new_tokens: int,
+    eos_ids: tuple[int, ...],
+    pad_id: int,
+):
+    """rel-att map and the baseline answer from one prefill (one vision pass).
+
+    The prefill of [questions; general prompts] gives the map's attention rows and the
+    questions' first answer token; its KV cache (question rows only) finishes the answers.
+    Inputs as `llava_maps`; returns (maps float32[B, N, N], GenerateOutput for the B
+    questions).
+    """
+    from vicrop_jax.generate import greedy_generate
+
+    b = pixels.shape[0]
+    feats, _ = module.apply({"params": params}, pixels, method=lambda m, p: m.image_features(p))
+    gen = greedy_generate(
+        module, params, input_ids, None, attention_mask, max_new_tokens=max_new_tokens,
+        eos_ids=eos_ids, pad_id=pad_id, output_prefill=False, decode_rows=b,
+        extra={"image_features": jnp.concatenate([feats, feats])},
+    )  # fmt: skip
+    return _llava_rel_att(module.config, gen.prefill.attentions, input_ids, layers), gen
 
 
 def _pure_grad_pool(grad: Array, detail: Array, p: int) -> Array:
@@ -267,8 +313,47 @@ def blip_maps(
     return finite_map(m.reshape(b, g, g))
 
 
-def _prompts(question: str, n: int) -> list[str]:
-    return [llava_prompt(question)] * n + [llava_prompt(GENERAL_QUESTION)] * n
+def model_layers(model: Model, layer) -> tuple[int, ...]:
+    """The LM layers a map reads: `layer` resolved, or the paper's default for the family."""
+    nl = model.config.text_config.num_hidden_layers
+    return resolve_layers(default_layer(model.family, nl) if layer is None else layer, nl)
+
+
+def rel_att_with_answers(
+    model: Model,
+    images: Sequence[Image.Image],
+    questions: Sequence[str],
+    *,
+    max_new_tokens: int,
+    layer=None,
+    params=None,
+    pad_to_multiple_of: int | None = None,
+    place=jnp.asarray,
+) -> tuple[Array, list[str]]:
+    """LLaVA rel-att maps [B, N, N] and baseline answers from one shared prefill.
+
+    Same maps as maps_for_images(method="rel_att") and same answers as
+    pipeline.generate_answers on the question prompts, with one prefill and one vision pass
+    instead of two of each. Images and questions must be preprocessed (RGB, checked).
+    """
+    from vicrop_jax.generate import trim
+
+    if model.family != "llava":
+        raise ValueError(f"the shared prefill is implemented for LLaVA, not {model.family!r}")
+    n = len(images)
+    texts = [llava_prompt(q) for q in questions] + [llava_prompt(GENERAL_QUESTION)] * n
+    enc = encode(model.processor, texts, list(images) * 2, pad_to_multiple_of)
+    tok = model.processor.tokenizer
+    maps, gen = llava_rel_att_and_answer(
+        model.module, model.params if params is None else params, place(enc["input_ids"]),
+        place(enc["attention_mask"]), place(np.transpose(enc["pixel_values"][:n], (0, 2, 3, 1))),
+        layers=model_layers(model, layer), max_new_tokens=max_new_tokens,
+        eos_ids=model.config.text_config.eos_ids,
+        pad_id=tok.pad_token_id if tok.pad_token_id is not None else 0,
+    )  # fmt: skip
+    answers = [tok.decode(t, skip_special_tokens=True).strip()
+               for t in trim(gen.tokens, gen.lengths)]  # fmt: skip
+    return maps, answers
 
 
 def maps_for_images(
@@ -313,10 +398,7 @@ def maps_for_images(
             np.asarray(filters.detail_mask(jnp.asarray(filters.resize_for_mask(im, res))))
             for im in images
         ]))  # fmt: skip
-    nl = model.config.text_config.num_hidden_layers
-    layers = () if method == "pure_grad" else resolve_layers(
-        default_layer(model.family, nl) if layer is None else layer, nl
-    )  # fmt: skip
+    layers = () if method == "pure_grad" else model_layers(model, layer)
     params = model.params if params is None else params
     ids, mask = place(enc["input_ids"]), place(enc["attention_mask"])
     if fam == "llava":

@@ -16,7 +16,7 @@ from PIL import Image
 
 from vicrop_jax import bbox as bbox_lib
 from vicrop_jax.generate import greedy_generate, trim
-from vicrop_jax.importance import importance, maps_for_images
+from vicrop_jax.importance import importance, maps_for_images, rel_att_with_answers
 from vicrop_jax.loading import Model
 from vicrop_jax.processing import check_question, encode, prompt_for, to_rgb
 
@@ -91,6 +91,7 @@ def ask_batch(
     short_questions: Sequence[str | None] | None = None,
     max_new_tokens: int = 20,
     params=None,
+    share_prefill: bool = True,
 ) -> list[Answer]:
     """ViCrop for a batch of (image, question) pairs.
 
@@ -103,6 +104,9 @@ def ask_batch(
       high_res: the *_high variant (per-tile maps merged).
       short_questions: optional per-item questions used for the map only (V*).
       max_new_tokens: the most answer tokens (the official code uses 20).
+      params: params to use instead of model.params (e.g. cast or sharded).
+      share_prefill: for rel-att, read the map from the baseline answer's prefill (same
+        numbers, less work); False runs them as separate passes, as the official code does.
 
     Returns:
       One Answer per item.
@@ -122,10 +126,23 @@ def ask_batch(
     ]
     timings["preprocess"] = time.perf_counter() - t0
 
-    baseline = _timed(
-        timings, "baseline_answer", generate_answers, model,
-        [prompt_for(model.family, q) for q in questions], images, max_new_tokens, params,
+    # rel-att reads its map from the prefill that starts the baseline answer (one prefill and
+    # one vision pass for both) when the map is asked with the answered question itself.
+    shared = (
+        share_prefill and model.family == "llava" and method == "rel_att" and not high_res
+        and map_qs == questions
     )  # fmt: skip
+    stacked = None
+    if shared:
+        stacked, baseline = _timed(
+            timings, "baseline_answer_and_map", rel_att_with_answers, model, images, questions,
+            max_new_tokens=max_new_tokens, layer=layer, params=params,
+        )  # fmt: skip
+    else:
+        baseline = _timed(
+            timings, "baseline_answer", generate_answers, model,
+            [prompt_for(model.family, q) for q in questions], images, max_new_tokens, params,
+        )  # fmt: skip
     if high_res:
         p = model.params if params is None else params
         maps = [
@@ -138,8 +155,9 @@ def ask_batch(
             for m, im in zip(maps, images, strict=True)
         ]
     else:
-        stacked = _timed(timings, "map", maps_for_images, model, images, map_qs,
-                         method=method, layer=layer, params=params)  # fmt: skip
+        if stacked is None:
+            stacked = _timed(timings, "map", maps_for_images, model, images, map_qs,
+                             method=method, layer=layer, params=params)  # fmt: skip
         sizes = np.array([im.size for im in images])
         boxes = list(np.asarray(_timed(timings, "box", bbox_lib.select_bboxes, stacked, sizes,
                                        base_size(model))))  # fmt: skip
