@@ -200,6 +200,17 @@ def map_checkpoint(
     return _unflatten({p: cast(v) for p, v in got.items()})
 
 
+def load_params(path: str, config, expected: Mapping, table, dtype=jnp.float32) -> dict:
+    """Reads a checkpoint directory and maps it onto `expected` (a family's abstract params).
+
+    A tied lm_head saved anyway must equal the embedding; it is then not an unused key.
+    """
+    aliases = {}
+    if getattr(config, "tie_word_embeddings", False):
+        aliases[("lm_head", "kernel")] = ("language_model", "embed_tokens", "embedding")
+    return map_checkpoint(read_safetensors(path), expected, table, dtype, aliases)
+
+
 def export_tensors(params: Mapping, key_of: callable) -> dict[str, np.ndarray]:
     """Flax params -> HF tensors; key_of maps a Flax path to the HF key."""
     out = {}
@@ -212,6 +223,8 @@ def export_tensors(params: Mapping, key_of: callable) -> dict[str, np.ndarray]:
 def save_safetensors(tensors: Mapping[str, np.ndarray], path: str, config: dict) -> None:
     """Writes model.safetensors and config.json into directory `path`."""
     os.makedirs(path, exist_ok=True)
-    save_file(dict(tensors), os.path.join(path, "model.safetensors"), metadata={"format": "pt"})
+    weights = os.path.join(path, "model.safetensors")
+    save_file(dict(tensors), weights, metadata={"format": "pt"})
+    os.chmod(weights, 0o644)  # package data: readable by all (the writer may create it 0600)
     with open(os.path.join(path, "config.json"), "w") as f:
         json.dump(config, f, indent=2)

@@ -15,7 +15,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from convert.checkpoint import export_tensors, map_checkpoint, read_safetensors
+from convert import checkpoint
+from convert.checkpoint import export_tensors
 from vicrop_jax.models.instructblip import (
     InstructBlipConfig,
     InstructBlipForConditionalGeneration,
@@ -61,11 +62,7 @@ def init_params(config: InstructBlipConfig, seed: int = 0, dtype=jnp.float32):
 
 
 def load_params(path: str, config: InstructBlipConfig, dtype=jnp.float32) -> dict:
-    tensors = read_safetensors(path)
-    aliases = {}
-    if config.tie_word_embeddings:
-        aliases[("lm_head", "kernel")] = ("language_model", "embed_tokens", "embedding")
-    return map_checkpoint(tensors, abstract_params(config, dtype), KEY_TABLE, dtype, aliases)
+    return checkpoint.load_params(path, config, abstract_params(config, dtype), KEY_TABLE, dtype)
 
 
 def hf_key(path: tuple[str, ...]) -> str:

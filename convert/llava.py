@@ -6,7 +6,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from convert.checkpoint import export_tensors, map_checkpoint, read_safetensors
+from convert import checkpoint
+from convert.checkpoint import export_tensors
 from vicrop_jax.models.llava import LlavaConfig, LlavaForConditionalGeneration
 
 # Hub files use `language_model.model.*`, transformers >= 4.52 `model.language_model.*`;
@@ -42,11 +43,7 @@ def init_params(config: LlavaConfig, seed: int = 0, dtype=jnp.float32):
 
 
 def load_params(path: str, config: LlavaConfig, dtype=jnp.float32) -> dict:
-    tensors = read_safetensors(path)
-    aliases = {}
-    if config.tie_word_embeddings:
-        aliases[("lm_head", "kernel")] = ("language_model", "embed_tokens", "embedding")
-    return map_checkpoint(tensors, abstract_params(config, dtype), KEY_TABLE, dtype, aliases)
+    return checkpoint.load_params(path, config, abstract_params(config, dtype), KEY_TABLE, dtype)
 
 
 def hf_key(path: tuple[str, ...]) -> str:

@@ -316,3 +316,46 @@ class LlamaModel(nn.Module):
         full = jnp.stack(fulls) if output_full_attentions else None
         kv_out = (jnp.stack(ks), jnp.stack(vs)) if cache is None else kv_all
         return self.norm(x), kv_out, jnp.stack(rows), full
+
+
+def run_decoder(
+    language_model: LlamaModel,
+    logits_fn,
+    embeds: Array,
+    mask: Array,
+    cache: KVCache | None,
+    attn_delta: Array | None,
+    output_full_attentions: bool,
+    only_last_logits: bool,
+):
+    """The decoder half of a vision-language model's pass (shared by LLaVA and InstructBLIP).
+
+    Positions count real tokens only (cumsum of the mask), so a padded row matches its
+    unpadded run; with a cache, this pass's keys go to slots [index, index + S).
+
+    Args:
+      language_model: the bound LlamaModel submodule; logits_fn: hidden [B, S, D] -> logits.
+      embeds: [B, S, D] prompt embeddings with the image features already placed.
+      mask: bool[B, S]; cache, attn_delta, output_full_attentions: as LlamaModel.
+
+    Returns:
+      (logits float32[B, S or 1, V], new cache or None, rows [L, B, N, K], full or None).
+    """
+    s = embeds.shape[1]
+    steps = jnp.cumsum(mask, axis=1) - 1
+    if cache is None:
+        positions = jnp.maximum(steps, 0)
+        kv_mask = mask
+    else:
+        positions = cache.position[:, None] + jnp.maximum(steps, 0)
+        kv_mask = jax.lax.dynamic_update_slice(cache.mask, mask, (0, cache.index))
+        cache = cache.replace(mask=kv_mask)
+    hidden, (k, v), rows, full = language_model(
+        embeds, positions, kv_mask, cache, attn_delta, output_full_attentions
+    )
+    if only_last_logits:
+        hidden = hidden[:, -1:]
+    new_cache = None
+    if cache is not None:
+        new_cache = cache.replace(k=k, v=v, index=cache.index + s, position=positions[:, -1] + 1)
+    return logits_fn(hidden).astype(jnp.float32), new_cache, rows, full

@@ -18,7 +18,7 @@ import jax.numpy as jnp
 
 from vicrop_jax.models.clip import CLIPVisionConfig, CLIPVisionModel
 from vicrop_jax.models.common import KVCache, ModelOutput, activation
-from vicrop_jax.models.llama import LlamaConfig, LlamaModel
+from vicrop_jax.models.llama import LlamaConfig, LlamaModel, run_decoder
 
 Array = jax.Array
 
@@ -186,27 +186,12 @@ class LlavaForConditionalGeneration(nn.Module):
             feats, _ = self.image_features(pixel_values)
         if feats is not None:
             embeds = merge_image_features(embeds, input_ids, feats, self.config.image_token_index)
-        # Positions count real tokens only, so a left-padded row matches its unpadded run.
-        steps = jnp.cumsum(mask, axis=1) - 1
-        if cache is None:
-            positions = jnp.maximum(steps, 0)
-            kv_mask = mask
-        else:
-            positions = cache.position[:, None] + jnp.maximum(steps, 0)
-            kv_mask = jax.lax.dynamic_update_slice(cache.mask, mask, (0, cache.index))
-            cache = cache.replace(mask=kv_mask)
-        hidden, (k, v), rows, full = self.language_model(
-            embeds, positions, kv_mask, cache, attn_delta, output_full_attentions
-        )
-        if only_last_logits:
-            hidden = hidden[:, -1:]
-        new_cache = None
-        if cache is not None:
-            new_cache = cache.replace(
-                k=k, v=v, index=cache.index + s, position=positions[:, -1] + 1
-            )
+        logits, new_cache, rows, full = run_decoder(
+            self.language_model, self.logits, embeds, mask, cache, attn_delta,
+            output_full_attentions, only_last_logits,
+        )  # fmt: skip
         return ModelOutput(
-            logits=self.logits(hidden).astype(jnp.float32),
+            logits=logits,
             cache=new_cache,
             attentions=rows,
             full_attentions=full,
