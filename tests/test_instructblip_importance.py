@@ -138,7 +138,7 @@ def test_pipeline_and_importance_for_both_families(tiny_llava, tiny_instructblip
         (tiny_instructblip, None, 16),
     ]:
         calls.clear()
-        ans = pipeline.ask(model, img, QUESTION, max_new_tokens=n_new)
+        ans = pipeline.ask(model, img, QUESTION, max_new_tokens=n_new, share_prefill=False)
         (base_texts, n_base, base), (crop_texts, n_crop, crop) = calls
         assert (n_base, n_crop) == (1, 2)
         cfg = model.config
