@@ -211,7 +211,21 @@ def load_params(path: str, config, expected: Mapping, table, dtype=jnp.float32) 
     return map_checkpoint(read_safetensors(path), expected, table, dtype, aliases)
 
 
-def export_tensors(params: Mapping, key_of: callable) -> dict[str, np.ndarray]:
+def hf_key(path: tuple[str, ...]) -> str:
+    """Flax path -> the key transformers 5 writes with save_pretrained (LLaVA, InstructBLIP):
+    `layers_N`/`layer_N` -> `.N`, kernel/scale/embedding -> weight, and the language model
+    under `language_model.model` / `language_model.lm_head`."""
+    parts = [re.sub(r"^(layers?)_(\d+)$", r"\1.\2", p) for p in path]  # not layer_norm1
+    if parts[-1] in ("kernel", "scale", "embedding"):
+        parts[-1] = "weight"
+    if parts[0] == "language_model":
+        parts[0] = "language_model.model"
+    elif parts[0] == "lm_head":
+        parts[0] = "language_model.lm_head"
+    return ".".join(parts)
+
+
+def export_tensors(params: Mapping, key_of: callable = hf_key) -> dict[str, np.ndarray]:
     """Flax params -> HF tensors; key_of maps a Flax path to the HF key."""
     out = {}
     for path, value in _flatten(params).items():

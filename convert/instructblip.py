@@ -9,8 +9,6 @@ HF's shapes ([1, T, D], [1, 1, D], [1, P, D]).
 
 from __future__ import annotations
 
-import re
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -65,17 +63,5 @@ def load_params(path: str, config: InstructBlipConfig, dtype=jnp.float32) -> dic
     return checkpoint.load_params(path, config, abstract_params(config, dtype), KEY_TABLE, dtype)
 
 
-def hf_key(path: tuple[str, ...]) -> str:
-    """Flax path -> the key transformers 5 writes with save_pretrained."""
-    parts = [re.sub(r"^(layers?)_(\d+)$", r"\1.\2", p) for p in path]  # not layer_norm1
-    if parts[-1] in ("kernel", "scale", "embedding"):
-        parts[-1] = "weight"
-    if parts[0] == "language_model":
-        parts[0] = "language_model.model"
-    elif parts[0] == "lm_head":
-        parts[0] = "language_model.lm_head"
-    return ".".join(parts)
-
-
 def export_params(params) -> dict[str, np.ndarray]:
-    return export_tensors(params, hf_key)
+    return export_tensors(params)

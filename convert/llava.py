@@ -46,18 +46,5 @@ def load_params(path: str, config: LlavaConfig, dtype=jnp.float32) -> dict:
     return checkpoint.load_params(path, config, abstract_params(config, dtype), KEY_TABLE, dtype)
 
 
-def hf_key(path: tuple[str, ...]) -> str:
-    """Flax path -> the key transformers 5 writes with save_pretrained."""
-    parts = [p.replace("layers_", "layers.") if p.startswith("layers_") else p for p in path]
-    leaf = parts[-1]
-    if leaf in ("kernel", "scale", "embedding"):
-        parts[-1] = "weight"
-    if parts[0] == "language_model":
-        parts[0] = "language_model.model"
-    elif parts[0] == "lm_head":
-        parts[0] = "language_model.lm_head"
-    return ".".join(parts)
-
-
 def export_params(params) -> dict[str, np.ndarray]:
-    return export_tensors(params, hf_key)
+    return export_tensors(params)
