@@ -42,7 +42,7 @@ from typing import Any
 
 from PIL import Image, ImageOps
 
-TASKS = ("textvqa", "vstar", "pope", "docvqa", "aokvqa", "gqa", "vqav2")
+TASKS = ("textvqa", "vstar", "pope", "docvqa", "aokvqa", "gqa", "vqav2", "synthetic")
 VSTAR_CATEGORIES = ("direct_attributes", "relative_position")
 VSTAR_INSTRUCTION = "Answer with the option's letter from the given choices directly."
 _IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
@@ -493,6 +493,29 @@ def load_unified(
     return _unique(out, json_path)
 
 
+def load_synthetic(out_dir: str, n: int, seed: int, glyphs: str = "letter") -> list[Example]:
+    """The held-out synthetic benchmark (split "test"), written to out_dir on first use.
+
+    The items are a pure function of (n, seed, glyphs); out_dir/synthetic.json records them
+    and a directory written with other values is refused rather than silently mixed.
+    """
+    from eval import synthetic
+
+    want = {"n": n, "seed": seed, "split": "test", "glyphs": glyphs}
+    stamp = os.path.join(out_dir, "synthetic.json")
+    data_json = os.path.join(out_dir, "data.json")
+    if os.path.isfile(stamp):
+        have = _read_json(stamp)
+        if have != want:
+            raise DatasetError(f"{out_dir} holds the synthetic set {have}, not {want}; "
+                               "use another --synthetic_dir")  # fmt: skip
+    if not (os.path.isfile(stamp) and os.path.isfile(data_json)):
+        synthetic.write_benchmark(out_dir, n, seed, "test", glyphs=glyphs)
+        with open(stamp, "w") as f:
+            json.dump(want, f)
+    return load_unified(data_json, out_dir, "synthetic")
+
+
 def _jsonable(d: dict) -> dict:
     try:
         json.dumps(d)
@@ -524,6 +547,11 @@ class DataSpec:
     vqav2_questions: str | None = None
     vqav2_annotations: str | None = None
     bbox_format: str = "xyxy"
+    # The synthetic benchmark (eval.synthetic): written to synthetic_dir on first use.
+    synthetic_dir: str | None = None
+    synthetic_n: int = 500
+    synthetic_seed: int = 1
+    synthetic_glyphs: str = "letter"
 
 
 def _need(value: str | None, flag: str, task: str) -> str:
@@ -540,6 +568,11 @@ def load(task: str, spec: DataSpec) -> list[Example]:
         return load_unified(
             spec.data_json, _need(spec.image_root, "image_root", task), task, spec.bbox_format
         )
+    if task == "synthetic":
+        return load_synthetic(
+            _need(spec.synthetic_dir, "synthetic_dir", task), spec.synthetic_n,
+            spec.synthetic_seed, spec.synthetic_glyphs,
+        )  # fmt: skip
     if task == "textvqa":
         return load_textvqa(_need(spec.textvqa_json, "textvqa_json", task), spec.image_root)
     if task == "vstar":

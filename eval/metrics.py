@@ -356,6 +356,7 @@ def _vstar_record(prediction: str, record: Mapping[str, Any]) -> float:
 # Task name (as in the official file names) -> scorer(prediction, record) -> percent.
 SCORERS: dict[str, Callable[[str, Mapping[str, Any]], float]] = {
     "textvqa": _answers_scorer(score_textvqa),
+    "synthetic": _answers_scorer(score_textvqa),  # ten copies of the answer: exact match
     "vqav2": _answers_scorer(score_vqav2),
     "aokvqa": _answers_scorer(score_aokvqa),
     "gqa": _answers_scorer(score_gqa),

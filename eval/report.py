@@ -15,7 +15,8 @@ rule gives 0.3 per matching label, which equals this when the letter is listed a
 times, and caps a single-letter label at 30.
 
 Size buckets (questions with a ground-truth box): relative area = box area / image area,
-small < 0.005 <= medium < 0.05 <= large, the paper's TextVQA split.
+small < 0.005 <= medium < 0.05 <= large, the paper's TextVQA split; for the synthetic
+benchmark, the generator's buckets of subject side / image shorter side (eval.synthetic).
 """
 
 from __future__ import annotations
@@ -128,13 +129,19 @@ def bucket_table(run: Run, variant: str = "official") -> tuple[list[str], list[l
     """Accuracy by relative ground-truth box area (empty if no record has a box)."""
     cols = [NO_CROP, *run.methods]
     header = ["model", "task", "bucket", "questions", *cols]
-    groups: dict[str, list[dict]] = {name: [] for name, _, _ in BUCKETS}
+    buckets = BUCKETS
+    if run.task == "synthetic":  # the generator's buckets, by subject side / image side
+        from eval.synthetic import SIZE_BUCKETS as buckets
+    groups: dict[str, list[dict]] = {name: [] for name, _, _ in buckets}
     for r in run.records:
+        if run.task == "synthetic":
+            groups[(r.get("extra") or {}).get("size_bucket", "large")].append(r)
+            continue
         area = relative_area(r)
         if area is not None:
             groups[bucket_of(area)].append(r)
     rows = []
-    for name, lo, hi in BUCKETS:
+    for name, lo, hi in buckets:
         recs = groups[name]
         if not recs:
             continue

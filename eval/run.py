@@ -6,6 +6,7 @@ Restartable: rerunning the same command resumes where it stopped (see eval.runne
 
 from __future__ import annotations
 
+import os
 import sys
 
 from absl import app, flags
@@ -41,6 +42,14 @@ _AOKVQA_JSON = flags.DEFINE_string("aokvqa_json", None, "A-OKVQA aokvqa_v1p0_val
 _GQA_JSON = flags.DEFINE_string("gqa_json", None, "GQA testdev_balanced_questions.json")
 _VQAV2_Q = flags.DEFINE_string("vqav2_questions", None, "VQAv2 val questions json")
 _VQAV2_A = flags.DEFINE_string("vqav2_annotations", None, "VQAv2 val annotations json")
+_SYNTH_DIR = flags.DEFINE_string(
+    "synthetic_dir", None, "task synthetic: where the held-out set is written on first use"
+)
+_SYNTH_N = flags.DEFINE_integer("synthetic_n", 500, "task synthetic: number of questions")
+_SYNTH_SEED = flags.DEFINE_integer("synthetic_seed", 1, "task synthetic: generator seed")
+_SYNTH_GLYPHS = flags.DEFINE_enum(
+    "synthetic_glyphs", "letter", ["letter", "word"], "task synthetic: printed letter or word"
+)
 
 # Method settings.
 _LAYER = flags.DEFINE_string(
@@ -76,6 +85,9 @@ _MAX_ERRORS = flags.DEFINE_integer(
     "max_consecutive_errors", 50, "stop after this many failures in a row (a setup problem)"
 )
 _PROGRESS = flags.DEFINE_bool("progress", True, "show a progress bar")
+_VISUALIZE = flags.DEFINE_integer(
+    "visualize", 0, "after the run: PNGs (map + box) of the first N questions per map method"
+)
 
 SMOKE_LIMIT = 8
 
@@ -107,6 +119,10 @@ def settings_from_flags():
         gqa_json=_GQA_JSON.value,
         vqav2_questions=_VQAV2_Q.value,
         vqav2_annotations=_VQAV2_A.value,
+        synthetic_dir=_SYNTH_DIR.value,
+        synthetic_n=_SYNTH_N.value,
+        synthetic_seed=_SYNTH_SEED.value,
+        synthetic_glyphs=_SYNTH_GLYPHS.value,
     )
     return Settings(
         model=_MODEL.value,
@@ -147,6 +163,11 @@ def main(argv):
         sys.exit(2)
     print(report.make_report(settings.output_dir))
     print(f"results: {path}")
+    if _VISUALIZE.value:
+        from eval.runner import visualize
+
+        vis = visualize(settings, _VISUALIZE.value)
+        print(f"{len(vis)} visualisations in {os.path.dirname(vis[0])}" if vis else "")
 
 
 if __name__ == "__main__":

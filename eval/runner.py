@@ -51,7 +51,7 @@ from PIL import Image
 
 from eval import datasets, records, report
 from eval.datasets import DataSpec, Example, ImageError
-from eval.engine import Engine, Item, local_mesh, parse_methods
+from eval.engine import ATTENTION_METHODS, Engine, Item, local_mesh, parse_methods
 
 FORMAT_VERSION = 1
 
@@ -107,8 +107,12 @@ class Settings:
         # Image roots are left out: moving the images does not change the results.
         data = {}
         for k, v in dataclasses.asdict(self.data).items():
-            if v and k != "image_root":
-                data[k] = v if k == "bbox_format" else ",".join(map(os.path.abspath, v.split(",")))
+            if not v or k == "image_root" or (k.startswith("synthetic_") and
+                                              self.task != "synthetic"):  # fmt: skip
+                continue
+            if k.endswith(("_json", "_jsonl", "_dir", "_questions", "_annotations")):
+                v = ",".join(map(os.path.abspath, v.split(",")))
+            data[k] = v
         return {
             "format_version": FORMAT_VERSION,
             "model": os.path.abspath(self.model),
@@ -344,3 +348,31 @@ def _fill(rec: dict, res: dict, first: str) -> None:
     rec["timings"] = {**rec["timings"], **res["timings"]}
     m = res["methods"][first]
     rec["crop_answer"], rec["bbox"], rec["map_stats"] = m["crop_answer"], m["bbox"], m["map_stats"]
+
+
+def visualize(settings, n: int) -> list[str]:
+    """Writes output_dir/vis/<id>_<method>.png: each map method's map over the image, its
+    box and the question's answers, for the first n questions of the run."""
+    import vicrop_jax
+    from vicrop_jax import pipeline
+    from vicrop_jax.show import render
+
+    methods = [m for m in settings.methods if m.removesuffix("_high") in ATTENTION_METHODS]
+    if not methods or n <= 0:
+        return []
+    model = vicrop_jax.load_model(settings.model)
+    out_dir = os.path.join(settings.output_dir, "vis")
+    os.makedirs(out_dir, exist_ok=True)
+    paths = []
+    for ex in datasets.load(settings.task, settings.data)[:n]:
+        image = datasets.load_image(ex.image_file())
+        for m in methods:
+            a = pipeline.ask(model, image, ex.question, method=m.removesuffix("_high"),
+                             high_res=m.endswith("_high"), short_question=ex.short_question,
+                             max_new_tokens=settings.max_new_tokens)  # fmt: skip
+            title = (f"{ex.question}  truth: {ex.labels[0]}  no crop: {a.original_answer!r}  "
+                     f"{m}: {a.crop_answer!r}")  # fmt: skip
+            safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in ex.id)
+            paths.append(render(image, a.att_map, a.bbox, os.path.join(out_dir, f"{safe}_{m}.png"),
+                                title))  # fmt: skip
+    return paths

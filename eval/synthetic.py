@@ -63,8 +63,10 @@ from PIL import Image, ImageDraw, ImageFont, features
 __all__ = [
     "COLORS",
     "DEFAULT_SIZES",
+    "GLYPH_KINDS",
     "HIGH_RES_SIZES",
     "LARGE_MIN",
+    "LETTERS",
     "SHAPES",
     "SIZE_BUCKETS",
     "SMALL_MAX",
@@ -104,6 +106,11 @@ WORDS = (
     "van", "web", "wig", "yak", "zip", "bird", "boat", "cake", "duck", "fish", "frog",
     "kite", "lamp", "leaf", "lion", "moon", "rose", "ship", "star", "tree", "wolf",
 )  # fmt: skip
+
+# Single printed letters (`SynthConfig.glyphs="letter"`, the demo model's task): distinct
+# capitals, without A and I (the VQA answer normalisation drops the article "a").
+LETTERS = tuple("BDEFHKLMNPRSTUXZ")
+GLYPH_KINDS = ("word", "letter")
 
 DEFAULT_SIZES = (224, 288, 336, 448, 512, 640, 768)
 HIGH_RES_SIZES = (1152, 1408, 1664, 2048)
@@ -146,6 +153,8 @@ class SynthConfig:
       max_aspect: largest long/short side ratio (1.0: square images).
       num_objects: (min, max) shapes per image, inclusive.
       color_question_fraction: probability of a "color" question instead of a "text" one.
+      glyphs: "word" (a three or four letter word from WORDS on each shape) or "letter"
+        (one capital from LETTERS, drawn larger: about 0.6 of the shape's side).
       clutter: draw background lines, outlines and faint letters.
       noise_std: (min, max) standard deviation of the additive brightness noise (grain,
         the same on the three channels). Noise dominates the PNG size: about 350 KB for a
@@ -160,6 +169,7 @@ class SynthConfig:
     max_aspect: float = 4 / 3
     num_objects: tuple[int, int] = (2, 5)
     color_question_fraction: float = 0.0
+    glyphs: str = "word"
     clutter: bool = True
     noise_std: tuple[float, float] = (1.0, 5.0)
 
@@ -182,6 +192,8 @@ class SynthConfig:
             raise ValueError(f"num_objects out of range: {self.num_objects}")
         if not 0 <= self.noise_std[0] <= self.noise_std[1]:
             raise ValueError(f"noise_std must satisfy 0 <= min <= max, got {self.noise_std}")
+        if self.glyphs not in GLYPH_KINDS:
+            raise ValueError(f"glyphs must be one of {GLYPH_KINDS}, got {self.glyphs!r}")
         if self.min_subject_px < 8:
             raise ValueError(f"min_subject_px must be >= 8, got {self.min_subject_px}")
 
@@ -225,8 +237,9 @@ def size_bucket(rel_size: float) -> str:
 
 
 def answer_vocabulary() -> tuple[str, ...]:
-    """The closed set of answers: the printed words and the colour names, lower case."""
-    return tuple(sorted(set(WORDS) | set(COLORS)))
+    """The closed set of answers: the printed words and letters and the colour names, lower
+    case (both glyph kinds, so one vocabulary serves every config)."""
+    return tuple(sorted(set(WORDS) | {c.lower() for c in LETTERS} | set(COLORS)))
 
 
 def _tokens(text: str) -> list[str]:
@@ -246,7 +259,7 @@ def training_vocabulary() -> tuple[str, ...]:
                 TEXT_QUESTION.format(color=color, shape=shape),
                 TEXT_SHORT.format(color=color, shape=shape),
             ]
-    for word in WORDS:
+    for word in WORDS + LETTERS:
         texts += [COLOR_QUESTION.format(text=word.upper()), COLOR_SHORT.format(text=word.upper())]
     return tuple(sorted({tok for text in texts for tok in _tokens(text)}))
 
@@ -266,11 +279,21 @@ def _log_uniform(rng: np.random.Generator, lo: float, hi: float) -> float:
     return float(math.exp(rng.uniform(math.log(lo), math.log(hi))))
 
 
-def _text_area(kind: str, box: Sequence[int]) -> tuple[float, float, float, float]:
+def _text_area(
+    kind: str, box: Sequence[int], letter: bool = False
+) -> tuple[float, float, float, float]:
     """Centre, width and height of the region inside a shape where its word may go."""
     x1, y1, x2, y2 = box
     s = x2 - x1
     cx = (x1 + x2) / 2
+    if letter:  # one glyph: a square area, as large as the shape allows
+        if kind == "square":
+            return cx, (y1 + y2) / 2, 0.7 * s, 0.7 * s
+        if kind == "circle":  # the inscribed square's side is 0.707 s
+            return cx, (y1 + y2) / 2, 0.62 * s, 0.62 * s
+        # Triangle: a 0.44 s box whose bottom is 0.06 s above the base; its top, 0.5 s
+        # below the apex, is 0.5 s wide.
+        return cx, y2 - 0.06 * s - 0.22 * s, 0.44 * s, 0.44 * s
     if kind == "square":
         return cx, (y1 + y2) / 2, 0.76 * s, 0.42 * s
     if kind == "circle":  # inside the inscribed square (side s / sqrt 2)
@@ -311,7 +334,7 @@ def _text_mask(text: str, max_w: int, max_h: int) -> Image.Image:
 
 
 def _place_text(kind: str, box: Sequence[int], text: str) -> tuple[int, int, int, int]:
-    cx, cy, w, h = _text_area(kind, box)
+    cx, cy, w, h = _text_area(kind, box, letter=len(text) == 1)
     mask = _text_mask(text, max(1, int(w)), max(1, int(h)))
     x = int(round(cx - mask.width / 2))
     y = int(round(cy - mask.height / 2))
@@ -376,7 +399,8 @@ def sample_layout(
     n_objects = int(rng.integers(cfg.num_objects[0], cfg.num_objects[1] + 1))
     combos = [(c, k) for c in COLORS for k in SHAPES]
     picks = rng.permutation(len(combos))[:n_objects]
-    words = rng.permutation(len(WORDS))[:n_objects]
+    glyphs = LETTERS if cfg.glyphs == "letter" else WORDS
+    words = rng.permutation(len(glyphs))[:n_objects]
     margin = 2
     boxes: list[tuple[int, int, int, int]] = []
     objects: list[Shape] = []
@@ -399,7 +423,7 @@ def sample_layout(
                 break
         if placed is None:
             continue
-        text = WORDS[word].upper()
+        text = glyphs[word].upper()
         boxes.append(placed)
         objects.append(Shape(kind, color, text, placed, _place_text(kind, placed, text)))
 
@@ -500,7 +524,7 @@ def render(
             continue
         luma = 0.299 * fill[0] + 0.587 * fill[1] + 0.114 * fill[2]
         ink = (15, 15, 15) if luma > 140 else (250, 250, 250)
-        _, _, tw, th = _text_area(obj.kind, obj.box)
+        _, _, tw, th = _text_area(obj.kind, obj.box, letter=len(obj.text) == 1)
         img.paste(ink, obj.text_box, _text_mask(obj.text, max(1, int(tw)), max(1, int(th))))
 
     if layout.noise_std > 0:

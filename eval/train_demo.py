@@ -103,7 +103,15 @@ _NEG = flags.DEFINE_float("negative_fraction", 0.1, "Pairs whose crop misses the
 _ATT_W = flags.DEFINE_float(
     "attention_loss_weight", 0.0, "Weight of -log(subject share of the rel-att layer's attention)."
 )
+_AUX_W = flags.DEFINE_float(
+    "patch_loss_weight", 0.0, "Weight of the patch-label loss on the image features (training)."
+)
+_PRE_STEPS = flags.DEFINE_integer(
+    "pretrain_steps", 0, "First steps: the vision tower alone on the patch-label loss."
+)
+_PRE_BATCH = flags.DEFINE_integer("pretrain_batch", 32, "Images per pretraining step.")
 _COLOR_Q = flags.DEFINE_float("color_question_fraction", 0.0, "'What color ...' questions.")
+_GLYPHS = flags.DEFINE_enum("glyphs", "word", ["word", "letter"], "Printed word or one letter.")
 _MIN_SUBJECT = flags.DEFINE_integer("min_subject_px", 20, "Smallest subject side (pixels).")
 _MAX_ASPECT = flags.DEFINE_float("max_aspect", 4 / 3, "Largest image aspect ratio.")
 _LOG_EVERY = flags.DEFINE_integer("log_every", 25, "Steps between train log records.")
@@ -157,7 +165,11 @@ class Settings:
     grad_clip: float = 1.0
     negative_fraction: float = 0.1
     attention_loss_weight: float = 0.0
+    patch_loss_weight: float = 0.0
+    pretrain_steps: int = 0
+    pretrain_batch: int = 32
     color_question_fraction: float = 0.0
+    glyphs: str = "word"
     min_subject_px: int = 20
     max_aspect: float = 4 / 3
     log_every: int = 25
@@ -167,17 +179,24 @@ class Settings:
     checkpoint_every: int = 250
     progress: bool = True
 
+    def pretrain_options(self) -> dict[str, Any]:
+        """Pretraining images: small (fast to render), crowded, every glyph readable."""
+        return {**self.synth_options(), "num_objects": (6, 10), "rel_range": (0.1, 0.45),
+                "sizes": (224, 256), "min_subject_px": 12}  # fmt: skip
+
     def synth_options(self) -> dict[str, Any]:
         return {
             "color_question_fraction": self.color_question_fraction,
+            "glyphs": self.glyphs,
             "min_subject_px": self.min_subject_px,
             "max_aspect": self.max_aspect,
         }
 
     def identity(self) -> dict[str, Any]:
         keys = ("seed", "steps", "batch_size", "learning_rate", "warmup_steps", "weight_decay",
-                "grad_clip", "negative_fraction", "attention_loss_weight",
-                "color_question_fraction", "min_subject_px", "max_aspect")  # fmt: skip
+                "grad_clip", "negative_fraction", "attention_loss_weight", "patch_loss_weight",
+                "pretrain_steps", "pretrain_batch", "color_question_fraction", "glyphs",
+                "min_subject_px", "max_aspect")  # fmt: skip
         return {"dims": dataclasses.asdict(self.dims), **{k: getattr(self, k) for k in keys}}
 
 
@@ -225,7 +244,7 @@ def prompt_words() -> list[str]:
     questions += [
         syn.TEXT_QUESTION.format(color=c, shape=s) for c in syn.COLORS for s in syn.SHAPES
     ]
-    questions += [syn.COLOR_QUESTION.format(text=w.upper()) for w in syn.WORDS]
+    questions += [syn.COLOR_QUESTION.format(text=w.upper()) for w in syn.WORDS + syn.LETTERS]
     texts = [llava_prompt(q, 2).replace(IMAGE_TOKEN, " ") for q in questions]
     texts += list(syn.answer_vocabulary())
     return sorted({w for t in texts for w in t.split()})
@@ -286,7 +305,7 @@ class Tokens:
     def max_length(self, n_images: int) -> int:
         """Longest prompt + answer + EOS of the task (fixed padded length, one compile)."""
         qs = [syn.TEXT_QUESTION.format(color=c, shape=s) for c in syn.COLORS for s in syn.SHAPES]
-        qs += [syn.COLOR_QUESTION.format(text=w.upper()) for w in syn.WORDS]
+        qs += [syn.COLOR_QUESTION.format(text=w.upper()) for w in syn.WORDS + syn.LETTERS]
         longest_answer = max(len(self.answer(a)) for a in syn.answer_vocabulary())
         return max(len(self.prompt(q, n_images)) for q in qs) + longest_answer
 
@@ -407,7 +426,20 @@ class Data:
             hit = box is None
         if box is None:
             box = subject_crop(rec["bbox"], image.size, s.dims.image_size, rng)
-        return image, image.crop(box), rec, hit
+        return image, image.crop(box), rec, hit, box
+
+    def pretrain_batch(self, step: int) -> dict:
+        """Pretraining step `step`: pixels [P] and patch labels [P, 2, T] of crowded images
+        (split "pretrain", items [step * P, (step + 1) * P))."""
+        p, g = self.s.pretrain_batch, self.s.dims.grid
+        items = [syn.generate_item(self.s.seed, step * p + i, split="pretrain",
+                                   **self.s.pretrain_options()) for i in range(p)]  # fmt: skip
+        return {
+            "pixel_values": self.pixels([im for im, _ in items]),
+            "patch_labels": np.stack(
+                [patch_labels(r["objects"], (0, 0, *im.size), g) for im, r in items]
+            ),
+        }
 
     def batch(self, step: int) -> dict:
         """Arrays of one step: pixels [2B] (B images, then their crops), rows for the single
@@ -416,22 +448,55 @@ class Data:
         b = self.s.batch_size
         items = [self.item(step * b + i) for i in range(b)]
         t = self.tokens
-        single = pack([(t.prompt(r["question"], 1), t.answer(r["answer"])) for _, _, r, _ in items],
-                      self.len1, t.pad)  # fmt: skip
-        pair = pack([(t.prompt(r["question"], 2), t.answer(r["answer"])) for _, _, r, _ in items],
-                    self.len2, t.pad)  # fmt: skip
+        single = pack([(t.prompt(r["question"], 1), t.answer(r["answer"]))
+                       for _, _, r, *_ in items], self.len1, t.pad)  # fmt: skip
+        pair = pack([(t.prompt(r["question"], 2), t.answer(r["answer"]))
+                     for _, _, r, *_ in items], self.len2, t.pad)  # fmt: skip
         out = {"pixel_values": self.pixels([im for im, *_ in items] + [c for _, c, *_ in items])}
+        g = self.s.dims.grid
+        whole = [(0, 0, *im.size) for im, *_ in items]
+        out["patch_labels"] = np.stack(
+            [
+                patch_labels(r["objects"], box, g)
+                for box, (_, _, r, *_) in zip(
+                    whole + [it[4] for it in items], items + items, strict=True
+                )
+            ]
+        )  # [2B, 2, T]
         out.update({f"single_{k}": v for k, v in single.items()})
         out.update({f"pair_{k}": v for k, v in pair.items()})
-        g = self.s.dims.grid
         out["subject_cells"] = np.stack(
-            [subject_cells(r["bbox"], im.size, g).reshape(-1) for im, _, r, _ in items]
+            [subject_cells(r["bbox"], im.size, g).reshape(-1) for im, _, r, *_ in items]
         )
-        out["bucket"] = np.array([_BUCKETS.index(r["size_bucket"]) for *_, r, _ in items])
+        out["bucket"] = np.array([_BUCKETS.index(r["size_bucket"]) for _, _, r, *_ in items])
         return out
 
 
 _BUCKETS = ("small", "medium", "large")
+_COMBOS = tuple((c, k) for c in syn.COLORS for k in syn.SHAPES)
+_GLYPHS_ALL = tuple(w.upper() for w in syn.WORDS) + syn.LETTERS
+
+
+def patch_labels(objects, box, grid: int) -> np.ndarray:
+    """int32[2, grid * grid] labels of an image's (or a crop's) patch cells, for the
+    patch-label loss: row 0, 1 + the index (in _GLYPHS_ALL) of the glyph whose box centre
+    lies in the cell; row 1, 1 + the index (in _COMBOS) of the shape whose box centre lies in
+    the cell; 0 elsewhere. `box` is the crop's [x1, y1, x2, y2] in the image (the whole image
+    for the image itself); cells follow the processor's squash of the box to a square."""
+    x1, y1, x2, y2 = box
+    out = np.zeros((2, grid, grid), np.int32)
+    for o in objects:
+        for row, key, label in (
+            (0, "text_bbox", 1 + _GLYPHS_ALL.index(o["text"].upper())),
+            (1, "bbox", 1 + _COMBOS.index((o["color"], o["shape"]))),
+        ):
+            bx1, by1, bx2, by2 = o[key]
+            cx, cy = (bx1 + bx2) / 2, (by1 + by2) / 2
+            if x1 <= cx < x2 and y1 <= cy < y2:
+                c = int((cx - x1) * grid / (x2 - x1))
+                r = int((cy - y1) * grid / (y2 - y1))
+                out[row, r, c] = label
+    return out.reshape(2, -1)
 
 
 # ---------------------------------------------------------------------------------------
@@ -468,7 +533,35 @@ def subject_attention(probs, input_ids, loss_mask, subject_cells, image_token: i
     return jnp.sum(rows * on_subject, -1) / jnp.maximum(jnp.sum(rows * first, -1), 1e-9)
 
 
-def loss_fn(module, params, batch, att_weight: float = 0.0, att_layer: int = 0):
+def init_aux(key, dim: int) -> dict:
+    """The patch-label heads (training only, never exported): linear maps from the projected
+    image features (width `dim`) to glyph and colour+shape logits."""
+    k1, k2 = jax.random.split(key)
+    head = lambda k, n: {"kernel": jax.random.normal(k, (dim, n), jnp.float32) * dim**-0.5,
+                         "bias": jnp.zeros((n,), jnp.float32)}  # fmt: skip
+    return {"glyph": head(k1, 1 + len(_GLYPHS_ALL)), "combo": head(k2, 1 + len(_COMBOS))}
+
+
+def patch_loss(aux, feats, labels, background_weight: float = 0.1):
+    """Cross-entropy of the patch-label heads; feats float[I, T, D], labels int[I, 2, T].
+
+    Cells without a label weigh `background_weight`; returns (loss, glyph accuracy on the
+    labelled cells)."""
+    total, acc = 0.0, None
+    for row, name in enumerate(("glyph", "combo")):
+        logits = feats.astype(jnp.float32) @ aux[name]["kernel"] + aux[name]["bias"]
+        y = labels[:, row]
+        ce = optax.softmax_cross_entropy_with_integer_labels(logits, y)
+        w = jnp.where(y > 0, 1.0, background_weight)
+        total = total + jnp.sum(ce * w) / jnp.sum(w)
+        if name == "glyph":
+            hit = (jnp.argmax(logits, -1) == y) & (y > 0)
+            acc = jnp.sum(hit) / jnp.maximum(jnp.sum(y > 0), 1)
+    return total / 2, acc
+
+
+def loss_fn(module, params, batch, att_weight: float = 0.0, att_layer: int = 0,
+            aux=None, patch_weight: float = 0.0):  # fmt: skip
     """Both prompt kinds of a batch; the vision tower runs once per image.
 
     With att_weight > 0, adds att_weight * -log(subject share of the attention) of the single
@@ -480,6 +573,10 @@ def loss_fn(module, params, batch, att_weight: float = 0.0, att_layer: int = 0):
     pair_feats = jnp.stack([feats[:b], feats[b:]], axis=1).reshape(2 * b, *feats.shape[1:])
     metrics = {}
     total = 0.0
+    if aux is not None:
+        p_loss, p_acc = patch_loss(aux, feats, batch["patch_labels"])
+        metrics["loss_patch"], metrics["acc_patch_glyph"] = p_loss, p_acc
+        total = total + patch_weight * p_loss
     for name, f in (("single", feats[:b]), ("pair", pair_feats)):
         ids, lmask = batch[f"{name}_input_ids"], batch[f"{name}_loss_mask"]
         full = name == "single"
@@ -515,18 +612,44 @@ def make_optimizer(settings: Settings):
     return tx, schedule
 
 
-def make_train_step(module, tx, att_weight: float = 0.0, att_layer: int = 0):
-    """A jitted (state, batch) -> (state, metrics); state = {params, opt_state, step}."""
+def make_train_step(module, tx, att_weight: float = 0.0, att_layer: int = 0,
+                    patch_weight: float = 0.0):  # fmt: skip
+    """A jitted (state, batch) -> (state, metrics); state = {params, aux, opt_state, step}
+    (aux: the patch-label heads; the optimizer updates {"params", "aux"})."""
 
     def step(state, batch):
-        grad_fn = jax.value_and_grad(
-            lambda p: loss_fn(module, p, batch, att_weight, att_layer), has_aux=True
-        )
-        (loss, metrics), grads = grad_fn(state["params"])
-        updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
-        params = optax.apply_updates(state["params"], updates)
-        metrics = {**metrics, "loss": loss, "grad_norm": optax.tree.norm(grads)}
-        return {"params": params, "opt_state": opt_state, "step": state["step"] + 1}, metrics
+        def f(trainable):
+            return loss_fn(module, trainable["params"], batch, att_weight, att_layer,
+                           trainable["aux"], patch_weight)  # fmt: skip
+
+        trainable = {"params": state["params"], "aux": state["aux"]}
+        (loss, metrics), grads = jax.value_and_grad(f, has_aux=True)(trainable)
+        updates, opt_state = tx.update(grads, state["opt_state"], trainable)
+        new = optax.apply_updates(trainable, updates)
+        metrics = {**metrics, "loss": loss, "grad_norm": optax.tree.norm(grads["params"])}
+        return {**new, "opt_state": opt_state, "step": state["step"] + 1}, metrics
+
+    return jax.jit(step, donate_argnums=0)
+
+
+def make_pretrain_step(module, tx):
+    """A jitted (state, batch) -> (state, metrics) on the patch-label loss alone: the vision
+    tower, projector and heads learn to tell glyphs and shapes apart (the stage LLaVA gets
+    from a pretrained CLIP); the same optimizer, so its moments carry over."""
+
+    def step(state, batch):
+        def f(trainable):
+            apply = functools.partial(module.apply, {"params": trainable["params"]})
+            feats, _ = apply(batch["pixel_values"], method=lambda m, p: m.image_features(p))
+            return patch_loss(trainable["aux"], feats, batch["patch_labels"])
+
+        trainable = {"params": state["params"], "aux": state["aux"]}
+        (loss, acc), grads = jax.value_and_grad(f, has_aux=True)(trainable)
+        updates, opt_state = tx.update(grads, state["opt_state"], trainable)
+        new = optax.apply_updates(trainable, updates)
+        metrics = {"loss_patch": loss, "acc_patch_glyph": acc,
+                   "grad_norm": optax.tree.norm(grads["params"])}  # fmt: skip
+        return {**new, "opt_state": opt_state, "step": state["step"] + 1}, metrics
 
     return jax.jit(step, donate_argnums=0)
 
@@ -539,14 +662,15 @@ def compiled_step(config: LlavaConfig, settings: Settings):
 
 
 _STEP_FIELDS = ("learning_rate", "warmup_steps", "weight_decay", "grad_clip", "steps",
-                "attention_loss_weight")  # fmt: skip
+                "attention_loss_weight", "patch_loss_weight")  # fmt: skip
 
 
 @functools.cache
 def _compiled(config: LlavaConfig, opt_settings: Settings):
     tx, schedule = make_optimizer(opt_settings)
     layer = default_layer("llava", config.text_config.num_hidden_layers)
-    step = make_train_step(module_for(config), tx, opt_settings.attention_loss_weight, layer)
+    step = make_train_step(module_for(config), tx, opt_settings.attention_loss_weight, layer,
+                           opt_settings.patch_loss_weight)  # fmt: skip
     return step, tx, schedule
 
 
@@ -637,14 +761,18 @@ def _init_fn(config: LlavaConfig):
 def init_state(config, settings: Settings, tx):
     """Fresh state: random params (seeded), optimizer state, step 0."""
     params = _init_fn(config)(jax.random.key(settings.seed))
-    return {"params": params, "opt_state": tx.init(params), "step": jnp.zeros((), jnp.int32)}
+    aux = init_aux(jax.random.key(settings.seed + 1), config.text_config.hidden_size)
+    return {"params": params, "aux": aux, "opt_state": tx.init({"params": params, "aux": aux}),
+            "step": jnp.zeros((), jnp.int32)}  # fmt: skip
 
 
 def abstract_state(config, tx):
     """The state's shapes and dtypes, without computing it (what a restore needs)."""
     params = abstract_params(config, jnp.float32)
+    aux = jax.eval_shape(lambda: init_aux(jax.random.key(0), config.text_config.hidden_size))
     step = jax.ShapeDtypeStruct((), jnp.int32)
-    return {"params": params, "opt_state": jax.eval_shape(tx.init, params), "step": step}
+    opt_state = jax.eval_shape(tx.init, {"params": params, "aux": aux})
+    return {"params": params, "aux": aux, "opt_state": opt_state, "step": step}
 
 
 def restore_latest(manager, like):
@@ -712,6 +840,8 @@ def train(settings: Settings) -> dict:
     """Trains (resuming from the latest checkpoint), evaluates, exports; returns the state."""
     processor, config, hf_cfg = setup(settings)
     train_step, tx, schedule = compiled_step(config, settings)
+    pretrain_step = make_pretrain_step(module_for(config), tx) if settings.pretrain_steps else None
+    pre = settings.pretrain_steps
     manager = checkpoint_manager(settings.workdir)
     state = restore_latest(manager, abstract_state(config, tx))
     state = init_state(config, settings, tx) if state is None else state
@@ -728,46 +858,72 @@ def train(settings: Settings) -> dict:
         tqdm.write(f"eval @ {step}: " + json.dumps({k: res[k] for k in ("full", "rel_att",
                                                                          "gt_crop")}))  # fmt: skip
 
-    if start == 0 and settings.eval_every and stop > 0:
+    if start == 0 and settings.eval_every and stop > 0 and not pre:
         run_eval(0)
     window = collections.defaultdict(list)
     pool = concurrent.futures.ThreadPoolExecutor(1)  # renders the next batch during a step
-    pending = pool.submit(data.batch, start) if start < stop else None
+    batch_fn = lambda i: data.pretrain_batch(i) if i < pre else data.batch(i)  # noqa: E731
+    pending = pool.submit(batch_fn, start) if start < stop else None
     bar = tqdm(total=stop, initial=start, disable=not settings.progress, dynamic_ncols=True)
     t_last = time.perf_counter()
     for step in range(start, stop):
         batch = pending.result()
         if step + 1 < stop:
-            pending = pool.submit(data.batch, step + 1)
-        state, m = train_step(state, {k: v for k, v in batch.items() if k != "bucket"})
-        m = jax.device_get(m)
-        window["loss"].append(float(m["loss"]))
-        for name in ("single", "pair"):
-            window[f"loss_{name}"].append(float(m[f"loss_{name}"]))
-            for b, ok in zip(batch["bucket"], m[f"correct_{name}"], strict=True):
-                window[f"acc_{name}_{_BUCKETS[b]}"].append(float(ok))
-            window[f"acc_{name}"].extend(float(x) for x in m[f"correct_{name}"])
-        window["grad_norm"].append(float(m["grad_norm"]))
-        window["att_subject"].append(float(m["att_subject"]))
+            pending = pool.submit(batch_fn, step + 1)
+        if step < pre:
+            state, m = pretrain_step(state, batch)
+            m = jax.device_get(m)
+            for k in ("loss_patch", "acc_patch_glyph", "grad_norm"):
+                window[k].append(float(m[k]))
+            window["loss"].append(float(m["loss_patch"]))
+            bar.update(1)
+            bar.set_postfix(pretrain_loss=f"{np.mean(window['loss'][-50:]):.3f}",
+                            glyph=f"{np.mean(window['acc_patch_glyph'][-50:]):.2f}")  # fmt: skip
+        else:
+            m = train_step(state, {k: v for k, v in batch.items() if k != "bucket"})
+            state, m = m[0], jax.device_get(m[1])
+            _record(window, m, batch["bucket"])
+            bar.update(1)
+            bar.set_postfix(loss=f"{np.mean(window['loss'][-50:]):.3f}",
+                            acc1=f"{np.mean(window['acc_single'][-400:]):.2f}",
+                            acc2=f"{np.mean(window['acc_pair'][-400:]):.2f}",
+                            glyph=f"{np.mean(window['acc_patch_glyph'][-50:]):.2f}")  # fmt: skip
         done = step + 1
-        bar.update(1)
-        bar.set_postfix(loss=f"{np.mean(window['loss'][-50:]):.3f}",
-                        acc1=f"{np.mean(window['acc_single'][-400:]):.2f}",
-                        acc2=f"{np.mean(window['acc_pair'][-400:]):.2f}")  # fmt: skip
-        if done % settings.log_every == 0 or done == stop:
+        if done % settings.log_every == 0 or done == stop or done == pre:
             now = time.perf_counter()
             rec = {k: round(float(np.mean(v)), 4) for k, v in window.items()}
-            rec.update(kind="train", step=done, lr=float(schedule(done)),
+            rec.update(kind="pretrain" if step < pre else "train", step=done,
+                       lr=float(schedule(done)),
                        steps_per_s=round(len(window["loss"]) / (now - t_last), 4))  # fmt: skip
             log.write(rec)
             window.clear()
             t_last = now
         if done % settings.checkpoint_every == 0 or done == stop:
             save_state(manager, state)
-        if settings.eval_every and (done % settings.eval_every == 0 or done == settings.steps):
+        if (
+            settings.eval_every
+            and done > pre
+            and (done % settings.eval_every == 0 or done == settings.steps)
+        ):
             run_eval(done)
             t_last = time.perf_counter()  # steps_per_s counts training only
     bar.close()
+    return _finish(settings, state, pool, manager, hf_cfg, processor)
+
+
+def _record(window, m, buckets) -> None:
+    """Adds one train step's metrics to the logging window."""
+    window["loss"].append(float(m["loss"]))
+    for name in ("single", "pair"):
+        window[f"loss_{name}"].append(float(m[f"loss_{name}"]))
+        for b, ok in zip(buckets, m[f"correct_{name}"], strict=True):
+            window[f"acc_{name}_{_BUCKETS[b]}"].append(float(ok))
+        window[f"acc_{name}"].extend(float(x) for x in m[f"correct_{name}"])
+    for k in ("grad_norm", "att_subject", "loss_patch", "acc_patch_glyph"):
+        window[k].append(float(m[k]))
+
+
+def _finish(settings, state, pool, manager, hf_cfg, processor):
     pool.shutdown()
     if settings.export_dir and int(state["step"]) == settings.steps:
         export(state["params"], hf_cfg, processor, settings.export_dir)
@@ -804,12 +960,16 @@ def settings_from_flags() -> Settings:
         steps=_STEPS.value, stop_at=_STOP_AT.value, batch_size=_BATCH.value,
         learning_rate=_LR.value, warmup_steps=_WARMUP.value, weight_decay=_WD.value,
         grad_clip=_CLIP.value, negative_fraction=_NEG.value, attention_loss_weight=_ATT_W.value,
+        patch_loss_weight=_AUX_W.value, glyphs=_GLYPHS.value, pretrain_steps=_PRE_STEPS.value,
+        pretrain_batch=_PRE_BATCH.value,
         color_question_fraction=_COLOR_Q.value, min_subject_px=_MIN_SUBJECT.value,
         max_aspect=_MAX_ASPECT.value, log_every=_LOG_EVERY.value, eval_every=_EVAL_EVERY.value,
         eval_items=_EVAL_ITEMS.value, checkpoint_every=_CKPT_EVERY.value,
     )  # fmt: skip
     if _SMOKE.value:
-        s = dataclasses.replace(s, dims=SMOKE_DIMS, steps=4, batch_size=2, warmup_steps=1,
+        s = dataclasses.replace(s, dims=SMOKE_DIMS, steps=4 + min(s.pretrain_steps, 2),
+                                pretrain_steps=min(s.pretrain_steps, 2), pretrain_batch=4,
+                                batch_size=2, warmup_steps=1,
                                 log_every=2, eval_every=4, eval_items=4, eval_batch=4,
                                 checkpoint_every=2)  # fmt: skip
     return s

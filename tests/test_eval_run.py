@@ -555,3 +555,36 @@ def test_engine_runs_instructblip_like_the_pipeline(tiny_instructblip):
     n = eng.prompt_tokens(qs[0], 2)
     enc = model.processor(images=images[0], text=eng.prompt(qs[0]), return_tensors="np")
     assert n == enc["input_ids"].shape[1] + model.config.num_query_tokens  # one more image
+
+
+def test_synthetic_task_writes_its_set_once_and_reports_by_subject_size(
+    tiny_llava, tiny_llava_dir, tmp_path
+):
+    from eval.runner import visualize
+    from eval.synthetic import SIZE_BUCKETS
+
+    model, _ = tiny_llava
+    spec = DataSpec(synthetic_dir=str(tmp_path / "data"), synthetic_n=6, synthetic_seed=2)
+    s = _settings(tiny_llava_dir[0], "synthetic", spec, tmp_path / "out", ("rel_att", "gt_crop"))
+    path = run(s, model=model, log=_quiet)
+    recs = records.read_records(path)
+    assert len(recs) == 6 and all(r["error"] is None for r in recs)
+    stamp = json.loads((tmp_path / "data" / "synthetic.json").read_text())
+    assert stamp == {"n": 6, "seed": 2, "split": "test", "glyphs": "letter"}
+    for r in recs:
+        assert len(r["labels"]) == 10 and len(r["labels"][0]) == 1  # one printed letter
+        assert r["extra"]["size_bucket"] in {"small", "medium", "large"}
+        assert r["gt_bbox"] == r["extra"]["bbox"]
+    # The same directory with another set is refused, not mixed.
+    with pytest.raises(datasets.DatasetError, match="synthetic set"):
+        datasets.load("synthetic", dataclasses.replace(spec, synthetic_n=7))
+    report.make_report(str(tmp_path / "out"))
+    with open(tmp_path / "out" / "report_buckets.csv") as f:
+        rows = list(csv.DictReader(f))
+    want = {b: sum(r["extra"]["size_bucket"] == b for r in recs) for b, _, _ in SIZE_BUCKETS}
+    got = {row["bucket"].split()[0]: int(row["questions"]) for row in rows}
+    assert got == {b: n for b, n in want.items() if n}
+    assert all(row["bucket"].split()[1].startswith("[") for row in rows)
+    pngs = visualize(s, 2)
+    assert len(pngs) == 2 and all(p.endswith("_rel_att.png") and os.path.getsize(p) > 1000
+                                  for p in pngs)  # fmt: skip

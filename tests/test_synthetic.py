@@ -140,7 +140,7 @@ def test_high_res_option():
 def test_color_questions_and_vocabularies():
     answers = set(syn.answer_vocabulary())
     vocab = set(syn.training_vocabulary())
-    assert answers == set(syn.WORDS) | set(syn.COLORS)
+    assert answers == set(syn.WORDS) | set(syn.COLORS) | {c.lower() for c in syn.LETTERS}
     for index in range(20):
         _, rec = syn.generate_item(3, index, color_question_fraction=1.0)
         subject = rec["objects"][rec["subject_index"]]
@@ -211,3 +211,26 @@ def test_cli_writes_n_records(tmp_path):
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     _check_benchmark(out, 4, "test")
+
+
+def test_letter_glyphs():
+    answers = set(syn.answer_vocabulary())
+    vocab = set(syn.training_vocabulary())
+    seen = set()
+    for index in range(40):
+        _, rec = syn.generate_item(5, index, glyphs="letter")
+        assert rec["answer"] in {c.lower() for c in syn.LETTERS} and rec["answer"] in answers
+        assert set(syn._tokens(rec["question"])) <= vocab
+        for o in rec["objects"]:
+            x1, y1, x2, y2 = o["bbox"]
+            tx1, ty1, tx2, ty2 = o["text_bbox"]
+            assert len(o["text"]) == 1 and x1 <= tx1 < tx2 <= x2 and y1 <= ty1 < ty2 <= y2
+            # One glyph is drawn large: its box is at least a third of the shape's side.
+            assert max(tx2 - tx1, ty2 - ty1) >= (x2 - x1) / 3
+        seen.add(rec["answer"])
+    assert len(seen) >= 10
+    assert all(metrics.normalize_answer(c.lower()) == c.lower() for c in syn.LETTERS)
+    # Word mode is untouched by the option: the same layouts as before it existed.
+    assert syn.generate_item(5, 0)[1] == syn.generate_item(5, 0, glyphs="word")[1]
+    with pytest.raises(ValueError, match="glyphs"):
+        syn.SynthConfig(glyphs="digit")

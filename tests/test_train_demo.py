@@ -1,6 +1,7 @@
 """The demo-model trainer (eval/train_demo.py): loss mask, learning, resume, export."""
 
 import dataclasses
+import json
 
 import jax
 import numpy as np
@@ -104,14 +105,22 @@ def test_a_few_steps_lower_the_loss_on_a_fixed_batch(setup):
 
 
 def test_resume_equals_uninterrupted_and_export_loads(tmp_path):
+    # Two pretraining steps (vision tower on patch labels), then three question steps; the
+    # interrupted run stops inside the pretraining and once more inside the second phase.
+    kw = dict(steps=5, pretrain_steps=2, pretrain_batch=3, patch_loss_weight=1.0,
+              glyphs="letter")  # fmt: skip
     export_dir = str(tmp_path / "export")
-    full = td.train(_settings(tmp_path / "a", export_dir=export_dir))
-    td.train(_settings(tmp_path / "b", stop_at=2))
-    resumed = td.train(_settings(tmp_path / "b"))
-    assert int(full["step"]) == int(resumed["step"]) == 3
+    full = td.train(_settings(tmp_path / "a", export_dir=export_dir, **kw))
+    td.train(_settings(tmp_path / "b", stop_at=1, **kw))
+    td.train(_settings(tmp_path / "b", stop_at=3, **kw))
+    resumed = td.train(_settings(tmp_path / "b", **kw))
+    assert int(full["step"]) == int(resumed["step"]) == 5
     jax.tree.map(np.testing.assert_array_equal, full["params"], resumed["params"])
+    jax.tree.map(np.testing.assert_array_equal, full["aux"], resumed["aux"])
     with pytest.raises(ValueError, match="another run"):
-        td.train(_settings(tmp_path / "b", seed=1))
+        td.train(_settings(tmp_path / "b", **{**kw, "seed": 1}))
+    kinds = [json.loads(line)["kind"] for line in open(tmp_path / "a" / "log.jsonl")]
+    assert kinds == ["pretrain", "pretrain", "train", "train", "train"], kinds
 
     model = vicrop_jax.load_model(export_dir)
     flat = dict(jax.tree_util.tree_leaves_with_path(model.params))
@@ -163,3 +172,23 @@ def test_subject_cells_and_attention_share():
     probs[0, :, 7, 1] = 1.0  # another query: ignored
     share = td.subject_attention(probs, ids, loss_mask, np.array([[0, 1, 0, 0]], np.float32), 4)
     np.testing.assert_allclose(share, [0.3 / 0.4], rtol=1e-6)
+
+
+def test_patch_labels_mark_glyph_and_shape_cells_in_image_and_crop():
+    objects = [
+        {"text": "k", "shape": "circle", "color": "red", "bbox": [0, 0, 20, 20],
+         "text_bbox": [4, 4, 16, 16]},
+        {"text": "cat", "shape": "square", "color": "blue", "bbox": [70, 30, 90, 50],
+         "text_bbox": [72, 36, 88, 44]},
+    ]  # fmt: skip
+    labels = td.patch_labels(objects, (0, 0, 100, 60), 4).reshape(2, 4, 4)
+    k, cat = 1 + td._GLYPHS_ALL.index("K"), 1 + td._GLYPHS_ALL.index("CAT")
+    red_circle = 1 + td._COMBOS.index(("red", "circle"))
+    blue_square = 1 + td._COMBOS.index(("blue", "square"))
+    # centre (10, 10) -> col 0, row 0; centre (80, 40) -> col 3 (80 * 4 / 100), row 2.
+    assert labels[0, 0, 0] == k and labels[0, 2, 3] == cat
+    assert labels[1, 0, 0] == red_circle and labels[1, 2, 3] == blue_square
+    assert (labels > 0).sum() == 4
+    # A crop [60, 20, 100, 60) holds only the square; its centre is at (20, 20) of 40 x 40.
+    crop = td.patch_labels(objects, (60, 20, 100, 60), 4).reshape(2, 4, 4)
+    assert crop[0, 2, 2] == cat and crop[1, 2, 2] == blue_square and (crop > 0).sum() == 2
