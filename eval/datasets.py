@@ -493,15 +493,24 @@ def load_unified(
     return _unique(out, json_path)
 
 
-def load_synthetic(out_dir: str, n: int, seed: int, glyphs: str = "letter") -> list[Example]:
+def load_synthetic(
+    out_dir: str, n: int, seed: int, glyphs: str = "letter", sizes: str = ""
+) -> list[Example]:
     """The held-out synthetic benchmark (split "test"), written to out_dir on first use.
 
-    The items are a pure function of (n, seed, glyphs); out_dir/synthetic.json records them
-    and a directory written with other values is refused rather than silently mixed.
+    The items are a pure function of (n, seed, glyphs, sizes); `sizes` is a comma list of
+    image shorter sides ("" for eval.synthetic's default). out_dir/synthetic.json records
+    them and a directory written with other values is refused rather than silently mixed.
     """
     from eval import synthetic
 
+    try:
+        side_list = tuple(int(v) for v in sizes.split(",")) if sizes else synthetic.DEFAULT_SIZES
+    except ValueError:
+        raise DatasetError(f"synthetic sizes must be a comma list of ints, got {sizes!r}") from None
     want = {"n": n, "seed": seed, "split": "test", "glyphs": glyphs}
+    if sizes:
+        want["sizes"] = list(side_list)
     stamp = os.path.join(out_dir, "synthetic.json")
     data_json = os.path.join(out_dir, "data.json")
     if os.path.isfile(stamp):
@@ -510,7 +519,7 @@ def load_synthetic(out_dir: str, n: int, seed: int, glyphs: str = "letter") -> l
             raise DatasetError(f"{out_dir} holds the synthetic set {have}, not {want}; "
                                "use another --synthetic_dir")  # fmt: skip
     if not (os.path.isfile(stamp) and os.path.isfile(data_json)):
-        synthetic.write_benchmark(out_dir, n, seed, "test", glyphs=glyphs)
+        synthetic.write_benchmark(out_dir, n, seed, "test", glyphs=glyphs, sizes=side_list)
         with open(stamp, "w") as f:
             json.dump(want, f)
     return load_unified(data_json, out_dir, "synthetic")
@@ -552,6 +561,7 @@ class DataSpec:
     synthetic_n: int = 500
     synthetic_seed: int = 1
     synthetic_glyphs: str = "letter"
+    synthetic_sizes: str = ""  # comma list of image shorter sides; "" = the generator's
 
 
 def _need(value: str | None, flag: str, task: str) -> str:
@@ -571,7 +581,7 @@ def load(task: str, spec: DataSpec) -> list[Example]:
     if task == "synthetic":
         return load_synthetic(
             _need(spec.synthetic_dir, "synthetic_dir", task), spec.synthetic_n,
-            spec.synthetic_seed, spec.synthetic_glyphs,
+            spec.synthetic_seed, spec.synthetic_glyphs, spec.synthetic_sizes,
         )  # fmt: skip
     if task == "textvqa":
         return load_textvqa(_need(spec.textvqa_json, "textvqa_json", task), spec.image_root)

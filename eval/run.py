@@ -47,6 +47,9 @@ _SYNTH_DIR = flags.DEFINE_string(
 )
 _SYNTH_N = flags.DEFINE_integer("synthetic_n", 500, "task synthetic: number of questions")
 _SYNTH_SEED = flags.DEFINE_integer("synthetic_seed", 1, "task synthetic: generator seed")
+_SYNTH_SIZES = flags.DEFINE_string(
+    "synthetic_sizes", "", "task synthetic: comma list of image shorter sides (px)"
+)
 _SYNTH_GLYPHS = flags.DEFINE_enum(
     "synthetic_glyphs", "letter", ["letter", "word"], "task synthetic: printed letter or word"
 )
@@ -123,6 +126,7 @@ def settings_from_flags():
         synthetic_n=_SYNTH_N.value,
         synthetic_seed=_SYNTH_SEED.value,
         synthetic_glyphs=_SYNTH_GLYPHS.value,
+        synthetic_sizes=_SYNTH_SIZES.value,
     )
     return Settings(
         model=_MODEL.value,

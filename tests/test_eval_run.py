@@ -564,20 +564,24 @@ def test_synthetic_task_writes_its_set_once_and_reports_by_subject_size(
     from eval.synthetic import SIZE_BUCKETS
 
     model, _ = tiny_llava
-    spec = DataSpec(synthetic_dir=str(tmp_path / "data"), synthetic_n=6, synthetic_seed=2)
+    spec = DataSpec(synthetic_dir=str(tmp_path / "data"), synthetic_n=6, synthetic_seed=2,
+                    synthetic_sizes="224,240")  # fmt: skip
     s = _settings(tiny_llava_dir[0], "synthetic", spec, tmp_path / "out", ("rel_att", "gt_crop"))
     path = run(s, model=model, log=_quiet)
     recs = records.read_records(path)
     assert len(recs) == 6 and all(r["error"] is None for r in recs)
     stamp = json.loads((tmp_path / "data" / "synthetic.json").read_text())
-    assert stamp == {"n": 6, "seed": 2, "split": "test", "glyphs": "letter"}
+    assert stamp == {"n": 6, "seed": 2, "split": "test", "glyphs": "letter", "sizes": [224, 240]}
     for r in recs:
         assert len(r["labels"]) == 10 and len(r["labels"][0]) == 1  # one printed letter
         assert r["extra"]["size_bucket"] in {"small", "medium", "large"}
         assert r["gt_bbox"] == r["extra"]["bbox"]
+        assert min(r["image_size"]) in (224, 240)
     # The same directory with another set is refused, not mixed.
     with pytest.raises(datasets.DatasetError, match="synthetic set"):
         datasets.load("synthetic", dataclasses.replace(spec, synthetic_n=7))
+    with pytest.raises(datasets.DatasetError, match="comma list"):
+        datasets.load("synthetic", dataclasses.replace(spec, synthetic_sizes="224,big"))
     report.make_report(str(tmp_path / "out"))
     with open(tmp_path / "out" / "report_buckets.csv") as f:
         rows = list(csv.DictReader(f))
