@@ -211,7 +211,8 @@ def make_report(root: str, variant: str = "official") -> str:
         b_header, b_rows = bh if br else b_header, b_rows + br
     if b_rows:
         parts += [
-            "\n## Accuracy by ground-truth box size (relative area)\n",
+            "\n## Accuracy by ground-truth box size (relative area; synthetic: subject side "
+            "/ image shorter side)\n",
             markdown(b_header, b_rows),
         ]
     t_header, t_rows = timing_table(runs)

@@ -1,66 +1,71 @@
-"""The smoke demo: load a LLaVA checkpoint, ask a question about a synthetic image.
+"""The demo: ViCrop on the shipped small LLaVA, over held-out synthetic questions.
 
-python -m vicrop_jax.demo                 # tiny random model built on the fly
-python -m vicrop_jax.demo --model DIR     # any llava-1.5 style checkpoint directory
+python -m vicrop_jax.demo                  # 500 held-out questions, every method
+python -m vicrop_jax.demo --n 100          # a quicker look
+python -m vicrop_jax.demo --model DIR      # another llava-1.5 style checkpoint
+
+Each question asks for the letter printed on one coloured shape; the shapes range from
+unreadable to clearly readable at the model's 64 px input. The demo writes the questions
+(eval.synthetic, seed 1, split "test": never seen in training), runs no crop, the three
+ViCrop maps (rel_att, grad_att, pure_grad), the ground-truth crop and two control crops
+(random, centre) through eval.run's machinery, prints accuracy by subject-size bucket and
+saves a few map + box pictures. Rerunning resumes (or reprints) from --out.
 """
 
 from __future__ import annotations
 
-import tempfile
+import os
 import time
 
-import jax.numpy as jnp
-import numpy as np
 from absl import app, flags
-from PIL import Image, ImageDraw
 
-import vicrop_jax
-from vicrop_jax.generate import greedy_generate, trim
-from vicrop_jax.loading import nchw_to_nhwc
-
-_MODEL = flags.DEFINE_string("model", None, "HF checkpoint directory; default: a tiny random one")
-_QUESTION = flags.DEFINE_string("question", "What is written on the red circle?", "question")
-_MAX_NEW = flags.DEFINE_integer("max_new_tokens", 8, "tokens to generate")
+DEMO_MODEL = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "demo")
+# Image shorter sides of the demo set, as eval/flags/demo.flags: long sides stay <= 512 px.
+SIZES = "224,288,336,384"
+METHODS = ("rel_att", "grad_att", "pure_grad", "gt_crop", "random_crop", "center_crop")
 
 
-def synthetic_image(size=(320, 240)) -> Image.Image:
-    img = Image.new("RGB", size, (235, 235, 225))
-    d = ImageDraw.Draw(img)
-    d.ellipse((200, 40, 260, 100), fill=(220, 30, 30))
-    d.text((215, 62), "42", fill=(255, 255, 255))
-    d.rectangle((30, 150, 110, 210), fill=(30, 60, 200))
-    return img
+def settings(model: str, n: int, out: str, batch_size: int = 32):
+    """eval.runner Settings of the demo: the first n questions of eval/flags/demo.flags'
+    500-item set, every method."""
+    from eval.datasets import DataSpec
+    from eval.runner import Settings
+
+    data = DataSpec(synthetic_dir=os.path.join(out, "data"), synthetic_n=500, synthetic_seed=1,
+                    synthetic_glyphs="letter", synthetic_sizes=SIZES)  # fmt: skip
+    return Settings(model=model, task="synthetic", methods=METHODS, data=data,
+                    output_dir=os.path.join(out, f"run_{n}"), max_new_tokens=3,
+                    limit=0 if n >= 500 else n, batch_size=batch_size)  # fmt: skip
+
+
+def _define_flags():
+    """Defined only when run as a script, so importing this module (tests, other absl
+    programs) cannot clash on flag names."""
+    flags.DEFINE_string("model", DEMO_MODEL, "HF LLaVA checkpoint directory")
+    flags.DEFINE_integer("n", 500, "held-out questions (the first n of the 500-item set)")
+    flags.DEFINE_string("out", "/tmp/vicrop_demo", "data, results and pictures go here")
+    flags.DEFINE_integer("visualize", 3, "questions to draw (map + box per map method)")
+    flags.DEFINE_integer("batch_size", 32, "questions per device call")
 
 
 def main(argv):
     del argv
-    path = _MODEL.value
-    if path is None:
-        from vicrop_jax.tiny import make_random_checkpoint
+    f = flags.FLAGS
+    from eval import report
+    from eval.runner import run, visualize
 
-        path = make_random_checkpoint(tempfile.mkdtemp(prefix="vicrop_tiny_"))
-        print(f"built a tiny random LLaVA checkpoint in {path}")
+    if not os.path.isfile(os.path.join(f.model, "config.json")):
+        raise app.UsageError(f"--model {f.model!r} holds no config.json")
     t0 = time.perf_counter()
-    model = vicrop_jax.load_model(path)
-    print(f"loaded {model.family} in {time.perf_counter() - t0:.2f}s")
-    prompt = f"<image>\nUSER: {_QUESTION.value} Answer the question using a single word or phrase. ASSISTANT:"  # noqa: E501
-    inp = model.processor(images=synthetic_image(), text=prompt, return_tensors="np")
-    t0 = time.perf_counter()
-    out = greedy_generate(
-        model.module, model.params, jnp.asarray(inp["input_ids"]),
-        nchw_to_nhwc(inp["pixel_values"]), jnp.asarray(inp["attention_mask"]),
-        max_new_tokens=_MAX_NEW.value, eos_ids=model.config.text_config.eos_ids,
-        pad_id=model.processor.tokenizer.pad_token_id or 0,
-    )  # fmt: skip
-    tokens = trim(out.tokens, out.lengths)[0]
-    dt = time.perf_counter() - t0
-    answer = model.processor.tokenizer.decode(tokens, skip_special_tokens=True)
-    ids = np.asarray(inp["input_ids"][0])
-    img_pos = ids == model.config.image_token_index
-    att = np.asarray(out.prefill.attentions[:, 0, :, : ids.shape[0]])[..., img_pos]  # [L, N, T]
-    print(f"answer: {answer!r} ({len(tokens)} tokens, {dt:.2f}s incl. compile)")
-    print(f"answer-to-image attention mass per layer: {np.round(att.mean(1).sum(-1), 3)}")
+    s = settings(f.model, f.n, f.out, f.batch_size)
+    run(s)
+    print(report.make_report(s.output_dir))
+    vis = visualize(s, f.visualize)
+    if vis:
+        print(f"pictures: {os.path.dirname(vis[0])}/ ({len(vis)} files)")
+    print(f"demo finished in {time.perf_counter() - t0:.0f} s; results: {s.output_dir}")
 
 
 if __name__ == "__main__":
+    _define_flags()
     app.run(main)

@@ -9,14 +9,6 @@ import numpy as np
 from absl import app, flags
 from PIL import Image
 
-_MODEL = flags.DEFINE_string("model", None, "HF checkpoint directory", required=True)
-_IMAGE = flags.DEFINE_string("image", None, "image file", required=True)
-_QUESTION = flags.DEFINE_string("question", None, "question", required=True)
-_METHOD = flags.DEFINE_enum("method", "rel_att", ["rel_att", "grad_att", "pure_grad"], "map")
-_LAYER = flags.DEFINE_string("layer", None, "LM layer: int, comma list or 'all'")
-_HIGH_RES = flags.DEFINE_bool("high_res", False, "the *_high variant")
-_OUT = flags.DEFINE_string("out", "vicrop.png", "output PNG")
-
 
 def render(image: Image.Image, att_map: np.ndarray, box, out: str, title: str = "") -> str:
     """Writes the image with the (bilinearly upsampled) map overlaid and the box drawn."""
@@ -52,21 +44,37 @@ def parse_layer(text: str | None):
     return parts[0] if len(parts) == 1 else parts
 
 
+def _define_flags():
+    """The CLI's flags, defined only when run as a script: importing `render` from another
+    absl program (eval.run) must not clash on flag names."""
+    f = flags.FLAGS
+    flags.DEFINE_string("model", None, "HF checkpoint directory", required=True)
+    flags.DEFINE_string("image", None, "image file", required=True)
+    flags.DEFINE_string("question", None, "question", required=True)
+    flags.DEFINE_enum("method", "rel_att", ["rel_att", "grad_att", "pure_grad"], "map")
+    flags.DEFINE_string("layer", None, "LM layer: int, comma list or 'all'")
+    flags.DEFINE_bool("high_res", False, "the *_high variant")
+    flags.DEFINE_string("out", "vicrop.png", "output PNG")
+    return f
+
+
 def main(argv):
     del argv
+    f = flags.FLAGS
     import vicrop_jax
     from vicrop_jax import bbox
     from vicrop_jax.importance import importance
     from vicrop_jax.processing import to_rgb
 
-    model = vicrop_jax.load_model(_MODEL.value)
-    image = to_rgb(Image.open(_IMAGE.value))
-    att = np.asarray(importance(model.params, image, _QUESTION.value, model=model,
-                                method=_METHOD.value, layer=parse_layer(_LAYER.value),
-                                high_res=_HIGH_RES.value))  # fmt: skip
+    model = vicrop_jax.load_model(f.model)
+    image = to_rgb(Image.open(f.image))
+    att = np.asarray(importance(model.params, image, f.question, model=model,
+                                method=f.method, layer=parse_layer(f.layer),
+                                high_res=f.high_res))  # fmt: skip
     box = np.asarray(bbox.select_bbox(att, image.size, model.config.vision_config.image_size))
-    print(f"box {box.tolist()} -> {render(image, att, box, _OUT.value, _QUESTION.value)}")
+    print(f"box {box.tolist()} -> {render(image, att, box, f.out, f.question)}")
 
 
 if __name__ == "__main__":
+    _define_flags()
     app.run(main)
