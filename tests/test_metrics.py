@@ -313,9 +313,14 @@ def test_docvqa_raw_substring():
 
 
 def test_scorers_dict_and_aggregate():
-    assert set(SCORERS) == {"textvqa", "vqav2", "aokvqa", "gqa", "pope", "vstar", "docvqa"}
+    assert set(SCORERS) == {
+        "textvqa", "vqav2", "aokvqa", "gqa", "pope", "vstar", "docvqa", "synthetic"
+    }  # fmt: skip
     rec = {"labels": ["cat"] * 10, "question": "q"}
     assert SCORERS["textvqa"]("cat", rec) == 100.0
+    # The synthetic benchmark: ten copies of one answer, so exact match after normalising.
+    assert SCORERS["synthetic"]("K", {"labels": ["k"] * 10}) == 100.0
+    assert SCORERS["synthetic"]("x", {"labels": ["k"] * 10}) == 0.0
     assert SCORERS["pope"]("yes", {"labels": "yes"}) == 100.0
     assert SCORERS["vstar"]("B", {"question": VSTAR_Q, "labels": "B"}) == pytest.approx(30.0)
     with pytest.raises(ValueError, match="labels"):
