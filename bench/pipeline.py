@@ -53,8 +53,8 @@ def reference_ask(hf, proc, image, question, method, layer, base, max_new):
     def gen(text, images):
         enc = proc(images=images, text=text, return_tensors="pt")
         with torch.no_grad():
-            return hf.generate(**enc, max_new_tokens=max_new, min_new_tokens=max_new,
-                               do_sample=False)  # fmt: skip
+            # Stops at EOS, as ours does (and the official run.py's generate).
+            return hf.generate(**enc, max_new_tokens=max_new, do_sample=False)
 
     t0 = time.perf_counter()
     gen(llava_prompt(question), [image])

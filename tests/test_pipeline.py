@@ -121,3 +121,34 @@ def test_shared_prefill_equals_separate_passes(tiny_llava):
         assert a.original_answer == b.original_answer
         assert a.crop_answer == b.crop_answer and a.bbox == b.bbox
         np.testing.assert_allclose(a.att_map, b.att_map, rtol=1e-5, atol=1e-7)
+
+
+def test_encode_preprocesses_a_repeated_image_once_with_the_same_result(tiny_llava):
+    from vicrop_jax.processing import GENERAL_QUESTION, encode, llava_prompt
+
+    model, _ = tiny_llava
+    rng = np.random.default_rng(0)
+    a = Image.fromarray(rng.integers(0, 255, (50, 70, 3), np.uint8))
+    b = Image.fromarray(rng.integers(0, 255, (90, 40, 3), np.uint8))
+    texts = [llava_prompt("What is on the sign?"), llava_prompt("Which colour is the car here?")]
+    texts += [llava_prompt(GENERAL_QUESTION)] * 2
+    calls = []
+    proc = model.processor
+    real = proc.image_processor.__class__.__call__
+
+    def counting(self, images, *args, **kwargs):
+        images = images if isinstance(images, list) else [images]
+        calls.append(sum(im.size != (8, 8) for im in images))  # real images, not stand-ins
+        return real(self, images, *args, **kwargs)
+
+    shared = encode(proc, texts, [a, b, a, b], pad_to_multiple_of=8)
+    # The reference: distinct (equal-pixel) copies, which the plain path processes in full.
+    plain = encode(proc, texts, [a, b, a.copy(), b.copy()], pad_to_multiple_of=8)
+    assert set(shared) == set(plain)
+    for k in plain:
+        np.testing.assert_array_equal(shared[k], plain[k], err_msg=k)
+    import unittest.mock
+
+    with unittest.mock.patch.object(proc.image_processor.__class__, "__call__", counting):
+        encode(proc, texts, [a, b, a, b])
+    assert sum(calls) == 2  # the two distinct images, once each, not four

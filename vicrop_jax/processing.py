@@ -78,12 +78,41 @@ def encode(
     """
     if hasattr(processor, "qformer_tokenizer"):
         return encode_instructblip(processor, texts, images, pad_to_multiple_of)
+    slot: dict[int, int] = {}
+    order = [slot.setdefault(id(im), len(slot)) for im in images]
+    if len(slot) < len(images):  # an image object given twice (rel-att: [q; general])
+        return _encode_shared(processor, texts, images, order, pad_to_multiple_of)
     out = processor(images=images, text=texts, return_tensors="np", padding=True,
                     pad_to_multiple_of=pad_to_multiple_of)  # fmt: skip
     mask = np.asarray(out["attention_mask"])
     if (mask[:, -1] == 0).any():
         raise ValueError("the processor pads on the right; set tokenizer.padding_side='left'")
     return {k: np.asarray(v) for k, v in out.items()}
+
+
+def _encode_shared(processor, texts, images, order, pad_to_multiple_of):
+    """`encode` preprocessing each distinct image object once.
+
+    The processor expands `<image>` from the preprocessed pixel shape alone, so the text goes
+    through it with 8 x 8 stand-ins (cheap to resize) and the pixels come from the image
+    processor on the distinct images. If the stand-ins' pixel shape differs from the real
+    ones' (a processor whose output size depends on the input), the plain path runs.
+    """
+    unique = list({id(im): im for im in images}.values())
+    pixels = np.asarray(processor.image_processor(unique, return_tensors="np")["pixel_values"])
+    stand_in = Image.new("RGB", (8, 8))
+    out = processor(images=[stand_in] * len(images), text=texts, return_tensors="np",
+                    padding=True, pad_to_multiple_of=pad_to_multiple_of)  # fmt: skip
+    out = {k: np.asarray(v) for k, v in out.items()}
+    if out["pixel_values"].shape[1:] != pixels.shape[1:]:
+        out = processor(images=images, text=texts, return_tensors="np", padding=True,
+                        pad_to_multiple_of=pad_to_multiple_of)  # fmt: skip
+        out = {k: np.asarray(v) for k, v in out.items()}
+    else:
+        out["pixel_values"] = pixels[np.asarray(order)]
+    if (out["attention_mask"][:, -1] == 0).any():
+        raise ValueError("the processor pads on the right; set tokenizer.padding_side='left'")
+    return out
 
 
 def encode_instructblip(
