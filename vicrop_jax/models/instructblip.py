@@ -23,8 +23,8 @@ import jax.numpy as jnp
 
 from vicrop_jax.models.blip_vision import InstructBlipVisionConfig, InstructBlipVisionModel
 from vicrop_jax.models.common import KVCache, ModelOutput
-from vicrop_jax.models.llama import LlamaConfig, LlamaModel, run_decoder
-from vicrop_jax.models.llava import merge_image_features
+from vicrop_jax.models.llama import LlamaConfig, LlamaModel
+from vicrop_jax.models.llava import language_pass
 from vicrop_jax.models.qformer import InstructBlipQFormerConfig, InstructBlipQFormerModel
 
 Array = jax.Array
@@ -199,19 +199,14 @@ class InstructBlipForConditionalGeneration(nn.Module):
           ModelOutput (logits, cache, attentions [L, B, N, K], qformer_cross_attentions
           [C, I, N, T, P] when pixel_values were given, ...).
         """
-        b, s = input_ids.shape
-        mask = jnp.ones((b, s), bool) if attention_mask is None else attention_mask.astype(bool)
-        embeds = self.language_model.embed(input_ids)
         feats, cross = image_features, None
         if feats is None and pixel_values is not None:
             feats, cross = self.image_features(
                 pixel_values, qformer_input_ids, qformer_attention_mask, qformer_delta
             )
-        if feats is not None:
-            embeds = merge_image_features(embeds, input_ids, feats, self.config.image_token_index)
-        logits, new_cache, rows, full = run_decoder(
-            self.language_model, self.logits, embeds, mask, cache, attn_delta,
-            output_full_attentions, only_last_logits,
+        logits, new_cache, rows, full = language_pass(
+            self, input_ids, feats, attention_mask, cache, attn_delta, output_full_attentions,
+            only_last_logits,
         )  # fmt: skip
         return ModelOutput(
             logits=logits,

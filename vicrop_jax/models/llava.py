@@ -126,6 +126,25 @@ def merge_image_features(embeds: Array, input_ids: Array, features: Array, token
     return jnp.where(is_img[..., None], flat[idx], embeds)
 
 
+def language_pass(
+    model, input_ids, feats, attention_mask, cache, attn_delta, output_full_attentions,
+    only_last_logits,
+):  # fmt: skip
+    """The language-model half of a pass, shared by LLaVA and InstructBLIP (called from their
+    `__call__`; `model` has language_model, logits and config.image_token_index): embed,
+    place the image features `feats` [I, T, D] (or None) at the image-token positions, run
+    the decoder. Returns llama.run_decoder's (logits, cache, rows, full)."""
+    b, s = input_ids.shape
+    mask = jnp.ones((b, s), bool) if attention_mask is None else attention_mask.astype(bool)
+    embeds = model.language_model.embed(input_ids)
+    if feats is not None:
+        embeds = merge_image_features(embeds, input_ids, feats, model.config.image_token_index)
+    return run_decoder(
+        model.language_model, model.logits, embeds, mask, cache, attn_delta,
+        output_full_attentions, only_last_logits,
+    )  # fmt: skip
+
+
 class LlavaForConditionalGeneration(nn.Module):
     config: LlavaConfig
 
@@ -178,17 +197,12 @@ class LlavaForConditionalGeneration(nn.Module):
         Returns:
           ModelOutput (logits, cache, attentions [L, B, N, K], ...).
         """
-        b, s = input_ids.shape
-        mask = jnp.ones((b, s), bool) if attention_mask is None else attention_mask.astype(bool)
-        embeds = self.language_model.embed(input_ids)
         feats = image_features
         if feats is None and pixel_values is not None:
             feats, _ = self.image_features(pixel_values)
-        if feats is not None:
-            embeds = merge_image_features(embeds, input_ids, feats, self.config.image_token_index)
-        logits, new_cache, rows, full = run_decoder(
-            self.language_model, self.logits, embeds, mask, cache, attn_delta,
-            output_full_attentions, only_last_logits,
+        logits, new_cache, rows, full = language_pass(
+            self, input_ids, feats, attention_mask, cache, attn_delta, output_full_attentions,
+            only_last_logits,
         )  # fmt: skip
         return ModelOutput(
             logits=logits,
