@@ -612,6 +612,17 @@ def make_optimizer(settings: Settings):
     return tx, schedule
 
 
+def _update(tx, state, loss):
+    """One optimizer step on {"params", "aux"}: loss(trainable) -> (value, extras).
+    Returns (new state, value, extras, gradient norm of the model params)."""
+    trainable = {"params": state["params"], "aux": state["aux"]}
+    (value, extras), grads = jax.value_and_grad(loss, has_aux=True)(trainable)
+    updates, opt_state = tx.update(grads, state["opt_state"], trainable)
+    new = optax.apply_updates(trainable, updates)
+    state = {**new, "opt_state": opt_state, "step": state["step"] + 1}
+    return state, value, extras, optax.tree.norm(grads["params"])
+
+
 def make_train_step(module, tx, att_weight: float = 0.0, att_layer: int = 0,
                     patch_weight: float = 0.0):  # fmt: skip
     """A jitted (state, batch) -> (state, metrics); state = {params, aux, opt_state, step}
@@ -622,12 +633,8 @@ def make_train_step(module, tx, att_weight: float = 0.0, att_layer: int = 0,
             return loss_fn(module, trainable["params"], batch, att_weight, att_layer,
                            trainable["aux"], patch_weight)  # fmt: skip
 
-        trainable = {"params": state["params"], "aux": state["aux"]}
-        (loss, metrics), grads = jax.value_and_grad(f, has_aux=True)(trainable)
-        updates, opt_state = tx.update(grads, state["opt_state"], trainable)
-        new = optax.apply_updates(trainable, updates)
-        metrics = {**metrics, "loss": loss, "grad_norm": optax.tree.norm(grads["params"])}
-        return {**new, "opt_state": opt_state, "step": state["step"] + 1}, metrics
+        state, loss, metrics, grad_norm = _update(tx, state, f)
+        return state, {**metrics, "loss": loss, "grad_norm": grad_norm}
 
     return jax.jit(step, donate_argnums=0)
 
@@ -643,13 +650,8 @@ def make_pretrain_step(module, tx):
             feats, _ = apply(batch["pixel_values"], method=lambda m, p: m.image_features(p))
             return patch_loss(trainable["aux"], feats, batch["patch_labels"])
 
-        trainable = {"params": state["params"], "aux": state["aux"]}
-        (loss, acc), grads = jax.value_and_grad(f, has_aux=True)(trainable)
-        updates, opt_state = tx.update(grads, state["opt_state"], trainable)
-        new = optax.apply_updates(trainable, updates)
-        metrics = {"loss_patch": loss, "acc_patch_glyph": acc,
-                   "grad_norm": optax.tree.norm(grads["params"])}  # fmt: skip
-        return {**new, "opt_state": opt_state, "step": state["step"] + 1}, metrics
+        state, loss, acc, grad_norm = _update(tx, state, f)
+        return state, {"loss_patch": loss, "acc_patch_glyph": acc, "grad_norm": grad_norm}
 
     return jax.jit(step, donate_argnums=0)
 
@@ -657,8 +659,13 @@ def make_pretrain_step(module, tx):
 def compiled_step(config: LlavaConfig, settings: Settings):
     """(train step, optimizer, schedule); runs in one process with the same model and
     optimizer settings (a resumed run, tests) share one compiled step."""
+    return _compiled(config, _step_settings(settings))
+
+
+def _step_settings(settings: Settings) -> Settings:
+    """Only the fields a compiled step depends on (the cache key)."""
     opt = {k: getattr(settings, k) for k in _STEP_FIELDS}
-    return _compiled(config, dataclasses.replace(Settings(workdir=""), **opt))
+    return dataclasses.replace(Settings(workdir=""), **opt)
 
 
 _STEP_FIELDS = ("learning_rate", "warmup_steps", "weight_decay", "grad_clip", "steps",
@@ -672,6 +679,16 @@ def _compiled(config: LlavaConfig, opt_settings: Settings):
     step = make_train_step(module_for(config), tx, opt_settings.attention_loss_weight, layer,
                            opt_settings.patch_loss_weight)  # fmt: skip
     return step, tx, schedule
+
+
+@functools.cache
+def _compiled_pretrain(config: LlavaConfig, opt_settings: Settings):
+    return make_pretrain_step(module_for(config), _compiled(config, opt_settings)[1])
+
+
+def compiled_pretrain_step(config: LlavaConfig, settings: Settings):
+    """The pretraining step, shared like `compiled_step`'s (same optimizer object)."""
+    return _compiled_pretrain(config, _step_settings(settings))
 
 
 # ---------------------------------------------------------------------------------------
@@ -840,7 +857,7 @@ def train(settings: Settings) -> dict:
     """Trains (resuming from the latest checkpoint), evaluates, exports; returns the state."""
     processor, config, hf_cfg = setup(settings)
     train_step, tx, schedule = compiled_step(config, settings)
-    pretrain_step = make_pretrain_step(module_for(config), tx) if settings.pretrain_steps else None
+    pretrain_step = compiled_pretrain_step(config, settings) if settings.pretrain_steps else None
     pre = settings.pretrain_steps
     manager = checkpoint_manager(settings.workdir)
     state = restore_latest(manager, abstract_state(config, tx))
