@@ -81,12 +81,17 @@ def encode(
     slot: dict[int, int] = {}
     order = [slot.setdefault(id(im), len(slot)) for im in images]
     if len(slot) < len(images):  # an image object given twice (rel-att: [q; general])
-        return _encode_shared(processor, texts, images, order, pad_to_multiple_of)
+        out = _encode_shared(processor, texts, images, order, pad_to_multiple_of)
+    else:
+        out = _encode_all(processor, texts, images, pad_to_multiple_of)
+    if (out["attention_mask"][:, -1] == 0).any():
+        raise ValueError("the processor pads on the right; set tokenizer.padding_side='left'")
+    return out
+
+
+def _encode_all(processor, texts, images, pad_to_multiple_of):
     out = processor(images=images, text=texts, return_tensors="np", padding=True,
                     pad_to_multiple_of=pad_to_multiple_of)  # fmt: skip
-    mask = np.asarray(out["attention_mask"])
-    if (mask[:, -1] == 0).any():
-        raise ValueError("the processor pads on the right; set tokenizer.padding_side='left'")
     return {k: np.asarray(v) for k, v in out.items()}
 
 
@@ -101,17 +106,10 @@ def _encode_shared(processor, texts, images, order, pad_to_multiple_of):
     unique = list({id(im): im for im in images}.values())
     pixels = np.asarray(processor.image_processor(unique, return_tensors="np")["pixel_values"])
     stand_in = Image.new("RGB", (8, 8))
-    out = processor(images=[stand_in] * len(images), text=texts, return_tensors="np",
-                    padding=True, pad_to_multiple_of=pad_to_multiple_of)  # fmt: skip
-    out = {k: np.asarray(v) for k, v in out.items()}
+    out = _encode_all(processor, texts, [stand_in] * len(images), pad_to_multiple_of)
     if out["pixel_values"].shape[1:] != pixels.shape[1:]:
-        out = processor(images=images, text=texts, return_tensors="np", padding=True,
-                        pad_to_multiple_of=pad_to_multiple_of)  # fmt: skip
-        out = {k: np.asarray(v) for k, v in out.items()}
-    else:
-        out["pixel_values"] = pixels[np.asarray(order)]
-    if (out["attention_mask"][:, -1] == 0).any():
-        raise ValueError("the processor pads on the right; set tokenizer.padding_side='left'")
+        return _encode_all(processor, texts, images, pad_to_multiple_of)
+    out["pixel_values"] = pixels[np.asarray(order)]
     return out
 
 
