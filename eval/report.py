@@ -134,8 +134,10 @@ def bucket_table(run: Run, variant: str = "official") -> tuple[list[str], list[l
         from eval.synthetic import SIZE_BUCKETS as buckets
     groups: dict[str, list[dict]] = {name: [] for name, _, _ in buckets}
     for r in run.records:
-        if run.task == "synthetic":
-            groups[(r.get("extra") or {}).get("size_bucket", "large")].append(r)
+        if run.task == "synthetic":  # a record without a bucket stays out, like one without a box
+            bucket = (r.get("extra") or {}).get("size_bucket")
+            if bucket in groups:
+                groups[bucket].append(r)
             continue
         area = relative_area(r)
         if area is not None:

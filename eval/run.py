@@ -156,11 +156,13 @@ def main(argv):
     from eval import report
     from eval.datasets import DatasetError
     from eval.records import ConfigMismatch
-    from eval.runner import TooManyErrors, run
+    from eval.runner import TooManyErrors, load_run_model, run, visualize
 
     try:
         settings = settings_from_flags()
-        path = run(settings)
+        # One load for the run and the pictures (run() alone loads only if work is left).
+        model = load_run_model(settings) if _VISUALIZE.value else None
+        path = run(settings, model=model)
     except (ConfigMismatch, DatasetError, TooManyErrors, ValueError) as e:
         # Bad input, not a bug: the message says what to fix; no traceback.
         print(f"error: {e}", file=sys.stderr)
@@ -168,10 +170,9 @@ def main(argv):
     print(report.make_report(settings.output_dir))
     print(f"results: {path}")
     if _VISUALIZE.value:
-        from eval.runner import visualize
-
-        vis = visualize(settings, _VISUALIZE.value)
-        print(f"{len(vis)} visualisations in {os.path.dirname(vis[0])}" if vis else "")
+        vis = visualize(settings, _VISUALIZE.value, model)
+        if vis:
+            print(f"{len(vis)} visualisations in {os.path.dirname(vis[0])}")
 
 
 if __name__ == "__main__":

@@ -270,14 +270,19 @@ def run(settings: Settings, model=None, log: Callable[[str], None] | None = None
     return path
 
 
-def _run_shard(s: Settings, todo: list[Example], out, model, log, total: int) -> None:
+def load_run_model(s: Settings):
+    """The run's model: settings.model in settings.dtype."""
     import jax.numpy as jnp
 
     from vicrop_jax.loading import load_model
 
+    return load_model(s.model, dtype=jnp.bfloat16 if s.dtype == "bfloat16" else jnp.float32)
+
+
+def _run_shard(s: Settings, todo: list[Example], out, model, log, total: int) -> None:
     if model is None:
         t0 = time.perf_counter()
-        model = load_model(s.model, dtype=jnp.bfloat16 if s.dtype == "bfloat16" else jnp.float32)
+        model = load_run_model(s)
         log(f"loaded {s.model} ({s.dtype}) in {time.perf_counter() - t0:.1f}s")
     mesh = local_mesh() if s.data_parallel else None
     if mesh is not None:
@@ -350,17 +355,17 @@ def _fill(rec: dict, res: dict, first: str) -> None:
     rec["crop_answer"], rec["bbox"], rec["map_stats"] = m["crop_answer"], m["bbox"], m["map_stats"]
 
 
-def visualize(settings, n: int) -> list[str]:
+def visualize(settings: Settings, n: int, model=None) -> list[str]:
     """Writes output_dir/vis/<id>_<method>.png: each map method's map over the image, its
-    box and the question's answers, for the first n questions of the run."""
-    import vicrop_jax
+    box and the question's answers, for the first n questions of the run, with the run's
+    layer and dtype. model: the run's model if already loaded (else loaded here)."""
     from vicrop_jax import pipeline
     from vicrop_jax.show import render
 
     methods = [m for m in settings.methods if m.removesuffix("_high") in ATTENTION_METHODS]
     if not methods or n <= 0:
         return []
-    model = vicrop_jax.load_model(settings.model)
+    model = load_run_model(settings) if model is None else model
     out_dir = os.path.join(settings.output_dir, "vis")
     os.makedirs(out_dir, exist_ok=True)
     paths = []
@@ -369,6 +374,7 @@ def visualize(settings, n: int) -> list[str]:
         for m in methods:
             a = pipeline.ask(model, image, ex.question, method=m.removesuffix("_high"),
                              high_res=m.endswith("_high"), short_question=ex.short_question,
+                             layer=parse_layer(settings.layer),
                              max_new_tokens=settings.max_new_tokens)  # fmt: skip
             title = (f"{ex.question}  truth: {ex.labels[0]}  no crop: {a.original_answer!r}  "
                      f"{m}: {a.crop_answer!r}")  # fmt: skip

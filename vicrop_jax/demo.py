@@ -52,15 +52,18 @@ def main(argv):
     del argv
     f = flags.FLAGS
     from eval import report
-    from eval.runner import run, visualize
+    from eval.runner import load_run_model, run, visualize
 
     if not os.path.isfile(os.path.join(f.model, "config.json")):
         raise app.UsageError(f"--model {f.model!r} holds no config.json")
     t0 = time.perf_counter()
+    if not 1 <= f.n <= 500:
+        raise app.UsageError(f"--n must be in [1, 500] (the demo set's size), got {f.n}")
     s = settings(f.model, f.n, f.out, f.batch_size)
-    run(s)
+    model = load_run_model(s)  # one load for the run and the pictures
+    run(s, model=model)
     print(report.make_report(s.output_dir))
-    vis = visualize(s, f.visualize)
+    vis = visualize(s, f.visualize, model)
     if vis:
         print(f"pictures: {os.path.dirname(vis[0])}/ ({len(vis)} files)")
     print(f"demo finished in {time.perf_counter() - t0:.0f} s; results: {s.output_dir}")
