@@ -20,6 +20,8 @@ def _img(w=90, h=64, seed=0):
 
 @pytest.mark.parametrize("share", [True, False])
 def test_ask_uses_one_image_then_two(tiny_llava, monkeypatch, share):
+    from vicrop_jax import prefix as prefix_mod
+
     model, _ = tiny_llava
     calls = []
     real = pipeline.encode
@@ -28,18 +30,35 @@ def test_ask_uses_one_image_then_two(tiny_llava, monkeypatch, share):
         calls.append((list(texts), [im.size for im in images]))
         return real(proc, texts, images, *args)
 
+    pixel_calls = []
+    real_pixels = prefix_mod._pixels
+
+    def pixel_spy(m, images):
+        pixel_calls.append([im.size for im in images])
+        return real_pixels(m, images)
+
     monkeypatch.setattr(pipeline, "encode", spy)
     monkeypatch.setattr(importance_mod, "encode", spy)
+    monkeypatch.setattr(prefix_mod, "_pixels", pixel_spy)
     img = _img()
     ans = pipeline.ask(model, img, Q, max_new_tokens=4, share_prefill=share)
-    if share:  # one prefill: [question, general prompt], one image each
-        (base_texts, base_imgs), (crop_texts, crop_imgs) = calls
-        assert [t.count("<image>") for t in base_texts] == [1, 1]
-        assert Q in base_texts[0] and base_imgs == [img.size] * 2
+    if share:  # the original's vision pass and prefix once, then the crop's
+        assert calls == []
+        x1, y1, x2, y2 = ans.bbox
+        assert pixel_calls == [[img.size], [(x2 - x1, y2 - y1)]]
+        p = prefix_mod.split_prompts(model, [Q])
+        tok = model.processor.tokenizer
+        image_id = model.config.image_token_index
+        assert list(p.prefix).count(image_id) == model.config.num_image_tokens
+        assert [(r == image_id).sum() for r in p.qg] == [0, 0]
+        assert (p.pair[0] == image_id).sum() == model.config.num_image_tokens
+        assert Q in tok.decode(p.qg[0], skip_special_tokens=True)
+        crop_texts, crop_imgs = ["<image>" * 2], [img.size, (x2 - x1, y2 - y1)]
     else:  # baseline, then the map pass, as the official code
         (base_texts, base_imgs), _, (crop_texts, crop_imgs) = calls
         assert base_texts == [base_texts[0]] and base_texts[0].count("<image>") == 1
         assert base_imgs == [img.size]
+        assert pixel_calls == []
     assert crop_texts[0].count("<image>") == 2
     x1, y1, x2, y2 = ans.bbox
     assert crop_imgs == [img.size, (x2 - x1, y2 - y1)]

@@ -94,13 +94,39 @@ def greedy_generate(
         input_ids, pixel_values, attention_mask, cache=cache, attn_delta=attn_delta,
         only_last_logits=True, **(extra or {}),
     )  # fmt: skip
-    eos = jnp.asarray(eos_ids if eos_ids else (-1,), jnp.int32)
-    tok = jnp.argmax(pre.logits[:, -1], axis=-1).astype(jnp.int32)
     cache = pre.cache
     if decode_rows is not None and decode_rows != b:
-        b, tok = decode_rows, tok[:decode_rows]
-        cache = cache.replace(k=cache.k[:, :b], v=cache.v[:, :b], mask=cache.mask[:b],
-                              position=cache.position[:b])  # fmt: skip
+        cache = slice_rows(cache, decode_rows)
+    tokens, lengths = decode(
+        apply,
+        pre.logits[: cache.mask.shape[0], -1],
+        cache,
+        max_new_tokens=max_new_tokens,
+        eos_ids=eos_ids,
+        pad_id=pad_id,
+    )
+    prefill = pre.replace(cache=None) if not output_prefill else pre
+    return GenerateOutput(tokens=tokens, lengths=lengths, prefill=prefill)
+
+
+def slice_rows(cache: KVCache, rows: int) -> KVCache:
+    """The cache of the first `rows` rows."""
+    return cache.replace(k=cache.k[:, :rows], v=cache.v[:, :rows], mask=cache.mask[:rows],
+                         position=cache.position[:rows])  # fmt: skip
+
+
+def decode(apply, first_logits: Array, cache: KVCache, *, max_new_tokens: int,
+           eos_ids: tuple[int, ...], pad_id: int) -> tuple[Array, Array]:  # fmt: skip
+    """Greedy steps after a prompt pass (traced inside a jitted caller).
+
+    apply: the bound model's apply(ids, pixels, mask, cache=..., only_last_logits=...);
+    first_logits float[B, V]: the prompt's last-position logits; cache: the prompt's cache
+    (B rows, room for max_new_tokens more slots). Returns (tokens int32[B, M] padded with
+    pad_id after EOS, lengths int32[B] up to and including EOS).
+    """
+    b = first_logits.shape[0]
+    eos = jnp.asarray(eos_ids if eos_ids else (-1,), jnp.int32)
+    tok = jnp.argmax(first_logits, axis=-1).astype(jnp.int32)
     tokens = jnp.full((b, max_new_tokens), pad_id, jnp.int32).at[:, 0].set(tok)
     done = jnp.isin(tok, eos)
     lengths = jnp.ones((b,), jnp.int32)
@@ -122,8 +148,7 @@ def greedy_generate(
 
     state = (jnp.int32(1), tokens, done, lengths, cache, tok)
     _, tokens, _, lengths, _, _ = jax.lax.while_loop(cond, body, state)
-    prefill = pre.replace(cache=None) if not output_prefill else pre
-    return GenerateOutput(tokens=tokens, lengths=lengths, prefill=prefill)
+    return tokens, lengths
 
 
 def trim(tokens: np.ndarray, lengths: np.ndarray) -> list[list[int]]:

@@ -37,7 +37,6 @@ from vicrop_jax.processing import (
     GENERAL_QUESTION,
     check_question,
     encode,
-    llava_prompt,
     prompt_for,
     to_rgb,
 )
@@ -186,40 +185,6 @@ def _llava_rel_att(cfg, rows: Array, input_ids: Array, layers: tuple[int, ...]) 
     return _llava_grid(cfg, safe_ratio(att[:b], att[b:]))
 
 
-@functools.partial(
-    jax.jit, static_argnames=("module", "layers", "max_new_tokens", "eos_ids", "pad_id")
-)
-def llava_rel_att_and_answer(
-    module,
-    params,
-    input_ids: Array,
-    attention_mask: Array,
-    pixels: Array,
-    *,
-    layers: tuple[int, ...],
-    max_new_tokens: int,
-    eos_ids: tuple[int, ...],
-    pad_id: int,
-):
-    """rel-att map and the baseline answer from one prefill (one vision pass).
-
-    The prefill of [questions; general prompts] gives the map's attention rows and the
-    questions' first answer token; its KV cache (question rows only) finishes the answers.
-    Inputs as `llava_maps`; returns (maps float32[B, N, N], GenerateOutput for the B
-    questions).
-    """
-    from vicrop_jax.generate import greedy_generate
-
-    b = pixels.shape[0]
-    feats, _ = module.apply({"params": params}, pixels, method=lambda m, p: m.image_features(p))
-    gen = greedy_generate(
-        module, params, input_ids, None, attention_mask, max_new_tokens=max_new_tokens,
-        eos_ids=eos_ids, pad_id=pad_id, output_prefill=False, decode_rows=b,
-        extra={"image_features": jnp.concatenate([feats, feats])},
-    )  # fmt: skip
-    return _llava_rel_att(module.config, gen.prefill.attentions, input_ids, layers), gen
-
-
 def _pure_grad_pool(grad: Array, detail: Array, p: int) -> Array:
     """grad [2B, H, W, C] (question rows, then general) -> ratio of channel norms, times the
     detail mask, mean-pooled over p x p patches: [B, H / p, W / p]."""
@@ -317,43 +282,6 @@ def model_layers(model: Model, layer) -> tuple[int, ...]:
     """The LM layers a map reads: `layer` resolved, or the paper's default for the family."""
     nl = model.config.text_config.num_hidden_layers
     return resolve_layers(default_layer(model.family, nl) if layer is None else layer, nl)
-
-
-def rel_att_with_answers(
-    model: Model,
-    images: Sequence[Image.Image],
-    questions: Sequence[str],
-    *,
-    max_new_tokens: int,
-    layer=None,
-    params=None,
-    pad_to_multiple_of: int | None = None,
-    place=jnp.asarray,
-) -> tuple[Array, list[str]]:
-    """LLaVA rel-att maps [B, N, N] and baseline answers from one shared prefill.
-
-    Same maps as maps_for_images(method="rel_att") and same answers as
-    pipeline.generate_answers on the question prompts, with one prefill and one vision pass
-    instead of two of each. Images and questions must be preprocessed (RGB, checked).
-    """
-    from vicrop_jax.generate import trim
-
-    if model.family != "llava":
-        raise ValueError(f"the shared prefill is implemented for LLaVA, not {model.family!r}")
-    n = len(images)
-    texts = [llava_prompt(q) for q in questions] + [llava_prompt(GENERAL_QUESTION)] * n
-    enc = encode(model.processor, texts, list(images) * 2, pad_to_multiple_of)
-    tok = model.processor.tokenizer
-    maps, gen = llava_rel_att_and_answer(
-        model.module, model.params if params is None else params, place(enc["input_ids"]),
-        place(enc["attention_mask"]), place(np.transpose(enc["pixel_values"][:n], (0, 2, 3, 1))),
-        layers=model_layers(model, layer), max_new_tokens=max_new_tokens,
-        eos_ids=model.config.text_config.eos_ids,
-        pad_id=tok.pad_token_id if tok.pad_token_id is not None else 0,
-    )  # fmt: skip
-    answers = [tok.decode(t, skip_special_tokens=True).strip()
-               for t in trim(gen.tokens, gen.lengths)]  # fmt: skip
-    return maps, answers
 
 
 def maps_for_images(

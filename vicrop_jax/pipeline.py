@@ -15,8 +15,9 @@ import numpy as np
 from PIL import Image
 
 from vicrop_jax import bbox as bbox_lib
+from vicrop_jax import prefix as prefix_lib
 from vicrop_jax.generate import greedy_generate, trim
-from vicrop_jax.importance import importance, maps_for_images, rel_att_with_answers
+from vicrop_jax.importance import importance, maps_for_images
 from vicrop_jax.loading import Model
 from vicrop_jax.processing import check_question, encode, prompt_for, to_rgb
 
@@ -105,8 +106,10 @@ def ask_batch(
       short_questions: optional per-item questions used for the map only (V*).
       max_new_tokens: the most answer tokens (the official code uses 20).
       params: params to use instead of model.params (e.g. cast or sharded).
-      share_prefill: for rel-att, read the map from the baseline answer's prefill (same
-        numbers, less work); False runs them as separate passes, as the official code does.
+      share_prefill: for LLaVA rel-att, run the prompts' common prefix (BOS and the first
+        image) once per question and read the map from the baseline answer's pass (same
+        numbers, less work; see vicrop_jax.prefix); False runs the official code's separate
+        passes.
 
     Returns:
       One Answer per item.
@@ -132,12 +135,13 @@ def ask_batch(
         share_prefill and model.family == "llava" and method == "rel_att" and not high_res
         and map_qs == questions
     )  # fmt: skip
-    stacked = None
+    stacked = started = None
     if shared:
-        stacked, baseline = _timed(
-            timings, "baseline_answer_and_map", rel_att_with_answers, model, images, questions,
+        started = _timed(
+            timings, "baseline_answer_and_map", prefix_lib.start, model, images, questions,
             max_new_tokens=max_new_tokens, layer=layer, params=params,
         )  # fmt: skip
+        stacked, baseline = started.maps, started.answers
     else:
         baseline = _timed(
             timings, "baseline_answer", generate_answers, model,
@@ -164,12 +168,15 @@ def ask_batch(
         maps = list(np.asarray(stacked))
     boxes = [tuple(int(v) for v in b) for b in boxes]
     crops = [im.crop(b) for im, b in zip(images, boxes, strict=True)]
-    pairs = [x for im, c in zip(images, crops, strict=True) for x in (im, c)]
-    cropped = _timed(
-        timings, "crop_answer", generate_answers, model,
-        [prompt_for(model.family, q, n_images=2) for q in questions], pairs, max_new_tokens,
-        params,
-    )  # fmt: skip
+    if started is not None:
+        cropped = _timed(timings, "crop_answer", prefix_lib.finish, model, started, crops)
+    else:
+        pairs = [x for im, c in zip(images, crops, strict=True) for x in (im, c)]
+        cropped = _timed(
+            timings, "crop_answer", generate_answers, model,
+            [prompt_for(model.family, q, n_images=2) for q in questions], pairs,
+            max_new_tokens, params,
+        )  # fmt: skip
     return [
         Answer(q, a, c, b, m, method + ("_high" if high_res else ""), dict(timings))
         for q, a, c, b, m in zip(questions, baseline, cropped, boxes, maps, strict=True)

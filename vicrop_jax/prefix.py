@@ -1,0 +1,217 @@
+"""rel-att ViCrop for LLaVA with the first image's prefix computed once per question.
+
+The official LLaVA-1.5 prompts start with the image: BOS, then the first image's T tokens,
+then the text (the [original, crop] prompt puts the crop's T tokens before the text). The
+question prompt, the general-description prompt and the [original, crop] prompt of one
+question therefore share their first 1 + T tokens, which are most of each prompt (577 of
+about 620 for LLaVA-1.5-7B). This module runs that prefix once per question:
+
+  1. `start`: the vision tower on the originals, the prefix pass (one row per question) into
+     a KV cache, then the question and general tails as 2B rows over two copies of that
+     cache. The tails' last-query rows at the map layer(s) give the rel-att map; the
+     question rows go on to the baseline answer.
+  2. (host) the box search on the maps, the crops, their preprocessing.
+  3. `finish`: the vision tower on the crops and the [original, crop] tails over the same
+     prefix cache, then their answers.
+
+Same maps and answers as the unshared passes (tests/test_prefix.py compares them, and
+HF PyTorch answers through the pipeline tests): the prefix has no padding, so cache slots
+and RoPE positions are the unshared prompt's; the tails are left-padded inside the cache
+(masked slots) and their positions continue from the prefix's.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from PIL import Image
+
+from vicrop_jax.generate import _param_dtype, decode, init_cache, slice_rows, trim
+from vicrop_jax.importance import _llava_grid, model_layers, safe_ratio
+from vicrop_jax.loading import Model
+from vicrop_jax.processing import GENERAL_QUESTION, llava_prompt
+
+Array = jax.Array
+
+
+def _bucket(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple
+
+
+@dataclasses.dataclass
+class Prompts:
+    """Token ids of a batch's prompts split at the shared prefix.
+
+    prefix: int32[P] (BOS and the first image's tokens, the same for every prompt);
+    qg: int32[2B, L1] left-padded tails of [question prompts; general prompts], qg_mask;
+    pair: int32[B, L2] left-padded tails of the [original, crop] prompts, pair_mask.
+    """
+
+    prefix: np.ndarray
+    qg: np.ndarray
+    qg_mask: np.ndarray
+    pair: np.ndarray
+    pair_mask: np.ndarray
+
+
+def split_prompts(model: Model, questions: Sequence[str], multiple: int = 8) -> Prompts:
+    """Tokenises the three prompts of each question and splits off their common prefix.
+
+    Raises ValueError when the prompts do not start with the same tokens through the first
+    image (a template that puts text before the image cannot share the prefix).
+    """
+    tok = model.processor.tokenizer
+    t, image_id = model.config.num_image_tokens, model.config.image_token_index
+    image_text = getattr(model.processor, "image_token", "<image>")
+    n = len(questions)
+    texts = [llava_prompt(q) for q in questions] + [llava_prompt(GENERAL_QUESTION)] * n
+    texts += [llava_prompt(q, 2) for q in questions]
+    texts = [x.replace(image_text, image_text * t) for x in texts]
+    ids = tok(texts, add_special_tokens=True)["input_ids"]
+    first = ids[0].index(image_id) if image_id in ids[0] else -1
+    if first < 0:
+        raise ValueError("the prompt has no image token; cannot share its prefix")
+    p = first + t
+    prefix = ids[0][:p]
+    tails = []
+    for row in ids:
+        if row[:p] != prefix:
+            raise ValueError("the prompts do not share their tokens through the first image")
+        tails.append(row[p:])
+
+    def pad(rows):
+        length = _bucket(max(len(r) for r in rows), multiple)
+        out = np.full((len(rows), length), tok.pad_token_id or 0, np.int32)
+        mask = np.zeros((len(rows), length), np.int32)
+        for i, r in enumerate(rows):
+            out[i, length - len(r) :] = r
+            mask[i, length - len(r) :] = 1
+        return out, mask
+
+    qg, qg_mask = pad(tails[: 2 * n])
+    pair, pair_mask = pad(tails[2 * n :])
+    return Prompts(np.asarray(prefix, np.int32), qg, qg_mask, pair, pair_mask)
+
+
+def _double(cache):
+    cat = lambda x, axis: jnp.concatenate([x, x], axis=axis)  # noqa: E731
+    return cache.replace(k=cat(cache.k, 1), v=cat(cache.v, 1), mask=cat(cache.mask, 0),
+                         position=cat(cache.position, 0))  # fmt: skip
+
+
+@functools.partial(
+    jax.jit,
+    static_argnames=("module", "layers", "image_start", "room", "max_new_tokens", "eos_ids",
+                     "pad_id"),
+)  # fmt: skip
+def start_pass(module, params, prefix, pixels, qg, qg_mask, *, layers, image_start, room,
+               max_new_tokens, eos_ids, pad_id):  # fmt: skip
+    """Prefix pass, [question; general] tails, rel-att maps, baseline answers (jitted).
+
+    prefix int32[P]; pixels float[B, H, W, C]; qg, qg_mask int32[2B, L1]. Returns (maps
+    float32[B, N, N], tokens int32[B, M], lengths int32[B], the prefix cache with `room`
+    free slots).
+    """
+    b, p = pixels.shape[0], prefix.shape[0]
+    apply = functools.partial(module.apply, {"params": params})
+    feats, _ = apply(pixels, method=lambda m, x: m.image_features(x))
+    cache = init_cache(module.config, b, p + room, _param_dtype(params))
+    ids = jnp.broadcast_to(prefix, (b, p))
+    cache = apply(ids, None, None, cache=cache, only_last_logits=True,
+                  image_features=feats).cache  # fmt: skip
+    out = apply(qg, None, qg_mask, cache=_double(cache), only_last_logits=True)
+    t = module.config.num_image_tokens
+    rows = out.attentions[jnp.asarray(layers)][..., image_start : image_start + t]  # [l,2B,N,T]
+    att = rows.mean((0, 2))  # [2B, T]
+    maps = _llava_grid(module.config, safe_ratio(att[:b], att[b:]))
+    tokens, lengths = decode(
+        apply,
+        out.logits[:b, -1],
+        slice_rows(out.cache, b),
+        max_new_tokens=max_new_tokens,
+        eos_ids=eos_ids,
+        pad_id=pad_id,
+    )
+    return maps, tokens, lengths, cache
+
+
+@functools.partial(jax.jit, static_argnames=("module", "max_new_tokens", "eos_ids", "pad_id"))
+def finish_pass(module, params, cache, crop_pixels, pair, pair_mask, *, max_new_tokens,
+                eos_ids, pad_id):  # fmt: skip
+    """The [original, crop] tails over the prefix cache, then their answers (jitted)."""
+    apply = functools.partial(module.apply, {"params": params})
+    feats, _ = apply(crop_pixels, method=lambda m, x: m.image_features(x))
+    out = apply(pair, None, pair_mask, cache=cache, only_last_logits=True, image_features=feats)
+    return decode(
+        apply,
+        out.logits[:, -1],
+        out.cache,
+        max_new_tokens=max_new_tokens,
+        eos_ids=eos_ids,
+        pad_id=pad_id,
+    )
+
+
+def _pixels(model: Model, images) -> np.ndarray:
+    out = model.processor.image_processor(list(images), return_tensors="np")["pixel_values"]
+    return np.ascontiguousarray(np.asarray(out).transpose(0, 2, 3, 1))
+
+
+@dataclasses.dataclass
+class Started:
+    """What `start` returns: maps float32[B, N, N] (device), baseline answers, and the state
+    `finish` continues from."""
+
+    maps: Array
+    answers: list[str]
+    prompts: Prompts
+    cache: object
+    params: object
+    max_new_tokens: int
+
+
+def _decode_text(model: Model, tokens, lengths) -> list[str]:
+    tok = model.processor.tokenizer
+    return [tok.decode(t, skip_special_tokens=True).strip() for t in trim(tokens, lengths)]
+
+
+def _eos_pad(model: Model):
+    tok = model.processor.tokenizer
+    return model.config.text_config.eos_ids, tok.pad_token_id if tok.pad_token_id is not None else 0
+
+
+def start(model: Model, images: Sequence[Image.Image], questions: Sequence[str], *,
+          max_new_tokens: int, layer=None, params=None) -> Started:  # fmt: skip
+    """Step 1 for B RGB images and checked questions (see the module docstring)."""
+    if model.family != "llava":
+        raise ValueError(f"the shared prefix is implemented for LLaVA, not {model.family!r}")
+    params = model.params if params is None else params
+    prompts = split_prompts(model, questions)
+    eos_ids, pad_id = _eos_pad(model)
+    image_start = int(np.argmax(prompts.prefix == model.config.image_token_index))
+    room = max(prompts.qg.shape[1], prompts.pair.shape[1]) + max_new_tokens
+    maps, tokens, lengths, cache = start_pass(
+        model.module, params, jnp.asarray(prompts.prefix), jnp.asarray(_pixels(model, images)),
+        jnp.asarray(prompts.qg), jnp.asarray(prompts.qg_mask), layers=model_layers(model, layer),
+        image_start=image_start, room=room, max_new_tokens=max_new_tokens, eos_ids=eos_ids,
+        pad_id=pad_id,
+    )  # fmt: skip
+    answers = _decode_text(model, tokens, lengths)
+    return Started(maps, answers, prompts, cache, params, max_new_tokens)
+
+
+def finish(model: Model, started: Started, crops: Sequence[Image.Image]) -> list[str]:
+    """Step 3: the answers given [original, crop] for each question of `start`."""
+    eos_ids, pad_id = _eos_pad(model)
+    p = started.prompts
+    tokens, lengths = finish_pass(
+        model.module, started.params, started.cache, jnp.asarray(_pixels(model, crops)),
+        jnp.asarray(p.pair), jnp.asarray(p.pair_mask), max_new_tokens=started.max_new_tokens,
+        eos_ids=eos_ids, pad_id=pad_id,
+    )  # fmt: skip
+    return _decode_text(model, tokens, lengths)
