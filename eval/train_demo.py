@@ -100,6 +100,27 @@ _T_HEADS = flags.DEFINE_integer("text_heads", 4, "Decoder query heads.")
 _T_KV = flags.DEFINE_integer("text_kv_heads", 2, "Decoder key/value heads (GQA).")
 _T_MLP = flags.DEFINE_integer("text_mlp", 512, "Decoder MLP width.")
 _NEG = flags.DEFINE_float("negative_fraction", 0.1, "Pairs whose crop misses the subject.")
+_RAND_CROP = flags.DEFINE_float(
+    "random_crop_fraction", 0.0, "Pairs whose crop is a random box (holding the subject or not)."
+)
+_DISTRACT = flags.DEFINE_float(
+    "distractor_fraction", 0.0, "Pairs whose crop shows another object (alike when possible)."
+)
+_GEN_W = flags.DEFINE_float(
+    "general_loss_weight",
+    0.0,
+    "Weight of KL(uniform || the general prompt's attention over the image) at the rel-att layer.",
+)
+_ATT_TARGET = flags.DEFINE_enum(
+    "attention_target",
+    "subject",
+    ["subject", "glyph"],
+    "Cells the attention loss pulls toward: the subject's box or its printed glyph's box.",
+)
+_INIT_FROM = flags.DEFINE_string(
+    "init_from", "", "Workdir of a finished run to fine-tune from (its latest checkpoint)."
+)
+_EVAL_SIZES = flags.DEFINE_list("eval_sizes", [], "Shorter sides of held-out images ([]: default).")
 _ATT_W = flags.DEFINE_float(
     "attention_loss_weight", 0.0, "Weight of -log(subject share of the rel-att layer's attention)."
 )
@@ -164,7 +185,12 @@ class Settings:
     weight_decay: float = 0.05
     grad_clip: float = 1.0
     negative_fraction: float = 0.1
+    random_crop_fraction: float = 0.0
+    distractor_fraction: float = 0.0
     attention_loss_weight: float = 0.0
+    general_loss_weight: float = 0.0
+    attention_target: str = "subject"
+    init_from: str = ""
     patch_loss_weight: float = 0.0
     pretrain_steps: int = 0
     pretrain_batch: int = 32
@@ -175,6 +201,7 @@ class Settings:
     log_every: int = 25
     eval_every: int = 500
     eval_items: int = 192
+    eval_sizes: tuple[int, ...] = ()
     eval_batch: int = 16
     checkpoint_every: int = 250
     progress: bool = True
@@ -197,7 +224,15 @@ class Settings:
                 "grad_clip", "negative_fraction", "attention_loss_weight", "patch_loss_weight",
                 "pretrain_steps", "pretrain_batch", "color_question_fraction", "glyphs",
                 "min_subject_px", "max_aspect")  # fmt: skip
-        return {"dims": dataclasses.asdict(self.dims), **{k: getattr(self, k) for k in keys}}
+        out = {"dims": dataclasses.asdict(self.dims), **{k: getattr(self, k) for k in keys}}
+        # Fine-tuning fields, only when set: a run without them keeps its old identity.
+        for k in ("random_crop_fraction", "distractor_fraction", "general_loss_weight",
+                  "init_from"):  # fmt: skip
+            if getattr(self, k):
+                out[k] = getattr(self, k)
+        if self.attention_target != "subject":
+            out["attention_target"] = self.attention_target
+        return out
 
 
 def hf_config(dims: ModelDims, tokenizer) -> dict:
@@ -373,6 +408,31 @@ def miss_crop(bbox, size, base: int, rng, tries: int = 20) -> tuple[int, int, in
     return None
 
 
+def random_crop(size, base: int, rng) -> tuple[int, int, int, int]:
+    """A base-to-2x-base square anywhere in the image (it may hold all, part or none of the
+    subject): what a box search that looked in the wrong place, or eval's random_crop, gives."""
+    side = int(round(base * rng.uniform(1.0, 2.0)))
+    return fit_box(rng.uniform(0, size[0]), rng.uniform(0, size[1]), side, size)
+
+
+def distractor(rec, rng) -> dict | None:
+    """Another object of the item, one sharing the subject's colour or shape when there is
+    one (the crop a wrong map peak gives: it looks like the subject to a half-attentive
+    reader), or None when the subject is alone."""
+    subject = rec["objects"][rec["subject_index"]]
+    others = [o for i, o in enumerate(rec["objects"]) if i != rec["subject_index"]]
+    if not others:
+        return None
+    alike = [o for o in others if o["color"] == subject["color"] or o["shape"] == subject["shape"]]
+    pool = alike or others
+    return pool[int(rng.integers(len(pool)))]
+
+
+def _contains_centre(box, bbox) -> bool:
+    cx, cy = (bbox[0] + bbox[2]) / 2, (bbox[1] + bbox[3]) / 2
+    return box[0] <= cx < box[2] and box[1] <= cy < box[3]
+
+
 def gt_crop(bbox, size, base: int) -> tuple[int, int, int, int]:
     """The subject's box grown to at least base x base around its centre (eval's gt_crop)."""
     x1, y1, x2, y2 = bbox
@@ -421,9 +481,18 @@ class Data:
         image, rec = syn.generate_item(s.seed, index, split=_SPLIT, **s.synth_options())
         rng = np.random.default_rng([s.seed, index, 1])
         box, hit = None, True
-        if rng.uniform() < s.negative_fraction:
+        u = rng.uniform()
+        if u < s.negative_fraction:
             box = miss_crop(rec["bbox"], image.size, s.dims.image_size, rng)
             hit = box is None
+        elif u < s.negative_fraction + s.random_crop_fraction:
+            box = random_crop(image.size, s.dims.image_size, rng)
+            hit = _contains_centre(box, rec["bbox"])
+        elif u < s.negative_fraction + s.random_crop_fraction + s.distractor_fraction:
+            other = distractor(rec, rng)
+            if other is not None:
+                box = subject_crop(other["bbox"], image.size, s.dims.image_size, rng)
+                hit = _contains_centre(box, rec["bbox"])
         if box is None:
             box = subject_crop(rec["bbox"], image.size, s.dims.image_size, rng)
         return image, image.crop(box), rec, hit, box
@@ -464,10 +533,16 @@ class Data:
             ]
         )  # [2B, 2, T]
         out.update({f"single_{k}": v for k, v in single.items()})
+        if self.s.general_loss_weight:
+            general = pack([(t.prompt(GENERAL_QUESTION, 1), [])] * b, self.len1, t.pad)
+            out["general_input_ids"] = general["input_ids"]
+            out["general_attention_mask"] = general["attention_mask"]
         out.update({f"pair_{k}": v for k, v in pair.items()})
+        key = "text_bbox" if self.s.attention_target == "glyph" else "bbox"
         out["subject_cells"] = np.stack(
-            [subject_cells(r["bbox"], im.size, g).reshape(-1) for im, _, r, *_ in items]
-        )
+            [subject_cells(r["objects"][r["subject_index"]][key], im.size, g).reshape(-1)
+             for im, _, r, *_ in items]
+        )  # fmt: skip
         out["bucket"] = np.array([_BUCKETS.index(r["size_bucket"]) for _, _, r, *_ in items])
         return out
 
@@ -533,6 +608,26 @@ def subject_attention(probs, input_ids, loss_mask, subject_cells, image_token: i
     return jnp.sum(rows * on_subject, -1) / jnp.maximum(jnp.sum(rows * first, -1), 1e-9)
 
 
+def image_attention(probs, input_ids, image_token: int, num_tokens: int):
+    """float32[B, T]: the last position's attention (heads averaged) over the first image's
+    tokens, renormalised to sum to 1 (the general prompt's rows: left-padded, no answer)."""
+    rows = probs.mean(1)[:, -1]  # [B, K]
+    is_img = input_ids == image_token
+    first = is_img & (jnp.cumsum(is_img, axis=1) <= num_tokens)
+    # The first image's tokens are contiguous; gather them in order.
+    start = jnp.argmax(first, axis=1)
+    idx = start[:, None] + jnp.arange(num_tokens)[None]
+    att = jnp.take_along_axis(rows, idx, axis=1)
+    return att / jnp.maximum(att.sum(-1, keepdims=True), 1e-9)
+
+
+def general_uniformity_loss(att):
+    """KL(uniform || att) over the image tokens, per row: 0 when the general prompt looks at
+    every patch alike, so rel-att's ratio (question / general) keeps the question's peak."""
+    t = att.shape[-1]
+    return -jnp.mean(jnp.log(att + 1e-6), axis=-1) - jnp.log(t)
+
+
 def init_aux(key, dim: int) -> dict:
     """The patch-label heads (training only, never exported): linear maps from the projected
     image features (width `dim`) to glyph and colour+shape logits."""
@@ -561,11 +656,14 @@ def patch_loss(aux, feats, labels, background_weight: float = 0.1):
 
 
 def loss_fn(module, params, batch, att_weight: float = 0.0, att_layer: int = 0,
-            aux=None, patch_weight: float = 0.0):  # fmt: skip
+            aux=None, patch_weight: float = 0.0, general_weight: float = 0.0):  # fmt: skip
     """Both prompt kinds of a batch; the vision tower runs once per image.
 
     With att_weight > 0, adds att_weight * -log(subject share of the attention) of the single
     prompts at LM layer att_layer (see `subject_attention`); the share is logged either way.
+    With general_weight > 0 (the batch then holds general_* rows: the general-description
+    prompt on each image), adds general_weight * KL(uniform || that prompt's attention over
+    the image at att_layer) (see `general_uniformity_loss`).
     """
     apply = functools.partial(module.apply, {"params": params})
     feats, _ = apply(batch["pixel_values"], method=lambda m, p: m.image_features(p))  # [2B, T, D]
@@ -594,6 +692,16 @@ def loss_fn(module, params, batch, att_weight: float = 0.0, att_layer: int = 0,
             metrics["att_subject"] = jnp.mean(share)
             if att_weight:
                 total = total + att_weight * jnp.mean(-jnp.log(share + 1e-6))
+    if general_weight:
+        ids = batch["general_input_ids"]
+        out = apply(ids, None, batch["general_attention_mask"], image_features=feats[:b],
+                    output_full_attentions=True)  # fmt: skip
+        att = image_attention(out.full_attentions[att_layer], ids,
+                              module.config.image_token_index, feats.shape[1])  # fmt: skip
+        g_loss = jnp.mean(general_uniformity_loss(att))
+        metrics["loss_general"] = g_loss
+        metrics["att_subject_general"] = jnp.mean(jnp.sum(att * batch["subject_cells"], -1))
+        total = total + general_weight * g_loss
     return total, metrics
 
 
@@ -624,14 +732,14 @@ def _update(tx, state, loss):
 
 
 def make_train_step(module, tx, att_weight: float = 0.0, att_layer: int = 0,
-                    patch_weight: float = 0.0):  # fmt: skip
+                    patch_weight: float = 0.0, general_weight: float = 0.0):  # fmt: skip
     """A jitted (state, batch) -> (state, metrics); state = {params, aux, opt_state, step}
     (aux: the patch-label heads; the optimizer updates {"params", "aux"})."""
 
     def step(state, batch):
         def f(trainable):
             return loss_fn(module, trainable["params"], batch, att_weight, att_layer,
-                           trainable["aux"], patch_weight)  # fmt: skip
+                           trainable["aux"], patch_weight, general_weight)  # fmt: skip
 
         state, loss, metrics, grad_norm = _update(tx, state, f)
         return state, {**metrics, "loss": loss, "grad_norm": grad_norm}
@@ -669,7 +777,7 @@ def _step_settings(settings: Settings) -> Settings:
 
 
 _STEP_FIELDS = ("learning_rate", "warmup_steps", "weight_decay", "grad_clip", "steps",
-                "attention_loss_weight", "patch_loss_weight")  # fmt: skip
+                "attention_loss_weight", "patch_loss_weight", "general_loss_weight")  # fmt: skip
 
 
 @functools.cache
@@ -677,7 +785,8 @@ def _compiled(config: LlavaConfig, opt_settings: Settings):
     tx, schedule = make_optimizer(opt_settings)
     layer = default_layer("llava", config.text_config.num_hidden_layers)
     step = make_train_step(module_for(config), tx, opt_settings.attention_loss_weight, layer,
-                           opt_settings.patch_loss_weight)  # fmt: skip
+                           opt_settings.patch_loss_weight,
+                           opt_settings.general_loss_weight)  # fmt: skip
     return step, tx, schedule
 
 
@@ -724,8 +833,10 @@ def evaluate(model, params, settings: Settings) -> dict[str, Any]:
     for start in range(0, n, eb):
         idx = list(range(start, min(n, start + eb)))
         idx += [idx[-1]] * (eb - len(idx))  # a full batch: one compile for the whole eval
-        items = [syn.generate_item(settings.seed, i, split=_EVAL_SPLIT, **settings.synth_options())
-                 for i in idx]  # fmt: skip
+        opts = settings.synth_options()
+        if settings.eval_sizes:
+            opts["sizes"] = settings.eval_sizes
+        items = [syn.generate_item(settings.seed, i, split=_EVAL_SPLIT, **opts) for i in idx]
         images = [im for im, _ in items]
         recs = [r for _, r in items]
         answers = pipeline.ask_batch(model, images, [r["question"] for r in recs],
@@ -861,6 +972,8 @@ def train(settings: Settings) -> dict:
     pre = settings.pretrain_steps
     manager = checkpoint_manager(settings.workdir)
     state = restore_latest(manager, abstract_state(config, tx))
+    if state is None and settings.init_from:
+        state = init_from_run(settings, config, tx)
     state = init_state(config, settings, tx) if state is None else state
     start = int(state["step"])
     stop = min(settings.steps, settings.stop_at or settings.steps)
@@ -936,8 +1049,16 @@ def _record(window, m, buckets) -> None:
         for b, ok in zip(buckets, m[f"correct_{name}"], strict=True):
             window[f"acc_{name}_{_BUCKETS[b]}"].append(float(ok))
         window[f"acc_{name}"].extend(float(x) for x in m[f"correct_{name}"])
-    for k in ("grad_norm", "att_subject", "loss_patch", "acc_patch_glyph"):
-        window[k].append(float(m[k]))
+    for k in (
+        "grad_norm",
+        "att_subject",
+        "loss_patch",
+        "acc_patch_glyph",
+        "loss_general",
+        "att_subject_general",
+    ):
+        if k in m:
+            window[k].append(float(m[k]))
 
 
 def _finish(settings, state, pool, manager, hf_cfg, processor):
@@ -946,6 +1067,27 @@ def _finish(settings, state, pool, manager, hf_cfg, processor):
         export(state["params"], hf_cfg, processor, settings.export_dir)
     manager.close()
     return state
+
+
+def init_from_run(settings: Settings, config, tx):
+    """Step-0 state of a fine-tuning run: the params and patch-label heads of the latest
+    checkpoint of the run in `settings.init_from` (same model dims), a fresh optimizer."""
+    src = settings.init_from
+    path = os.path.join(src, "settings.json")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"--init_from={src}: no settings.json (not a training workdir)")
+    with open(path) as f:
+        dims = json.load(f)["dims"]
+    if dims != dataclasses.asdict(settings.dims):
+        raise ValueError(f"--init_from={src} holds a model of other dims: {dims}")
+    manager = checkpoint_manager(src)
+    # The source's optimizer state has the same structure (same optimizer chain).
+    state = restore_latest(manager, abstract_state(config, tx))
+    manager.close()
+    if state is None:
+        raise FileNotFoundError(f"--init_from={src}: no checkpoint under {src}/checkpoints")
+    trainable = {"params": state["params"], "aux": state["aux"]}
+    return {**trainable, "opt_state": tx.init(trainable), "step": jnp.zeros((), jnp.int32)}
 
 
 def export_latest(settings: Settings) -> str:
@@ -977,6 +1119,9 @@ def settings_from_flags() -> Settings:
         steps=_STEPS.value, stop_at=_STOP_AT.value, batch_size=_BATCH.value,
         learning_rate=_LR.value, warmup_steps=_WARMUP.value, weight_decay=_WD.value,
         grad_clip=_CLIP.value, negative_fraction=_NEG.value, attention_loss_weight=_ATT_W.value,
+        random_crop_fraction=_RAND_CROP.value, distractor_fraction=_DISTRACT.value,
+        general_loss_weight=_GEN_W.value, attention_target=_ATT_TARGET.value,
+        init_from=_INIT_FROM.value, eval_sizes=tuple(int(x) for x in _EVAL_SIZES.value),
         patch_loss_weight=_AUX_W.value, glyphs=_GLYPHS.value, pretrain_steps=_PRE_STEPS.value,
         pretrain_batch=_PRE_BATCH.value,
         color_question_fraction=_COLOR_Q.value, min_subject_px=_MIN_SUBJECT.value,

@@ -192,3 +192,60 @@ def test_patch_labels_mark_glyph_and_shape_cells_in_image_and_crop():
     # A crop [60, 20, 100, 60) holds only the square; its centre is at (20, 20) of 40 x 40.
     crop = td.patch_labels(objects, (60, 20, 100, 60), 4).reshape(2, 4, 4)
     assert crop[0, 2, 2] == cat and crop[1, 2, 2] == blue_square and (crop > 0).sum() == 2
+
+
+def test_finetune_from_a_run_restarts_the_schedule_and_trains_the_map_losses(tmp_path):
+    # A 2-step base run, then a fine-tune from it with the attention, general-prompt and
+    # crop-mix options: it starts from the base's params (step 0, fresh optimizer), logs the
+    # general prompt's loss, and refuses a source with other dims or without checkpoints.
+    base = td.train(_settings(tmp_path / "base", steps=2, patch_loss_weight=1.0,
+                              glyphs="letter"))  # fmt: skip
+    kw = dict(steps=2, init_from=str(tmp_path / "base"), attention_loss_weight=1.0,
+              general_loss_weight=0.5, random_crop_fraction=0.3, distractor_fraction=0.3,
+              attention_target="glyph", patch_loss_weight=1.0, glyphs="letter")  # fmt: skip
+    s = _settings(tmp_path / "ft", **kw)
+    processor, config, _ = td.setup(s)
+    _, tx, _ = td.compiled_step(config, s)
+    start = td.init_from_run(s, config, tx)
+    assert int(start["step"]) == 0
+    jax.tree.map(np.testing.assert_array_equal, start["params"], base["params"])
+    tuned = td.train(s)
+    assert int(tuned["step"]) == 2
+    recs = [json.loads(line) for line in open(tmp_path / "ft" / "log.jsonl")]
+    assert all(0.0 <= r["loss_general"] for r in recs if r["kind"] == "train")
+    assert json.load(open(tmp_path / "ft" / "settings.json"))["init_from"] == kw["init_from"]
+    other = dataclasses.replace(DIMS, text_mlp=DIMS.text_mlp * 2)
+    with pytest.raises(ValueError, match="other dims"):
+        td.init_from_run(_settings(tmp_path / "x", dims=other, **kw), config, tx)
+    with pytest.raises(FileNotFoundError, match="settings.json"):
+        td.init_from_run(_settings(tmp_path / "y", init_from=str(tmp_path / "none")), config, tx)
+
+
+def test_general_uniformity_and_image_attention():
+    # Rows [pad, bos, img x3, q]: the last position's attention over the 3 image tokens.
+    ids = np.array([[0, 1, 4, 4, 4, 9]])
+    probs = np.zeros((1, 2, 6, 6), np.float32)
+    probs[0, :, 5] = [0, 0.4, 0.1, 0.2, 0.3, 0]
+    att = td.image_attention(probs, ids, 4, 3)
+    np.testing.assert_allclose(att, [[1 / 6, 2 / 6, 3 / 6]], rtol=1e-6)
+    assert float(td.general_uniformity_loss(np.full((1, 3), 1 / 3, np.float32))[0]) < 1e-5
+    assert float(td.general_uniformity_loss(att)[0]) > 0.05
+
+
+def test_crop_mix_gives_random_and_lookalike_crops():
+    s = td.Settings(workdir="", dims=DIMS, negative_fraction=0.0, random_crop_fraction=0.5,
+                    distractor_fraction=0.5, glyphs="letter")  # fmt: skip
+    data = td.Data.__new__(td.Data)
+    data.s = s
+    subject_centre = lookalike = 0
+    for i in range(40):
+        image, crop, rec, hit, box = data.item(i)
+        assert crop.size == (box[2] - box[0], box[3] - box[1])
+        assert hit == td._contains_centre(box, rec["bbox"])
+        subject_centre += hit
+        other = td.distractor(rec, np.random.default_rng(i))
+        if other is not None:
+            subj = rec["objects"][rec["subject_index"]]
+            lookalike += other["color"] == subj["color"] or other["shape"] == subj["shape"]
+    assert subject_centre < 30  # most of these crops do not hold the subject
+    assert lookalike > 0
