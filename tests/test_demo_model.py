@@ -74,3 +74,22 @@ def test_hf_torch_and_vicrop_jax_give_the_same_answers(shipped):
     small = np.array([r["size_bucket"] == "small" for r in recs])
     assert np.mean(np.array(ours)[large] == truth[large]) >= 0.4
     assert np.mean(np.array(ours2)[small] == truth[small]) >= 0.6
+
+
+def test_rel_att_vicrop_helps_small_subjects_and_matches_hf_on_its_crops(shipped):
+    # The whole rel-att pipeline (the shared-prefix path) on the 50 questions: HF torch gives
+    # the same answers on [image, our rel-att crop], and the crop lifts the small bucket.
+    from vicrop_jax.pipeline import ask_batch
+
+    model, hf, items = shipped
+    images = [im for im, _ in items]
+    recs = [r for _, r in items]
+    answers = ask_batch(model, images, [r["question"] for r in recs], max_new_tokens=3)
+    pairs = [x for im, a in zip(images, answers, strict=True) for x in (im, im.crop(a.bbox))]
+    double = [llava_prompt(r["question"], 2) for r in recs]
+    assert [a.crop_answer for a in answers] == _hf_answers(hf, model.processor, double, pairs, 2)
+    truth = np.array([r["answer"] for r in recs])
+    small = np.array([r["size_bucket"] == "small" for r in recs])
+    base = np.array([a.original_answer for a in answers])[small] == truth[small]
+    vicrop = np.array([a.crop_answer for a in answers])[small] == truth[small]
+    assert vicrop.mean() >= base.mean() + 0.2, (base.mean(), vicrop.mean())
