@@ -1,7 +1,8 @@
 """Trains the shipped demo model: a small LLaVA on the synthetic small-detail benchmark.
 
-python -m eval.train_demo --flagfile=eval/flags/train_demo.flags
-python -m eval.train_demo --flagfile=eval/flags/train_demo.flags --export_only
+python -m eval.train_demo --flagfile=eval/flags/train_demo.flags           # stage 1
+python -m eval.train_demo --flagfile=eval/flags/train_demo_finetune.flags  # stage 2, exports
+python -m eval.train_demo --flagfile=eval/flags/train_demo_finetune.flags --export_only
 
 The model is this project's own Flax LLaVA (CLIP-style ViT, MLP projector, Llama decoder)
 with a WordLevel tokenizer (tokenizers library) and an HF LlavaProcessor, exported in HF
@@ -30,6 +31,13 @@ What it learns, and why the data look as they do:
     share is logged (`att_subject`) either way.
   * The vision tower runs once per image of the step; the single-image and the pair
     prompts share those features (LlavaForConditionalGeneration's `image_features`).
+
+Stage 2 (`init_from`, eval/flags/train_demo_finetune.flags) fine-tunes a finished run with
+`attention_loss_weight`, `general_loss_weight` (the general-description prompt's attention
+over the image pulled toward uniform, so rel-att's ratio keeps the question's peak) and a crop
+mix with `random_crop_fraction` (boxes anywhere) and `distractor_fraction` (boxes around a
+look-alike object): the answer is always the subject's, so the model learns to fall back on
+the first image when the crop does not show the subject.
 
 Determinism: item i of the stream is `eval.synthetic.generate_item(seed, i, split="train")`
 and its crop is drawn from a generator seeded with (seed, i); step s uses items

@@ -2,6 +2,7 @@
 
 import dataclasses
 import json
+import os
 
 import jax
 import numpy as np
@@ -249,3 +250,28 @@ def test_crop_mix_gives_random_and_lookalike_crops():
             lookalike += other["color"] == subj["color"] or other["shape"] == subj["shape"]
     assert subject_centre < 30  # most of these crops do not hold the subject
     assert lookalike > 0
+
+
+def test_the_two_shipped_flagfiles_chain(tmp_path):
+    # Stage 2 starts from stage 1's workdir with the same model, and only stage 2 exports.
+    import subprocess
+    import sys
+
+    code = (
+        "import json, sys; from absl import flags; import eval.train_demo as td\n"
+        "out = []\n"
+        "for f in sys.argv[1:]:\n"
+        "    flags.FLAGS.unparse_flags(); flags.FLAGS(['x', '--flagfile=' + f])\n"
+        "    s = td.settings_from_flags()\n"
+        "    out.append([s.workdir, s.init_from, s.export_dir, s.identity()['dims']])\n"
+        "print(json.dumps(out))\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code, "eval/flags/train_demo.flags",
+                        "eval/flags/train_demo_finetune.flags"],
+                       capture_output=True, text=True, timeout=120,
+                       cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # fmt: skip
+    assert r.returncode == 0, r.stderr[-2000:]
+    (w1, init1, export1, dims1), (w2, init2, export2, dims2) = json.loads(r.stdout)
+    assert init1 == "" and export1 == ""
+    assert init2 == w1 and w2 != w1 and export2 == "vicrop_jax/assets/demo"
+    assert dims1 == dims2
