@@ -2,6 +2,7 @@
 
   python -m bench.pipeline                       # tiny random LLaVA built on the fly (CPU)
   python -m bench.pipeline --model DIR --method rel_att --batch_sizes 1,8,32 --out r.json
+  python -m bench.pipeline --preset llava-1.5-7b --dtype bfloat16   # random 7B shapes (GPU)
 
 Reference (a): HF transformers LlavaForConditionalGeneration, eager attention, batch 1,
 separate passes as the official run.py does them: baseline generate; map forward(s) with
@@ -13,12 +14,18 @@ reported separately (first call) and excluded from steady-state numbers.
 from __future__ import annotations
 
 import json
+import os
 import tempfile
 import time
 
-import numpy as np
-from absl import app, flags
-from PIL import Image
+# JAX and PyTorch share the GPU in this process: no JAX preallocation of most of its memory.
+os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+from absl import app, flags  # noqa: E402
+from PIL import Image  # noqa: E402
 
 _MODEL = flags.DEFINE_string("model", None, "HF checkpoint dir; default a tiny random one")
 _METHOD = flags.DEFINE_enum("method", "rel_att", ["rel_att", "grad_att", "pure_grad"], "map")
@@ -26,6 +33,13 @@ _N = flags.DEFINE_integer("questions", 8, "questions timed per configuration")
 _BATCHES = flags.DEFINE_string("batch_sizes", "1,8,32", "our batch sizes for throughput")
 _MAX_NEW = flags.DEFINE_integer("max_new_tokens", 20, "answer tokens (official: 20)")
 _OUT = flags.DEFINE_string("out", None, "write the results as JSON here")
+_PRESET = flags.DEFINE_string(
+    "preset", None, "random weights with a full-size preset's shapes (e.g. llava-1.5-7b)"
+)
+_PRESET_LAYERS = flags.DEFINE_list(
+    "preset_layers", [], "vision,text layer counts instead of the preset's (a quick CPU look)"
+)
+_DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "both sides' weights")
 
 QUESTION = "What is written on the red circle?"
 
@@ -37,6 +51,13 @@ def make_images(n: int, seed: int = 0) -> list[Image.Image]:
         Image.fromarray((rng.rand(h, w, 3) * 255).astype(np.uint8))
         for w, h in (sizes[i % len(sizes)] for i in range(n))
     ]
+
+
+def _sync():
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
 
 
 def reference_ask(hf, proc, image, question, method, layer, base, max_new):
@@ -51,10 +72,13 @@ def reference_ask(hf, proc, image, question, method, layer, base, max_new):
     n_img = hf.config.image_seq_length
 
     def gen(text, images):
-        enc = proc(images=images, text=text, return_tensors="pt")
+        enc = proc(images=images, text=text, return_tensors="pt").to(hf.device)
+        enc["pixel_values"] = enc["pixel_values"].to(hf.dtype)
         with torch.no_grad():
             # Stops at EOS, as ours does (and the official run.py's generate).
-            return hf.generate(**enc, max_new_tokens=max_new, do_sample=False)
+            out = hf.generate(**enc, max_new_tokens=max_new, do_sample=False)
+        _sync()
+        return out
 
     t0 = time.perf_counter()
     gen(llava_prompt(question), [image])
@@ -63,18 +87,19 @@ def reference_ask(hf, proc, image, question, method, layer, base, max_new):
     grid = int(round(n_img**0.5))
 
     def att_row(text, grad=False):
-        enc = proc(images=[image], text=text, return_tensors="pt")
+        enc = proc(images=[image], text=text, return_tensors="pt").to(hf.device)
+        enc["pixel_values"] = enc["pixel_values"].to(hf.dtype)
         pos = enc["input_ids"][0].tolist().index(tok_id)
         if not grad:
             with torch.no_grad():
                 a = hf(**enc, output_attentions=True).attentions[layer]
-            return a[0, :, -1, pos : pos + n_img].mean(0).numpy()
+            return a[0, :, -1, pos : pos + n_img].mean(0).float().cpu().numpy()
         out = hf(**enc, output_attentions=True)
         z = out.logits[:, -1]
         loss = -torch.nn.functional.cross_entropy(z, z.argmax(1))
         (g,) = torch.autograd.grad(loss, out.attentions[layer])
         a = out.attentions[layer] * torch.relu(g)
-        return a[0, :, -1, pos : pos + n_img].mean(0).detach().numpy()
+        return a[0, :, -1, pos : pos + n_img].mean(0).detach().float().cpu().numpy()
 
     if method == "rel_att":
         m = att_row(llava_prompt(question)) / att_row(llava_prompt(GENERAL_QUESTION))
@@ -93,6 +118,19 @@ def reference_ask(hf, proc, image, question, method, layer, base, max_new):
     return t
 
 
+def _peak_memory() -> dict:
+    """Peak device memory of each side where the backend reports it (GPU), else {}."""
+    import torch
+
+    out = {}
+    stats = jax.devices()[0].memory_stats() or {}
+    if "peak_bytes_in_use" in stats:
+        out["ours"] = int(stats["peak_bytes_in_use"])
+    if torch.cuda.is_available():
+        out["reference"] = int(torch.cuda.max_memory_allocated())
+    return out
+
+
 def main(argv):
     del argv
     import torch
@@ -103,18 +141,30 @@ def main(argv):
     from vicrop_jax.importance import default_layer
 
     path = _MODEL.value
-    if path is None:
+    if _PRESET.value:
+        from vicrop_jax.tiny import make_preset_checkpoint
+
+        layers = [int(x) for x in _PRESET_LAYERS.value] or [None, None]
+        path = make_preset_checkpoint(tempfile.mkdtemp(prefix="vicrop_bench_"), _PRESET.value,
+                                      dtype=_DTYPE.value, vision_layers=layers[0],
+                                      text_layers=layers[1])  # fmt: skip
+    elif path is None:
         from vicrop_jax.tiny import make_random_checkpoint
 
         path = make_random_checkpoint(tempfile.mkdtemp(prefix="vicrop_bench_"))
     torch.set_num_threads(max(1, torch.get_num_threads()))
-    hf = LlavaForConditionalGeneration.from_pretrained(path, attn_implementation="eager").eval()
-    model = vicrop_jax.load_model(path)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    hf = LlavaForConditionalGeneration.from_pretrained(
+        path, attn_implementation="eager", dtype=getattr(torch, _DTYPE.value)
+    ).to(device).eval()  # fmt: skip
+    model = vicrop_jax.load_model(path, dtype=getattr(jnp, _DTYPE.value))
     layer = default_layer("llava", model.config.text_config.num_hidden_layers)
     base = model.config.vision_config.image_size
     n, method, max_new = _N.value, _METHOD.value, _MAX_NEW.value
     images = make_images(max(n, max(int(b) for b in _BATCHES.value.split(","))))
-    res = {"model": path, "method": method, "questions": n, "max_new_tokens": max_new}
+    res = {"model": path, "preset": _PRESET.value, "dtype": _DTYPE.value, "method": method,
+           "questions": n, "max_new_tokens": max_new, "jax_device": str(jax.devices()[0]),
+           "torch_device": device}  # fmt: skip
 
     # (a) reference, batch 1
     reference_ask(hf, model.processor, images[0], QUESTION, method, layer, base, max_new)  # warm
@@ -147,6 +197,7 @@ def main(argv):
         ours[b] = {"per_question_s": per_q, "questions_per_s": 1 / per_q,
                    "first_call_s": compile_s, "stages_per_question_s": st}  # fmt: skip
     res["ours"] = ours
+    res["peak_memory_bytes"] = _peak_memory()
     res["speedup_latency_b1"] = ref_latency / ours[min(ours)]["per_question_s"]
     res["speedup_throughput"] = {b: ref_latency / o["per_question_s"] for b, o in ours.items()}
 
@@ -160,6 +211,7 @@ def main(argv):
     for b, o in ours.items():
         print(f"  ours b={b}", {k: round(v, 4) for k, v in o["stages_per_question_s"].items()},
               f"first call {o['first_call_s']:.1f}s")  # fmt: skip
+    print("device:", res["jax_device"], "| peak memory:", res["peak_memory_bytes"])
     if _OUT.value:
         with open(_OUT.value, "w") as f:
             json.dump(res, f, indent=2)

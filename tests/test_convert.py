@@ -259,3 +259,28 @@ def test_image_token_count_and_empty_prompt(tiny_llava):
         vicrop_jax.forward(model, np.zeros((1, 0), np.int32))
     with pytest.raises(ValueError, match="NCHW"):
         vicrop_jax.forward(model, ids, np.zeros((1, 35, 35, 3), np.float32))
+
+
+def test_preset_checkpoint_config_has_the_preset_shapes():
+    # bench.pipeline --preset writes this config: HF builds the same-sized model from it (meta
+    # device), our loader reads it back as the preset, and fewer layers keep the widths.
+    from transformers import LlavaConfig as HFLlavaConfig
+    from transformers import LlavaForConditionalGeneration
+
+    from vicrop_jax.models.llava import LlavaConfig
+    from vicrop_jax.tiny import preset_config_dict
+
+    d = preset_config_dict("llava-1.5-7b", image_token_index=4)
+    with torch.device("meta"):
+        ref = LlavaForConditionalGeneration(HFLlavaConfig(**d))
+    assert sum(p.numel() for p in ref.parameters()) == 7_063_427_072
+    ours = LlavaConfig.from_dict(d)
+    shapes = llava_convert.abstract_params(ours, jnp.bfloat16)
+    assert sum(int(np.prod(s.shape)) for s in jax.tree.leaves(shapes)) == 7_063_427_072
+    assert ours.num_image_tokens == 576 and ours.vision_config.image_size == 336
+    small = LlavaConfig.from_dict(preset_config_dict("llava-1.5-7b", 4, vision_layers=2,
+                                                     text_layers=1))  # fmt: skip
+    assert small.text_config.num_hidden_layers == 1 and small.vision_config.num_hidden_layers == 2
+    assert small.text_config.hidden_size == 4096
+    with pytest.raises(ValueError, match="unknown preset"):
+        preset_config_dict("llava-9b", 4)

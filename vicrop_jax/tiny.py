@@ -111,6 +111,72 @@ def make_random_checkpoint(out_dir: str, seed: int = 0) -> str:
     return out_dir
 
 
+def preset_config_dict(name: str, image_token_index: int, *, vision_layers: int | None = None,
+                       text_layers: int | None = None) -> dict:  # fmt: skip
+    """The HF LlavaConfig dict of a full-size preset (vicrop_jax.models.llava.PRESETS, e.g.
+    "llava-1.5-7b"), optionally with fewer layers (same widths) for a quick look on a CPU."""
+    import dataclasses
+
+    from vicrop_jax.models.llava import PRESETS
+
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; choose from {sorted(PRESETS)}")
+    cfg = PRESETS[name]
+    v, t = dataclasses.asdict(cfg.vision_config), dataclasses.asdict(cfg.text_config)
+    v = {"model_type": "clip_vision_model", "projection_dim": 768, **v}
+    if vision_layers:
+        v["num_hidden_layers"] = vision_layers
+    rope = {"rope_type": t.pop("rope_type"), "rope_theta": t.pop("rope_theta")}
+    for k in ("rope_factor", "rope_low_freq_factor", "rope_high_freq_factor",
+              "rope_original_max_position_embeddings"):  # fmt: skip
+        t.pop(k)
+    t.update(model_type="llama", rope_parameters=rope, eos_token_id=2, bos_token_id=1)
+    if text_layers:
+        t["num_hidden_layers"] = text_layers
+    return {
+        "model_type": "llava", "architectures": ["LlavaForConditionalGeneration"],
+        "image_token_index": image_token_index, "image_seq_length": cfg.num_image_tokens,
+        "projector_hidden_act": cfg.projector_hidden_act,
+        "vision_feature_layer": cfg.vision_feature_layer,
+        "vision_feature_select_strategy": cfg.vision_feature_select_strategy,
+        "multimodal_projector_bias": cfg.multimodal_projector_bias,
+        "tie_word_embeddings": cfg.tie_word_embeddings, "vision_config": v, "text_config": t,
+    }  # fmt: skip
+
+
+def make_preset_checkpoint(out_dir: str, name: str = "llava-1.5-7b", *, dtype: str = "bfloat16",
+                           seed: int = 0, vision_layers: int | None = None,
+                           text_layers: int | None = None) -> str:  # fmt: skip
+    """A random-weight checkpoint with a full-size preset's shapes (for benchmarks: timings do
+    not depend on the weights), the tiny WordLevel tokenizer and a CLIP processor at the
+    preset's resolution, written with vicrop_jax's own exporter."""
+    import jax.numpy as jnp
+    from transformers import CLIPImageProcessor, LlavaProcessor
+
+    from convert.checkpoint import save_safetensors
+    from convert.llava import export_params, init_params
+    from vicrop_jax.models.llava import LlavaConfig
+
+    os.makedirs(out_dir, exist_ok=True)
+    tokenizer = build_tokenizer(out_dir)
+    hf = preset_config_dict(name, tokenizer.convert_tokens_to_ids("<image>"),
+                            vision_layers=vision_layers, text_layers=text_layers)  # fmt: skip
+    hf["torch_dtype"] = dtype
+    vc = hf["vision_config"]
+    side = vc["image_size"]
+    proc = LlavaProcessor(
+        image_processor=CLIPImageProcessor(size={"shortest_edge": side},
+                                           crop_size={"height": side, "width": side}),
+        tokenizer=tokenizer, patch_size=vc["patch_size"],
+        vision_feature_select_strategy=hf["vision_feature_select_strategy"],
+        num_additional_image_tokens=1, image_token="<image>",
+    )  # fmt: skip
+    proc.save_pretrained(out_dir)
+    params = init_params(LlavaConfig.from_dict(hf), seed=seed, dtype=jnp.dtype(dtype))
+    save_safetensors(export_params(params), out_dir, hf)
+    return out_dir
+
+
 # --- InstructBLIP (Vicuna) -------------------------------------------------------------------
 
 BLIP_WORDS = ("Question:", "Short", "answer:")
