@@ -37,6 +37,7 @@ from PIL import Image
 
 from eval.datasets import Example
 from vicrop_jax import bbox as bbox_lib
+from vicrop_jax.generate import pad_id
 from vicrop_jax.importance import default_layer, maps_for_images, resolve_layers
 from vicrop_jax.loading import Model
 from vicrop_jax.pipeline import generate_answers
@@ -200,7 +201,7 @@ class Engine:
             default_layer(model.family, nl) if layer is None else layer, nl
         )
         self.tokenizer = model.processor.tokenizer
-        self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        self.pad_id = pad_id(self.tokenizer)
         if mesh is None:
             self.params = model.params
         else:

@@ -79,7 +79,7 @@ from vicrop_jax import pipeline
 from vicrop_jax.importance import default_layer
 from vicrop_jax.loading import Model, module_for
 from vicrop_jax.models.llava import LlavaConfig
-from vicrop_jax.processing import GENERAL_QUESTION, llava_prompt
+from vicrop_jax.processing import GENERAL_QUESTION, image_pixels, llava_prompt
 from vicrop_jax.tiny import build_tokenizer
 
 _WORKDIR = flags.DEFINE_string("workdir", "/tmp/vicrop_train_demo", "Checkpoints and logs.")
@@ -409,8 +409,7 @@ def miss_crop(bbox, size, base: int, rng, tries: int = 20) -> tuple[int, int, in
     """A base-to-2x-base crop that does not overlap the subject, or None if none was found."""
     x1, y1, x2, y2 = bbox
     for _ in range(tries):
-        side = int(round(base * rng.uniform(1.0, 2.0)))
-        box = fit_box(rng.uniform(0, size[0]), rng.uniform(0, size[1]), side, size)
+        box = random_crop(size, base, rng)
         if box[2] <= x1 or x2 <= box[0] or box[3] <= y1 or y2 <= box[1]:
             return box
     return None
@@ -480,8 +479,7 @@ class Data:
 
     def pixels(self, images) -> Any:
         """float32[I, R, R, 3] (NHWC) through the checkpoint's own image processor."""
-        out = self.proc.image_processor(images, return_tensors="np")["pixel_values"]
-        return np.ascontiguousarray(np.asarray(out, np.float32).transpose(0, 2, 3, 1))
+        return image_pixels(self.proc, images)
 
     def item(self, index: int):
         """(image, crop, record, crop_has_subject) of training item `index`."""

@@ -31,15 +31,15 @@ def test_ask_uses_one_image_then_two(tiny_llava, monkeypatch, share):
         return real(proc, texts, images, *args)
 
     pixel_calls = []
-    real_pixels = prefix_mod._pixels
+    real_pixels = prefix_mod.image_pixels
 
-    def pixel_spy(m, images):
+    def pixel_spy(proc, images):
         pixel_calls.append([im.size for im in images])
-        return real_pixels(m, images)
+        return real_pixels(proc, images)
 
     monkeypatch.setattr(pipeline, "encode", spy)
     monkeypatch.setattr(importance_mod, "encode", spy)
-    monkeypatch.setattr(prefix_mod, "_pixels", pixel_spy)
+    monkeypatch.setattr(prefix_mod, "image_pixels", pixel_spy)
     img = _img()
     ans = pipeline.ask(model, img, Q, max_new_tokens=4, share_prefill=share)
     if share:  # the original's vision pass and prefix once, then the crop's

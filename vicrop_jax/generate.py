@@ -151,6 +151,16 @@ def decode(apply, first_logits: Array, cache: KVCache, *, max_new_tokens: int,
     return tokens, lengths
 
 
+def pad_id(tokenizer) -> int:
+    """The id that fills a row after EOS: the tokenizer's pad token, else 0."""
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+
+
+def answer_texts(tokenizer, tokens, lengths) -> list[str]:
+    """Generated rows (tokens [B, M], lengths [B]) as stripped answer strings."""
+    return [tokenizer.decode(t, skip_special_tokens=True).strip() for t in trim(tokens, lengths)]
+
+
 def trim(tokens: np.ndarray, lengths: np.ndarray) -> list[list[int]]:
     """Per-row token lists cut at their lengths (EOS included)."""
     tokens, lengths = np.asarray(tokens), np.asarray(lengths)

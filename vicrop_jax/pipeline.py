@@ -16,7 +16,7 @@ from PIL import Image
 
 from vicrop_jax import bbox as bbox_lib
 from vicrop_jax import prefix as prefix_lib
-from vicrop_jax.generate import greedy_generate, trim
+from vicrop_jax.generate import answer_texts, greedy_generate, pad_id
 from vicrop_jax.importance import importance, maps_for_images
 from vicrop_jax.loading import Model
 from vicrop_jax.processing import check_question, encode, prompt_for, to_rgb
@@ -69,9 +69,9 @@ def generate_answers(
         place(enc["input_ids"]), place(np.transpose(enc["pixel_values"], (0, 2, 3, 1))),
         place(enc["attention_mask"]), max_new_tokens=max_new_tokens,
         eos_ids=model.config.text_config.eos_ids,
-        pad_id=tok.pad_token_id if tok.pad_token_id is not None else 0, extra=extra,
+        pad_id=pad_id(tok), extra=extra,
     )  # fmt: skip
-    return [tok.decode(t, skip_special_tokens=True).strip() for t in trim(out.tokens, out.lengths)]
+    return answer_texts(tok, out.tokens, out.lengths)
 
 
 def _timed(timings: dict, name: str, fn, *args, **kwargs):

@@ -31,10 +31,10 @@ import jax.numpy as jnp
 import numpy as np
 from PIL import Image
 
-from vicrop_jax.generate import _param_dtype, decode, init_cache, slice_rows, trim
+from vicrop_jax.generate import _param_dtype, answer_texts, decode, init_cache, pad_id, slice_rows
 from vicrop_jax.importance import _llava_grid, model_layers, safe_ratio
 from vicrop_jax.loading import Model
-from vicrop_jax.processing import GENERAL_QUESTION, llava_prompt
+from vicrop_jax.processing import GENERAL_QUESTION, image_pixels, llava_prompt
 
 Array = jax.Array
 
@@ -73,10 +73,9 @@ def split_prompts(model: Model, questions: Sequence[str], multiple: int = 8) -> 
     texts += [llava_prompt(q, 2) for q in questions]
     texts = [x.replace(image_text, image_text * t) for x in texts]
     ids = tok(texts, add_special_tokens=True)["input_ids"]
-    first = ids[0].index(image_id) if image_id in ids[0] else -1
-    if first < 0:
+    if image_id not in ids[0]:
         raise ValueError("the prompt has no image token; cannot share its prefix")
-    p = first + t
+    p = ids[0].index(image_id) + t
     prefix = ids[0][:p]
     tails = []
     for row in ids:
@@ -86,7 +85,7 @@ def split_prompts(model: Model, questions: Sequence[str], multiple: int = 8) -> 
 
     def pad(rows):
         length = _bucket(max(len(r) for r in rows), multiple)
-        out = np.full((len(rows), length), tok.pad_token_id or 0, np.int32)
+        out = np.full((len(rows), length), pad_id(tok), np.int32)
         mask = np.zeros((len(rows), length), np.int32)
         for i, r in enumerate(rows):
             out[i, length - len(r) :] = r
@@ -157,11 +156,6 @@ def finish_pass(module, params, cache, crop_pixels, pair, pair_mask, *, max_new_
     )
 
 
-def _pixels(model: Model, images) -> np.ndarray:
-    out = model.processor.image_processor(list(images), return_tensors="np")["pixel_values"]
-    return np.ascontiguousarray(np.asarray(out).transpose(0, 2, 3, 1))
-
-
 @dataclasses.dataclass
 class Started:
     """What `start` returns: maps float32[B, N, N] (device), baseline answers, and the state
@@ -175,14 +169,8 @@ class Started:
     max_new_tokens: int
 
 
-def _decode_text(model: Model, tokens, lengths) -> list[str]:
-    tok = model.processor.tokenizer
-    return [tok.decode(t, skip_special_tokens=True).strip() for t in trim(tokens, lengths)]
-
-
 def _eos_pad(model: Model):
-    tok = model.processor.tokenizer
-    return model.config.text_config.eos_ids, tok.pad_token_id if tok.pad_token_id is not None else 0
+    return model.config.text_config.eos_ids, pad_id(model.processor.tokenizer)
 
 
 def start(model: Model, images: Sequence[Image.Image], questions: Sequence[str], *,
@@ -192,26 +180,28 @@ def start(model: Model, images: Sequence[Image.Image], questions: Sequence[str],
         raise ValueError(f"the shared prefix is implemented for LLaVA, not {model.family!r}")
     params = model.params if params is None else params
     prompts = split_prompts(model, questions)
-    eos_ids, pad_id = _eos_pad(model)
+    eos_ids, pad = _eos_pad(model)
+    pixels = image_pixels(model.processor, images)
     image_start = int(np.argmax(prompts.prefix == model.config.image_token_index))
     room = max(prompts.qg.shape[1], prompts.pair.shape[1]) + max_new_tokens
     maps, tokens, lengths, cache = start_pass(
-        model.module, params, jnp.asarray(prompts.prefix), jnp.asarray(_pixels(model, images)),
+        model.module, params, jnp.asarray(prompts.prefix), jnp.asarray(pixels),
         jnp.asarray(prompts.qg), jnp.asarray(prompts.qg_mask), layers=model_layers(model, layer),
         image_start=image_start, room=room, max_new_tokens=max_new_tokens, eos_ids=eos_ids,
-        pad_id=pad_id,
+        pad_id=pad,
     )  # fmt: skip
-    answers = _decode_text(model, tokens, lengths)
+    answers = answer_texts(model.processor.tokenizer, tokens, lengths)
     return Started(maps, answers, prompts, cache, params, max_new_tokens)
 
 
 def finish(model: Model, started: Started, crops: Sequence[Image.Image]) -> list[str]:
     """Step 3: the answers given [original, crop] for each question of `start`."""
-    eos_ids, pad_id = _eos_pad(model)
+    eos_ids, pad = _eos_pad(model)
     p = started.prompts
+    pixels = image_pixels(model.processor, crops)
     tokens, lengths = finish_pass(
-        model.module, started.params, started.cache, jnp.asarray(_pixels(model, crops)),
+        model.module, started.params, started.cache, jnp.asarray(pixels),
         jnp.asarray(p.pair), jnp.asarray(p.pair_mask), max_new_tokens=started.max_new_tokens,
-        eos_ids=eos_ids, pad_id=pad_id,
+        eos_ids=eos_ids, pad_id=pad,
     )  # fmt: skip
-    return _decode_text(model, tokens, lengths)
+    return answer_texts(model.processor.tokenizer, tokens, lengths)

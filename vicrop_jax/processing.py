@@ -67,6 +67,14 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
+def image_pixels(processor, images: list[Image.Image]) -> np.ndarray:
+    """float32[I, H, W, C] (NHWC, the models' layout) from the checkpoint's image processor
+    (`processor` is the full processor or its image_processor)."""
+    image_processor = getattr(processor, "image_processor", processor)
+    out = image_processor(list(images), return_tensors="np")["pixel_values"]
+    return np.ascontiguousarray(np.asarray(out, np.float32).transpose(0, 2, 3, 1))
+
+
 def encode(
     processor, texts: list[str], images: list[Image.Image], pad_to_multiple_of: int | None = None
 ) -> dict[str, np.ndarray]:
