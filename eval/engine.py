@@ -9,6 +9,9 @@ computes its map, its box and the answer with [original, crop]. Methods:
                                  around its centre (the box search never returns less)
   random_crop, center_crop       a base-size box (the ratio-1 window of the box search) at a
                                  random centre (fixed per id and seed) / the image centre
+  gt_map                         the official box search on an ideal map: a peak at the
+                                 ground-truth box's centre (`peak_map`), i.e. what a map
+                                 method that knows where to look would crop
 
 Shapes are bucketed so that jit compiles a handful of programs for a whole benchmark: every
 call runs a full batch (short batches are padded by repeating their last item; the padded
@@ -44,7 +47,7 @@ from vicrop_jax.pipeline import generate_answers
 from vicrop_jax.processing import check_question, prompt_for
 
 ATTENTION_METHODS = ("rel_att", "grad_att", "pure_grad")
-CONTROL_METHODS = ("gt_crop", "random_crop", "center_crop")
+CONTROL_METHODS = ("gt_crop", "random_crop", "center_crop", "gt_map")
 LENGTH_BUCKET = 32
 
 
@@ -118,6 +121,31 @@ def random_box(example_id: str, size: tuple[int, int], base: int, seed: int) -> 
     half = base // 2
     centre = [int(rng.integers(half, d - half + 1)) if d - half >= half else d // 2 for d in size]
     return base_box(tuple(centre), size, base)
+
+
+def peak_map(box: Sequence[float], size: Sequence[int], grid: int, centre=None,
+             sigma: float = 0.25) -> np.ndarray:  # fmt: skip
+    """float32[grid, grid] summing to 1: a Gaussian at `centre` (default the box's centre), of
+    standard deviation sigma x the box's longer side (pixels), sampled at the cell centres of
+    a map spanning the image (`size` = (width, height)) and kept on the cells the box
+    overlaps.
+
+    A peak, not a plateau: a map flat over a box that spans several windows ties them all,
+    and the official search keeps the first (top-left) one, a corner of the box.
+    """
+    (w, h), (x1, y1, x2, y2) = size, box
+    cx, cy = centre if centre is not None else ((x1 + x2) / 2, (y1 + y2) / 2)
+    sd = max(sigma * max(x2 - x1, y2 - y1), 1e-3)
+    xs = (np.arange(grid) + 0.5) * w / grid
+    ys = (np.arange(grid) + 0.5) * h / grid
+    z = -((xs[None, :] - cx) ** 2 + (ys[:, None] - cy) ** 2) / (2 * sd**2)
+    span = lambda a, b, n: slice(math.floor(a * grid / n), max(math.ceil(b * grid / n), 1))
+    keep = np.zeros((grid, grid))
+    keep[span(y1, y2, h), span(x1, x2, w)] = 1.0
+    out = np.exp(z - z.max()) * keep
+    if out.sum() <= 0:  # a degenerate box (outside the image): its nearest cell
+        out = np.exp(z - z.max())
+    return (out / out.sum()).astype(np.float32)
 
 
 def coverage(box: Sequence[float], gt: Sequence[float] | None) -> float | None:
@@ -274,6 +302,19 @@ class Engine:
     def _boxes(self, method: str, items: list[Item], map_qs: list[str], timed: Callable):
         """Boxes and maps (None for controls) of one method for every item."""
         sizes = [it.image.size for it in items]
+        if method == "gt_map":
+            grid = self.base // self.model.config.vision_config.patch_size
+            has = [i for i, it in enumerate(items) if it.example.gt_bbox is not None]
+            maps = [None] * len(items)
+            boxes = [None] * len(items)
+            for i in has:
+                maps[i] = peak_map(items[i].example.gt_bbox, sizes[i], grid)
+            if has:
+                found = timed("box", bbox_lib.select_bboxes, np.stack([maps[i] for i in has]),
+                              np.array([sizes[i] for i in has]), self.base)  # fmt: skip
+                for i, b in zip(has, np.asarray(found), strict=True):
+                    boxes[i] = tuple(int(v) for v in b)
+            return boxes, maps
         if method in CONTROL_METHODS:
             boxes = []
             for it, size in zip(items, sizes, strict=True):

@@ -75,6 +75,7 @@ from tqdm import tqdm
 from convert.checkpoint import save_safetensors
 from convert.llava import abstract_params, export_params
 from eval import synthetic as syn
+from eval.engine import peak_map
 from vicrop_jax import pipeline
 from vicrop_jax.importance import default_layer
 from vicrop_jax.loading import Model, module_for
@@ -122,8 +123,10 @@ _GEN_W = flags.DEFINE_float(
 _ATT_TARGET = flags.DEFINE_enum(
     "attention_target",
     "subject",
-    ["subject", "glyph"],
-    "Cells the attention loss pulls toward: the subject's box or its printed glyph's box.",
+    ["subject", "glyph", "centre"],
+    "What the attention loss pulls toward: the subject's box or its printed glyph's box (the "
+    "share on those cells), or 'centre': a Gaussian over the cells around the glyph's centre "
+    "(cross-entropy), so the box search's window lands on the glyph, not a corner of the shape.",
 )
 _INIT_FROM = flags.DEFINE_string(
     "init_from", "", "Workdir of a finished run to fine-tune from (its latest checkpoint)."
@@ -462,6 +465,19 @@ def subject_cells(bbox, size, grid: int) -> np.ndarray:
     return out
 
 
+def centre_target(text_bbox, bbox, size, grid: int) -> np.ndarray:
+    """float32[grid, grid] summing to 1: eval's `peak_map` of the subject's box, peaked at
+    its glyph's centre (standard deviation a quarter of the subject's side), kept on the
+    cells the subject overlaps.
+
+    Why not the subject's box: a map that is flat over a large subject ties every window
+    inside it, and the official search keeps the first (top-left) one, a corner of the shape
+    without the glyph (BUILD_NOTES: the gt_map control). A peak puts the window on the glyph.
+    """
+    x1, y1, x2, y2 = text_bbox
+    return peak_map(bbox, size, grid, centre=((x1 + x2) / 2, (y1 + y2) / 2))
+
+
 # ---------------------------------------------------------------------------------------
 # Batches.
 
@@ -545,10 +561,15 @@ class Data:
             out["general_attention_mask"] = general["attention_mask"]
         out.update({f"pair_{k}": v for k, v in pair.items()})
         key = "text_bbox" if self.s.attention_target == "glyph" else "bbox"
+        subjects = [(im.size, r["objects"][r["subject_index"]]) for im, _, r, *_ in items]
         out["subject_cells"] = np.stack(
-            [subject_cells(r["objects"][r["subject_index"]][key], im.size, g).reshape(-1)
-             for im, _, r, *_ in items]
-        )  # fmt: skip
+            [subject_cells(o[key], size, g).reshape(-1) for size, o in subjects]
+        )
+        if self.s.attention_target == "centre":
+            out["target_cells"] = np.stack(
+                [centre_target(o["text_bbox"], o["bbox"], size, g).reshape(-1)
+                 for size, o in subjects]
+            )  # fmt: skip
         out["bucket"] = np.array([_BUCKETS.index(r["size_bucket"]) for _, _, r, *_ in items])
         return out
 
@@ -597,6 +618,19 @@ def answer_loss(logits, input_ids, loss_mask):
     return loss, ~jnp.any(wrong, axis=-1), jax.lax.stop_gradient(ce)
 
 
+def _answer_rows(probs, input_ids, loss_mask, cells, image_token: int):
+    """(rows float32[B, K], on float32[B, K]): the attention (heads averaged) of the query
+    that predicts the first answer token (the prompt's last), and per-cell weights `cells`
+    [B, T] spread onto the first image's token positions (0 elsewhere)."""
+    query = jnp.argmax(loss_mask > 0, axis=1) - 1  # [B]
+    rows = jnp.take_along_axis(probs.mean(1), query[:, None, None], axis=1)[:, 0]  # [B, K]
+    is_img = input_ids == image_token
+    t = cells.shape[1]
+    first = is_img & (jnp.cumsum(is_img, axis=1) <= t)
+    cell = jnp.clip(jnp.cumsum(is_img, axis=1) - 1, 0, t - 1)
+    return rows, first, jnp.take_along_axis(cells, cell, axis=1) * first
+
+
 def subject_attention(probs, input_ids, loss_mask, subject_cells, image_token: int):
     """Share of the image attention that falls on the subject's cells, per row.
 
@@ -604,14 +638,18 @@ def subject_attention(probs, input_ids, loss_mask, subject_cells, image_token: i
     the first answer token (the prompt's last), the share is over the first image's tokens.
     subject_cells: float32[B, T] (see `subject_cells`). Returns float32[B].
     """
-    query = jnp.argmax(loss_mask > 0, axis=1) - 1  # [B]
-    rows = jnp.take_along_axis(probs.mean(1), query[:, None, None], axis=1)[:, 0]  # [B, K]
-    is_img = input_ids == image_token
-    t = subject_cells.shape[1]
-    first = is_img & (jnp.cumsum(is_img, axis=1) <= t)
-    cell = jnp.clip(jnp.cumsum(is_img, axis=1) - 1, 0, t - 1)
-    on_subject = jnp.take_along_axis(subject_cells, cell, axis=1) * first
+    rows, first, on_subject = _answer_rows(probs, input_ids, loss_mask, subject_cells,
+                                           image_token)  # fmt: skip
     return jnp.sum(rows * on_subject, -1) / jnp.maximum(jnp.sum(rows * first, -1), 1e-9)
+
+
+def target_cross_entropy(probs, input_ids, loss_mask, target_cells, image_token: int):
+    """-sum_cells target * log(image attention), per row: the answer query's attention over
+    the first image's tokens (renormalised) against a target distribution over its cells
+    (float32[B, T], rows summing to 1, see `centre_target`). Minimal when they are equal."""
+    rows, first, target = _answer_rows(probs, input_ids, loss_mask, target_cells, image_token)
+    att = rows / jnp.maximum(jnp.sum(rows * first, -1, keepdims=True), 1e-9)
+    return -jnp.sum(target * jnp.log(att + 1e-6), -1)
 
 
 def image_attention(probs, input_ids, image_token: int, num_tokens: int):
@@ -667,6 +705,8 @@ def loss_fn(module, params, batch, att_weight: float = 0.0, att_layer: int = 0,
 
     With att_weight > 0, adds att_weight * -log(subject share of the attention) of the single
     prompts at LM layer att_layer (see `subject_attention`); the share is logged either way.
+    When the batch holds target_cells (attention_target "centre"), the attention term is
+    instead att_weight * the cross-entropy against that target (`target_cross_entropy`).
     With general_weight > 0 (the batch then holds general_* rows: the general-description
     prompt on each image), adds general_weight * KL(uniform || that prompt's attention over
     the image at att_layer) (see `general_uniformity_loss`).
@@ -696,7 +736,14 @@ def loss_fn(module, params, batch, att_weight: float = 0.0, att_layer: int = 0,
                 module.config.image_token_index,
             )  # fmt: skip
             metrics["att_subject"] = jnp.mean(share)
-            if att_weight:
+            if att_weight and "target_cells" in batch:
+                ce = target_cross_entropy(
+                    out.full_attentions[att_layer], ids, lmask, batch["target_cells"],
+                    module.config.image_token_index,
+                )  # fmt: skip
+                metrics["loss_att_target"] = jnp.mean(ce)
+                total = total + att_weight * jnp.mean(ce)
+            elif att_weight:
                 total = total + att_weight * jnp.mean(-jnp.log(share + 1e-6))
     if general_weight:
         ids = batch["general_input_ids"]
@@ -1058,6 +1105,7 @@ def _record(window, m, buckets) -> None:
     for k in (
         "grad_norm",
         "att_subject",
+        "loss_att_target",
         "loss_patch",
         "acc_patch_glyph",
         "loss_general",

@@ -23,7 +23,7 @@ from PIL import Image
 
 from eval import datasets, records, report
 from eval.datasets import DataSpec
-from eval.engine import Engine, base_box, gt_box, random_box
+from eval.engine import Engine, base_box, gt_box, peak_map, random_box
 from eval.runner import Settings, run
 from tests.test_eval_datasets import WRITERS, _exif_rotated, write_image, write_unified
 
@@ -85,7 +85,8 @@ def test_all_methods_share_the_baseline_and_match_the_pipeline(
 
     model, _ = tiny_llava
     spec = WRITERS["vstar"](str(tmp_path / "vstar"))
-    methods = ("rel_att", "grad_att", "pure_grad_high", "gt_crop", "random_crop", "center_crop")
+    methods = ("rel_att", "grad_att", "pure_grad_high", "gt_crop", "random_crop", "center_crop",
+               "gt_map")  # fmt: skip
     out = tmp_path / "out"
     run(_settings(tiny_llava_dir[0], "vstar", spec, out, methods), model=model, log=_quiet)
     recs = _records(out)
@@ -114,6 +115,9 @@ def test_all_methods_share_the_baseline_and_match_the_pipeline(
         x1, y1, x2, y2 = got["gt_crop"]
         assert x1 <= gx1 and y1 <= gy1 and x2 >= gx2 and y2 >= gy2
         assert r["methods"]["gt_crop"]["gt_coverage"] == 1.0
+        ideal = peak_map(ex.gt_bbox, size, 5)  # the tiny model's 5 x 5 grid
+        assert got["gt_map"] == tuple(int(v) for v in bbox.select_bbox(ideal, size, 35))
+        assert r["methods"]["gt_map"]["map_stats"]["max"] == pytest.approx(float(ideal.max()))
         rows, cols = bbox.high_res_grid(size)[:2]
         assert r["methods"]["pure_grad_high"]["map_stats"]["shape"] == [rows * 5, cols * 5]
         for k in methods:
@@ -129,6 +133,26 @@ def test_control_boxes():
     a = random_box("q1", (300, 200), 35, seed=0)
     assert a == random_box("q1", (300, 200), 35, seed=0) != random_box("q2", (300, 200), 35, 0)
     assert a[2] - a[0] == 34 and a[3] - a[1] == 34
+
+
+def test_peak_map_peaks_inside_the_box_and_its_box_holds_the_centre():
+    from vicrop_jax.bbox import select_bbox
+
+    # 256 x 256 image, 4 x 4 grid (64 px cells = the 64 px base); a 192 px box centred at
+    # (136, 136): the peak's window holds the centre, a plateau's is the top-left cell.
+    box, size = (40, 40, 232, 232), (256, 256)
+    m = peak_map(box, size, 4)
+    assert m.dtype == np.float32 and abs(float(m.sum()) - 1) < 1e-6
+    assert (m > 0).all()  # the box overlaps every cell
+    assert np.unravel_index(np.argmax(m), m.shape) == (2, 2)  # cell centre 160, nearest 136
+    assert tuple(int(v) for v in select_bbox(m, size, 64)) == (128, 128, 192, 192)
+    flat = np.ones((4, 4), np.float32)  # the box's cells, flat: the first window wins
+    assert tuple(int(v) for v in select_bbox(flat, size, 64)) == (0, 0, 64, 64)
+    small = peak_map((70, 70, 120, 120), size, 4)  # within cell (1, 1)
+    assert small[1, 1] == 1.0 and small.sum() == 1.0
+    off = peak_map(box, size, 4, centre=(220, 220))  # centre moves the peak
+    assert np.unravel_index(np.argmax(off), off.shape) == (3, 3)
+    assert abs(float(peak_map((300, 300, 400, 400), size, 4).sum()) - 1) < 1e-6  # outside
 
 
 def _bad_input_records(root: str) -> tuple[DataSpec, dict[str, str | None]]:

@@ -175,6 +175,37 @@ def test_subject_cells_and_attention_share():
     np.testing.assert_allclose(share, [0.3 / 0.4], rtol=1e-6)
 
 
+def test_centre_target_peaks_at_the_glyph_inside_the_subject():
+    # A 400 x 400 image on a 4 x 4 grid (100 px cells); the subject spans cells 1-2 on both
+    # axes, its glyph sits right of centre in cell column 2.
+    t = td.centre_target((200, 150, 260, 210), (100, 100, 300, 300), (400, 400), 4)
+    assert t.shape == (4, 4) and t.dtype == np.float32
+    np.testing.assert_allclose(t.sum(), 1.0, rtol=1e-6)
+    assert np.all(t[[0, 3], :] == 0) and np.all(t[:, [0, 3]] == 0)  # off the subject: 0
+    assert np.unravel_index(np.argmax(t), t.shape) == (1, 2)  # glyph centre (230, 180)
+    assert t[1, 2] > t[1, 1] > 0 and t[1, 2] > t[2, 2] > 0  # a peak, not a flat box
+    # A subject inside one cell: all the mass there.
+    one = td.centre_target((110, 110, 120, 120), (105, 105, 125, 125), (400, 400), 4)
+    assert one[1, 1] == 1.0
+
+
+def test_target_cross_entropy_is_smallest_when_attention_equals_target():
+    ids = np.array([[1, 4, 4, 4, 4, 9, 7, 2]])  # [bos, img x4, q, answer, eos]
+    loss_mask = np.array([[0, 0, 0, 0, 0, 0, 1, 1]], np.float32)
+    target = np.array([[0.0, 0.25, 0.75, 0.0]], np.float32)
+
+    def ce(att):  # the query predicting the answer (position 5) attends att over the image
+        probs = np.zeros((1, 2, 8, 8), np.float32)
+        probs[0, :, 5, 1:5] = np.asarray(att) * 0.5
+        probs[0, :, 5, 0] = 0.5  # BOS: renormalised away
+        return float(td.target_cross_entropy(probs, ids, loss_mask, target, 4)[0])
+
+    best = ce([0.0, 0.25, 0.75, 0.0])
+    np.testing.assert_allclose(best, -(0.25 * np.log(0.25) + 0.75 * np.log(0.75)), rtol=1e-4)
+    assert ce([0.0, 0.5, 0.5, 0.0]) > best + 0.1  # flat over the subject: worse
+    assert ce([0.25, 0.25, 0.25, 0.25]) > ce([0.0, 0.5, 0.5, 0.0])
+
+
 def test_patch_labels_mark_glyph_and_shape_cells_in_image_and_crop():
     objects = [
         {"text": "k", "shape": "circle", "color": "red", "bbox": [0, 0, 20, 20],
@@ -203,7 +234,7 @@ def test_finetune_from_a_run_restarts_the_schedule_and_trains_the_map_losses(tmp
                               glyphs="letter"))  # fmt: skip
     kw = dict(steps=2, init_from=str(tmp_path / "base"), attention_loss_weight=1.0,
               general_loss_weight=0.5, random_crop_fraction=0.3, distractor_fraction=0.3,
-              attention_target="glyph", patch_loss_weight=1.0, glyphs="letter")  # fmt: skip
+              attention_target="centre", patch_loss_weight=1.0, glyphs="letter")  # fmt: skip
     s = _settings(tmp_path / "ft", **kw)
     processor, config, _ = td.setup(s)
     _, tx, _ = td.compiled_step(config, s)
@@ -214,6 +245,7 @@ def test_finetune_from_a_run_restarts_the_schedule_and_trains_the_map_losses(tmp
     assert int(tuned["step"]) == 2
     recs = [json.loads(line) for line in open(tmp_path / "ft" / "log.jsonl")]
     assert all(0.0 <= r["loss_general"] for r in recs if r["kind"] == "train")
+    assert all(0.0 < r["loss_att_target"] for r in recs if r["kind"] == "train")
     assert json.load(open(tmp_path / "ft" / "settings.json"))["init_from"] == kw["init_from"]
     other = dataclasses.replace(DIMS, text_mlp=DIMS.text_mlp * 2)
     with pytest.raises(ValueError, match="other dims"):

@@ -8,6 +8,10 @@ InstructBLIP asks "Question: {question} Short answer:" and its processor puts th
 
 from __future__ import annotations
 
+import concurrent.futures
+import functools
+import os
+
 import numpy as np
 from PIL import Image
 
@@ -67,12 +71,35 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
+# Images per preprocessing task; below two chunks the call stays on the calling thread.
+_CHUNK = 4
+
+
+@functools.cache
+def _pool() -> concurrent.futures.ThreadPoolExecutor:
+    return concurrent.futures.ThreadPoolExecutor(
+        max_workers=os.cpu_count() or 1, thread_name_prefix="vicrop-preprocess"
+    )
+
+
+def preprocess(image_processor, images: list[Image.Image]) -> np.ndarray:
+    """The image processor's pixel_values (NCHW, its dtype) for a list of images, computed
+    in chunks on a thread pool: the resize (most of the time for large images) runs in
+    Pillow, which releases the GIL. Each image is processed on its own, so the result is
+    the same array as one call on the whole list (tested)."""
+    images = list(images)
+    call = lambda chunk: np.asarray(image_processor(chunk, return_tensors="np")["pixel_values"])
+    chunks = [images[i : i + _CHUNK] for i in range(0, len(images), _CHUNK)]
+    if len(chunks) < 2 or (os.cpu_count() or 1) < 2:
+        return call(images)
+    return np.concatenate(list(_pool().map(call, chunks)))
+
+
 def image_pixels(processor, images: list[Image.Image]) -> np.ndarray:
     """float32[I, H, W, C] (NHWC, the models' layout) from the checkpoint's image processor
-    (`processor` is the full processor or its image_processor)."""
-    image_processor = getattr(processor, "image_processor", processor)
-    out = image_processor(list(images), return_tensors="np")["pixel_values"]
-    return np.ascontiguousarray(np.asarray(out, np.float32).transpose(0, 2, 3, 1))
+    (`processor` is the full processor or its image_processor), see `preprocess`."""
+    out = preprocess(getattr(processor, "image_processor", processor), images)
+    return np.ascontiguousarray(out.astype(np.float32, copy=False).transpose(0, 2, 3, 1))
 
 
 def encode(
@@ -112,7 +139,7 @@ def _encode_shared(processor, texts, images, order, pad_to_multiple_of):
     ones' (a processor whose output size depends on the input), the plain path runs.
     """
     unique = list({id(im): im for im in images}.values())
-    pixels = np.asarray(processor.image_processor(unique, return_tensors="np")["pixel_values"])
+    pixels = preprocess(processor.image_processor, unique)
     stand_in = Image.new("RGB", (8, 8))
     out = _encode_all(processor, texts, [stand_in] * len(images), pad_to_multiple_of)
     if out["pixel_values"].shape[1:] != pixels.shape[1:]:
