@@ -8,7 +8,11 @@ Reference (a): HF transformers LlavaForConditionalGeneration, eager attention, b
 separate passes as the official run.py does them: baseline generate; map forward(s) with
 output_attentions (or backward); the loop box search; cropped generate with 2 images.
 Ours (b): vicrop_jax.pipeline.ask_batch, jitted, at batch 1 and in batches. Compile time is
-reported separately (first call) and excluded from steady-state numbers.
+reported separately (first call) and excluded from steady-state numbers, with the number of
+XLA compilations of the first call and of the steady state (which should be 0).
+(c), rel-att: the shared-prefix prefill by itself at each batch size: XLA's FLOP count,
+seconds, TFLOP/s, as a share of a measured n x n matmul on the same device and of the
+device's peak (--peak_tflops, or the data sheet's bf16 figure for a known GPU).
 """
 
 from __future__ import annotations
@@ -40,6 +44,9 @@ _PRESET_LAYERS = flags.DEFINE_list(
     "preset_layers", [], "vision,text layer counts instead of the preset's (a quick CPU look)"
 )
 _DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "both sides' weights")
+_PEAK = flags.DEFINE_float(
+    "peak_tflops", None, "the device's peak TFLOP/s in --dtype (default: a known GPU's spec)"
+)
 
 QUESTION = "What is written on the red circle?"
 
@@ -118,6 +125,74 @@ def reference_ask(hf, proc, image, question, method, layer, base, max_new):
     return t
 
 
+# Dense bfloat16 tensor-core peaks from NVIDIA's data sheets (TFLOP/s), by device kind.
+SPEC_BF16_TFLOPS = (("H100 PCIe", 756.0), ("H100", 989.4), ("H200", 989.4), ("A100", 312.0))
+
+
+def spec_peak_tflops(device, dtype: str) -> float | None:
+    """The data-sheet peak for a GPU in bfloat16 (None elsewhere: pass --peak_tflops)."""
+    if dtype != "bfloat16" or device.platform != "gpu":
+        return None
+    kind = device.device_kind
+    return next((v for name, v in SPEC_BF16_TFLOPS if name in kind), None)
+
+
+class CompileCounter:
+    """Counts XLA backend compilations while active (jax.monitoring's compile event)."""
+
+    EVENT = "/jax/core/compile/backend_compile_duration"
+
+    def __init__(self):
+        self.count = 0
+
+    def _listen(self, event: str, seconds: float, **kwargs) -> None:
+        del seconds, kwargs
+        if event == self.EVENT:
+            self.count += 1
+
+    def __enter__(self):
+        self.count = 0
+        jax.monitoring.register_event_duration_secs_listener(self._listen)
+        return self
+
+    def __exit__(self, *exc):
+        jax.monitoring.unregister_event_duration_listener(self._listen)
+
+
+def _timed_calls(fn, reps: int) -> float:
+    """Seconds per call of fn() (its outputs awaited), after one warm-up call."""
+    jax.block_until_ready(fn())
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        jax.block_until_ready(fn())
+    return (time.perf_counter() - t0) / reps
+
+
+def matmul_tflops(dtype: str, n: int | None = None, reps: int = 10) -> float:
+    """Measured TFLOP/s of one n x n matmul in dtype on the default device: the rate this
+    device actually reaches on the kernel the models spend most of their time in."""
+    n = n or (8192 if jax.devices()[0].platform == "gpu" else 2048)
+    a = jnp.ones((n, n), getattr(jnp, dtype))
+    f = jax.jit(lambda x: x @ x)
+    return 2 * n**3 / _timed_calls(lambda: f(a), reps) / 1e12
+
+
+def prefill_stats(model, images, questions, layer, reps: int) -> dict:
+    """The shared-prefix prefill alone (`prefix.start_pass` with one answer token: vision
+    tower, prefix, question and general tails, the map): XLA's FLOP count of the compiled
+    program, seconds per call, and the TFLOP/s reached. XLA counts a loop body once, so the
+    count includes one decode step (one token a row; the prefill has ~90-640)."""
+    from vicrop_jax import prefix
+
+    _, args, kwargs = prefix.start_inputs(model, images, questions, max_new_tokens=1,
+                                          layer=layer)  # fmt: skip
+    cost = prefix.start_pass.lower(*args, **kwargs).compile().cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    flops = float(cost.get("flops", 0.0))
+    seconds = _timed_calls(lambda: prefix.start_pass(*args, **kwargs), reps)
+    return {"flops": flops, "seconds": seconds, "tflops_per_s": flops / seconds / 1e12}
+
+
 def _peak_memory() -> dict:
     """Peak device memory of each side where the backend reports it (GPU), else {}."""
     import torch
@@ -166,37 +241,76 @@ def main(argv):
            "questions": n, "max_new_tokens": max_new, "jax_device": str(jax.devices()[0]),
            "torch_device": device}  # fmt: skip
 
-    # (a) reference, batch 1
+    batches = [int(x) for x in _BATCHES.value.split(",")]
+    counter = CompileCounter()
+
+    def ours_ask(batch):
+        return pipeline.ask_batch(model, batch, [QUESTION] * len(batch), method=method,
+                                  layer=layer, max_new_tokens=max_new)  # fmt: skip
+
+    def first_call(b):
+        t0 = time.perf_counter()
+        with counter:
+            ours_ask(images[:b])
+        return time.perf_counter() - t0, counter.count
+
+    def add(acc, timings, scale):
+        for k, v in timings.items():
+            acc[k] = acc.get(k, 0.0) + v * scale
+
+    # (a) the reference at batch 1; ours at batch 1 timed question by question in turn with
+    # it, so that a machine that speeds up or slows down during the run moves both alike.
     reference_ask(hf, model.processor, images[0], QUESTION, method, layer, base, max_new)  # warm
+    first = {1: first_call(1)} if 1 in batches else {}
     stages: dict[str, float] = {}
-    t0 = time.perf_counter()
+    st1: dict[str, float] = {}
+    ref_total = ours_total = 0.0
     for im in images[:n]:
-        for k, v in reference_ask(hf, model.processor, im, QUESTION, method, layer, base,
-                                  max_new).items():  # fmt: skip
-            stages[k] = stages.get(k, 0.0) + v / n
-    ref_latency = (time.perf_counter() - t0) / n
+        t0 = time.perf_counter()
+        add(stages, reference_ask(hf, model.processor, im, QUESTION, method, layer, base,
+                                  max_new), 1 / n)  # fmt: skip
+        ref_total += time.perf_counter() - t0
+        if first:
+            t0 = time.perf_counter()
+            add(st1, ours_ask([im])[0].timings, 1 / n)
+            ours_total += time.perf_counter() - t0
+    ref_latency = ref_total / n
     res["reference"] = {"latency_s": ref_latency, "stages_s": stages}
 
     # (b) ours: compile (first call), then steady state at each batch size
     ours = {}
-    for b in (int(x) for x in _BATCHES.value.split(",")):
-        batch = images[:b]
-        t0 = time.perf_counter()
-        pipeline.ask_batch(model, batch, [QUESTION] * b, method=method, layer=layer,
-                           max_new_tokens=max_new)  # fmt: skip
-        compile_s = time.perf_counter() - t0
-        reps = max(1, n // b)
-        t0 = time.perf_counter()
-        st: dict[str, float] = {}
-        for _ in range(reps):
-            out = pipeline.ask_batch(model, batch, [QUESTION] * b, method=method, layer=layer,
-                                     max_new_tokens=max_new)  # fmt: skip
-            for k, v in out[0].timings.items():
-                st[k] = st.get(k, 0.0) + v / (reps * b)
-        per_q = (time.perf_counter() - t0) / (reps * b)
+    for b in batches:
+        if b == 1 and first:
+            (compile_s, compiles), per_q, st = first[1], ours_total / n, st1
+        else:
+            compile_s, compiles = first_call(b)
+            reps = max(1, n // b)
+            st = {}
+            t0 = time.perf_counter()
+            for _ in range(reps):
+                add(st, ours_ask(images[:b])[0].timings, 1 / (reps * b))
+            per_q = (time.perf_counter() - t0) / (reps * b)
+        with counter:  # one more call, untimed (the listener runs on every JAX event)
+            ours_ask(images[:b])
         ours[b] = {"per_question_s": per_q, "questions_per_s": 1 / per_q,
-                   "first_call_s": compile_s, "stages_per_question_s": st}  # fmt: skip
+                   "first_call_s": compile_s, "stages_per_question_s": st,
+                   "compilations_first_call": compiles,
+                   "compilations_steady": counter.count}  # fmt: skip
     res["ours"] = ours
+
+    # (c) how much of the device the prefill uses (rel-att's shared-prefix pass, LLaVA)
+    if method == "rel_att":
+        dev = jax.devices()[0]
+        res["matmul_tflops_per_s"] = matmul_tflops(_DTYPE.value)
+        peak = _PEAK.value or spec_peak_tflops(dev, _DTYPE.value)
+        res["peak_tflops"] = peak
+        res["device_kind"] = dev.device_kind
+        res["prefill"] = {}
+        for b in ours:
+            p = prefill_stats(model, images[:b], [QUESTION] * b, layer, max(2, n // b))
+            p["share_of_matmul"] = p["tflops_per_s"] / res["matmul_tflops_per_s"]
+            p["share_of_peak"] = p["tflops_per_s"] / peak if peak else None
+            res["prefill"][b] = p
     res["peak_memory_bytes"] = _peak_memory()
     res["speedup_latency_b1"] = ref_latency / ours[min(ours)]["per_question_s"]
     res["speedup_throughput"] = {b: ref_latency / o["per_question_s"] for b, o in ours.items()}
@@ -211,6 +325,15 @@ def main(argv):
     for b, o in ours.items():
         print(f"  ours b={b}", {k: round(v, 4) for k, v in o["stages_per_question_s"].items()},
               f"first call {o['first_call_s']:.1f}s")  # fmt: skip
+    for b, p in res.get("prefill", {}).items():
+        share = f", {p['share_of_peak']:.1%} of the {res['peak_tflops']} TFLOP/s peak" if (
+            p["share_of_peak"] is not None) else ""  # fmt: skip
+        print(f"  prefill b={b}: {p['flops'] / 1e9:.1f} GFLOP in {p['seconds'] * 1e3:.1f} ms = "
+              f"{p['tflops_per_s']:.3f} TFLOP/s ({p['share_of_matmul']:.0%} of a "
+              f"{res['matmul_tflops_per_s']:.3f} TFLOP/s matmul here{share})")  # fmt: skip
+    for b, o in ours.items():
+        print(f"  compilations b={b}: first call {o['compilations_first_call']}, "
+              f"steady state {o['compilations_steady']}")  # fmt: skip
     print("device:", res["jax_device"], "| peak memory:", res["peak_memory_bytes"])
     if _OUT.value:
         with open(_OUT.value, "w") as f:

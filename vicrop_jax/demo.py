@@ -22,7 +22,7 @@ from absl import app, flags
 DEMO_MODEL = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "demo")
 # Image shorter sides of the demo set, as eval/flags/demo.flags: long sides stay <= 512 px.
 SIZES = "224,288,336,384"
-METHODS = ("rel_att", "grad_att", "pure_grad", "gt_crop", "random_crop", "center_crop")
+METHODS = ("rel_att", "grad_att", "pure_grad", "gt_crop", "random_crop", "center_crop", "gt_map")
 
 
 def settings(model: str, n: int, out: str, batch_size: int = 32):

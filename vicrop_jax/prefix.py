@@ -173,9 +173,11 @@ def _eos_pad(model: Model):
     return model.config.text_config.eos_ids, pad_id(model.processor.tokenizer)
 
 
-def start(model: Model, images: Sequence[Image.Image], questions: Sequence[str], *,
-          max_new_tokens: int, layer=None, params=None) -> Started:  # fmt: skip
-    """Step 1 for B RGB images and checked questions (see the module docstring)."""
+def start_inputs(model: Model, images: Sequence[Image.Image], questions: Sequence[str], *,
+                 max_new_tokens: int, layer=None, params=None):  # fmt: skip
+    """(Prompts, args tuple, kwargs dict) of `start_pass` for B RGB images and checked
+    questions: what `start` runs, exposed so that a benchmark can compile and time the pass
+    by itself."""
     if model.family != "llava":
         raise ValueError(f"the shared prefix is implemented for LLaVA, not {model.family!r}")
     params = model.params if params is None else params
@@ -184,14 +186,21 @@ def start(model: Model, images: Sequence[Image.Image], questions: Sequence[str],
     pixels = image_pixels(model.processor, images)
     image_start = int(np.argmax(prompts.prefix == model.config.image_token_index))
     room = max(prompts.qg.shape[1], prompts.pair.shape[1]) + max_new_tokens
-    maps, tokens, lengths, cache = start_pass(
-        model.module, params, jnp.asarray(prompts.prefix), jnp.asarray(pixels),
-        jnp.asarray(prompts.qg), jnp.asarray(prompts.qg_mask), layers=model_layers(model, layer),
-        image_start=image_start, room=room, max_new_tokens=max_new_tokens, eos_ids=eos_ids,
-        pad_id=pad,
-    )  # fmt: skip
+    args = (model.module, params, jnp.asarray(prompts.prefix), jnp.asarray(pixels),
+            jnp.asarray(prompts.qg), jnp.asarray(prompts.qg_mask))  # fmt: skip
+    kwargs = dict(layers=model_layers(model, layer), image_start=image_start, room=room,
+                  max_new_tokens=max_new_tokens, eos_ids=eos_ids, pad_id=pad)  # fmt: skip
+    return prompts, args, kwargs
+
+
+def start(model: Model, images: Sequence[Image.Image], questions: Sequence[str], *,
+          max_new_tokens: int, layer=None, params=None) -> Started:  # fmt: skip
+    """Step 1 for B RGB images and checked questions (see the module docstring)."""
+    prompts, args, kwargs = start_inputs(model, images, questions, max_new_tokens=max_new_tokens,
+                                         layer=layer, params=params)  # fmt: skip
+    maps, tokens, lengths, cache = start_pass(*args, **kwargs)
     answers = answer_texts(model.processor.tokenizer, tokens, lengths)
-    return Started(maps, answers, prompts, cache, params, max_new_tokens)
+    return Started(maps, answers, prompts, cache, args[1], max_new_tokens)
 
 
 def finish(model: Model, started: Started, crops: Sequence[Image.Image]) -> list[str]:
