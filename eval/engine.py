@@ -18,6 +18,12 @@ call runs a full batch (short batches are padded by repeating their last item; t
 rows are dropped) and prompts are left-padded to a multiple of LENGTH_BUCKET tokens. Neither
 changes a result: rows are independent and RoPE positions count real tokens only.
 
+LLaVA on one device: the prompts start with BOS + the original image, the same for the
+baseline and every [original, crop] prompt, so the baseline's pass keeps that prefix's KV
+cache and each method's crop answer runs only the crop's vision pass and the rest of the
+prompt over it (vicrop_jax.prefix.start_answers / finish; same answers as the separate
+passes, tested). The map passes stay separate: their question may be the short one (V*).
+
 With several local devices, batches are data-parallel: the batch axis of every input is
 sharded over a 1-D mesh ("data") and the params are replicated; the batch size is rounded up
 to a multiple of the device count.
@@ -40,6 +46,7 @@ from PIL import Image
 
 from eval.datasets import Example
 from vicrop_jax import bbox as bbox_lib
+from vicrop_jax import prefix as prefix_lib
 from vicrop_jax.generate import pad_id
 from vicrop_jax.importance import default_layer, maps_for_images, resolve_layers
 from vicrop_jax.loading import Model
@@ -297,6 +304,33 @@ class Engine:
             out.append(np.asarray(m)[: len(real)])
         return np.concatenate(out)
 
+    # -- the shared prefix (vicrop_jax.prefix) ---------------------------------------------
+
+    def _shares_prefix(self, n: int) -> bool:
+        """LLaVA prompts start with BOS + the original image, the same for the baseline and
+        every [original, crop] prompt; on one device and for at most one batch (one prefix
+        cache held at a time) that prefix runs once per question."""
+        return self.model.family == "llava" and self.mesh is None and n <= self.batch_size
+
+    def _padded(self, seq: list) -> list:
+        """A full batch: the last entry repeated (one compiled shape per batch size)."""
+        return seq + [seq[-1]] * (self.batch_size - len(seq))
+
+    def _start(self, items: list[Item]):
+        return prefix_lib.start_answers(
+            self.model, self._padded([it.image for it in items]),
+            self._padded([it.example.question for it in items]),
+            max_new_tokens=self.max_new_tokens, params=self.params,
+        )  # fmt: skip
+
+    def _finish(self, started, items: list[Item], boxes: list) -> list[str]:
+        """[original, crop] answers for every item over the baseline's prefix cache; an item
+        without a box gets its whole image as the crop (its answer is dropped)."""
+        crops = [
+            it.image if b is None else it.image.crop(b) for it, b in zip(items, boxes, strict=True)
+        ]
+        return prefix_lib.finish(self.model, started, self._padded(crops))[: len(items)]
+
     # -- one batch ---------------------------------------------------------------------
 
     def _boxes(self, method: str, items: list[Item], map_qs: list[str], timed: Callable):
@@ -369,7 +403,13 @@ class Engine:
         questions = [it.example.question for it in items]
         map_qs = [it.example.short_question or it.example.question for it in items]
         answers = [None] * len(items)
-        if baseline:
+        # LLaVA, one device, one batch: the baseline's prefix pass (BOS + the original image)
+        # is kept and every method's [original, crop] answer continues from it.
+        started = None
+        if baseline and self._shares_prefix(len(items)):
+            started = timer("baseline_answer", self._start, items)
+            answers = started.answers[: len(items)]
+        elif baseline:
             answers = timer(
                 "baseline_answer",
                 self.generate,
@@ -381,9 +421,15 @@ class Engine:
             timed = timer.scoped(method)
             boxes, maps = self._boxes(method, items, map_qs, timed)
             todo = [i for i, b in enumerate(boxes) if b is not None]
-            texts = [self.prompt(questions[i], n_images=2) for i in todo]
-            pairs = [[items[i].image, items[i].image.crop(boxes[i])] for i in todo]
-            answers = timed("crop_answer", self.generate, texts, pairs) if todo else []
+            if started is not None and todo:
+                answers = timed("crop_answer", self._finish, started, items, boxes)
+                answers = [answers[i] for i in todo]
+            elif todo:
+                texts = [self.prompt(questions[i], n_images=2) for i in todo]
+                pairs = [[items[i].image, items[i].image.crop(boxes[i])] for i in todo]
+                answers = timed("crop_answer", self.generate, texts, pairs)
+            else:
+                answers = []
             crops = dict(zip(todo, answers, strict=True))
             for i, res in enumerate(results):
                 box = boxes[i]

@@ -558,6 +558,41 @@ def test_items_and_engine_validate(tiny_llava):
     assert s.methods == ("rel_att_high", "gt_crop")
 
 
+def test_engine_shared_prefix_equals_separate_passes(tiny_llava, monkeypatch):
+    # LLaVA on one device: the baseline's prefix cache serves every method's [original, crop]
+    # answer; same answers and boxes as the separate passes, a short batch padded, an item
+    # without a ground-truth box left out of gt_crop.
+    from eval.engine import Item
+    from vicrop_jax import prefix as prefix_lib
+
+    model, _ = tiny_llava
+    rng = np.random.RandomState(3)
+    items = []
+    for i, (w, h) in enumerate([(120, 90), (64, 100), (150, 150)]):
+        img = Image.fromarray((rng.rand(h, w, 3) * 255).astype(np.uint8))
+        gt = None if i == 1 else (10.0, 20.0, 50.0, 60.0)
+        q = ["What is written on the red circle?", "What color is it?", "Is there a cat?"][i]
+        items.append(Item(datasets.Example(f"q{i}", "x.png", q, ["a"], "/tmp", gt_bbox=gt), img))
+    methods = ("rel_att", "gt_crop", "center_crop")
+    finishes = []
+    real_finish = prefix_lib.finish
+    monkeypatch.setattr(prefix_lib, "finish", lambda *a: finishes.append(1) or real_finish(*a))
+    eng = Engine(model, batch_size=4, max_new_tokens=4)
+    shared = eng.answer(items, methods)
+    assert len(finishes) == 3  # one per method, over the baseline's cache
+    monkeypatch.setattr(Engine, "_shares_prefix", lambda self, n: False)
+    separate = eng.answer(items, methods)
+    assert len(finishes) == 3
+    for a, b in zip(shared, separate, strict=True):
+        assert a["original_answer"] == b["original_answer"]
+        for m in methods:
+            assert a["methods"][m]["crop_answer"] == b["methods"][m]["crop_answer"], m
+            assert a["methods"][m]["bbox"] == b["methods"][m]["bbox"]
+    assert shared[1]["methods"]["gt_crop"]["crop_answer"] is None
+    assert shared[1]["methods"]["gt_crop"]["error"] == "no ground-truth box"
+    assert all(isinstance(r["methods"]["rel_att"]["crop_answer"], str) for r in shared)
+
+
 def test_engine_runs_instructblip_like_the_pipeline(tiny_instructblip):
     from eval.engine import Item
     from vicrop_jax import pipeline

@@ -103,6 +103,34 @@ def _double(cache):
                          position=cat(cache.position, 0))  # fmt: skip
 
 
+def _prefix_cache(apply, module, params, prefix, pixels, room: int):
+    """The vision tower on the originals and the prefix pass, one row per image, into a KV
+    cache with `room` free slots after the prefix."""
+    b, p = pixels.shape[0], prefix.shape[0]
+    feats, _ = apply(pixels, method=lambda m, x: m.image_features(x))
+    cache = init_cache(module.config, b, p + room, _param_dtype(params))
+    ids = jnp.broadcast_to(prefix, (b, p))
+    return apply(ids, None, None, cache=cache, only_last_logits=True,
+                 image_features=feats).cache  # fmt: skip
+
+
+@functools.partial(
+    jax.jit, static_argnames=("module", "room", "max_new_tokens", "eos_ids", "pad_id")
+)
+def answer_pass(module, params, prefix, pixels, q, q_mask, *, room, max_new_tokens, eos_ids,
+                pad_id):  # fmt: skip
+    """Prefix pass and question tails, then the baseline answers (jitted); no maps.
+
+    q, q_mask int32[B, L1]. Returns (tokens int32[B, M], lengths int32[B], the prefix cache).
+    """
+    apply = functools.partial(module.apply, {"params": params})
+    cache = _prefix_cache(apply, module, params, prefix, pixels, room)
+    out = apply(q, None, q_mask, cache=cache, only_last_logits=True)
+    tokens, lengths = decode(apply, out.logits[:, -1], out.cache, max_new_tokens=max_new_tokens,
+                             eos_ids=eos_ids, pad_id=pad_id)  # fmt: skip
+    return tokens, lengths, cache
+
+
 @functools.partial(
     jax.jit,
     static_argnames=("module", "layers", "image_start", "room", "max_new_tokens", "eos_ids",
@@ -116,13 +144,9 @@ def start_pass(module, params, prefix, pixels, qg, qg_mask, *, layers, image_sta
     float32[B, N, N], tokens int32[B, M], lengths int32[B], the prefix cache with `room`
     free slots).
     """
-    b, p = pixels.shape[0], prefix.shape[0]
+    b = pixels.shape[0]
     apply = functools.partial(module.apply, {"params": params})
-    feats, _ = apply(pixels, method=lambda m, x: m.image_features(x))
-    cache = init_cache(module.config, b, p + room, _param_dtype(params))
-    ids = jnp.broadcast_to(prefix, (b, p))
-    cache = apply(ids, None, None, cache=cache, only_last_logits=True,
-                  image_features=feats).cache  # fmt: skip
+    cache = _prefix_cache(apply, module, params, prefix, pixels, room)
     out = apply(qg, None, qg_mask, cache=_double(cache), only_last_logits=True)
     t = module.config.num_image_tokens
     rows = out.attentions[jnp.asarray(layers)][..., image_start : image_start + t]  # [l,2B,N,T]
@@ -158,8 +182,8 @@ def finish_pass(module, params, cache, crop_pixels, pair, pair_mask, *, max_new_
 
 @dataclasses.dataclass
 class Started:
-    """What `start` returns: maps float32[B, N, N] (device), baseline answers, and the state
-    `finish` continues from."""
+    """What `start` returns: maps float32[B, N, N] (device; None from `start_answers`),
+    baseline answers, and the state `finish` continues from."""
 
     maps: Array
     answers: list[str]
@@ -201,6 +225,22 @@ def start(model: Model, images: Sequence[Image.Image], questions: Sequence[str],
     maps, tokens, lengths, cache = start_pass(*args, **kwargs)
     answers = answer_texts(model.processor.tokenizer, tokens, lengths)
     return Started(maps, answers, prompts, cache, args[1], max_new_tokens)
+
+
+def start_answers(model: Model, images: Sequence[Image.Image], questions: Sequence[str], *,
+                  max_new_tokens: int, params=None) -> Started:  # fmt: skip
+    """`start` without the map: the baseline answers and the prefix cache that `finish`
+    continues from (for maps asked with another question, or none). `maps` is None."""
+    prompts, args, kwargs = start_inputs(model, images, questions, max_new_tokens=max_new_tokens,
+                                         params=params)  # fmt: skip
+    b = len(questions)
+    module, params, prefix, pixels, qg, qg_mask = args
+    tokens, lengths, cache = answer_pass(
+        module, params, prefix, pixels, qg[:b], qg_mask[:b], room=kwargs["room"],
+        max_new_tokens=max_new_tokens, eos_ids=kwargs["eos_ids"], pad_id=kwargs["pad_id"],
+    )  # fmt: skip
+    answers = answer_texts(model.processor.tokenizer, tokens, lengths)
+    return Started(None, answers, prompts, cache, params, max_new_tokens)
 
 
 def finish(model: Model, started: Started, crops: Sequence[Image.Image]) -> list[str]:
