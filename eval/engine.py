@@ -150,7 +150,7 @@ def peak_map(box: Sequence[float], size: Sequence[int], grid: int, centre=None,
     keep = np.zeros((grid, grid))
     keep[span(y1, y2, h), span(x1, x2, w)] = 1.0
     out = np.exp(z - z.max()) * keep
-    if out.sum() <= 0:  # a degenerate box (outside the image): its nearest cell
+    if out.sum() <= 0:  # a box outside the image: the peak over the whole grid
         out = np.exp(z - z.max())
     return (out / out.sum()).astype(np.float32)
 
