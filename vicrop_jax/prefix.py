@@ -103,29 +103,36 @@ def _double(cache):
                          position=cat(cache.position, 0))  # fmt: skip
 
 
-def _prefix_cache(apply, module, params, prefix, pixels, room: int):
+def _with_room(cache, extra: int):
+    """The cache with `extra` empty (masked) slots after its last: room for one tail and its
+    answer. Each pass adds only the room it needs, so the prefix cache that `start` keeps
+    (and copies for the question and general rows) holds the prefix alone."""
+    pad = lambda x, axis: jnp.pad(x, [(0, extra if a == axis else 0) for a in range(x.ndim)])  # noqa: E731
+    return cache.replace(k=pad(cache.k, 2), v=pad(cache.v, 2), mask=pad(cache.mask, 1))
+
+
+def _prefix_cache(apply, module, params, prefix, pixels):
     """The vision tower on the originals and the prefix pass, one row per image, into a KV
-    cache with `room` free slots after the prefix."""
+    cache of exactly the prefix's slots."""
     b, p = pixels.shape[0], prefix.shape[0]
     feats, _ = apply(pixels, method=lambda m, x: m.image_features(x))
-    cache = init_cache(module.config, b, p + room, _param_dtype(params))
+    cache = init_cache(module.config, b, p, _param_dtype(params))
     ids = jnp.broadcast_to(prefix, (b, p))
     return apply(ids, None, None, cache=cache, only_last_logits=True,
                  image_features=feats).cache  # fmt: skip
 
 
-@functools.partial(
-    jax.jit, static_argnames=("module", "room", "max_new_tokens", "eos_ids", "pad_id")
-)
-def answer_pass(module, params, prefix, pixels, q, q_mask, *, room, max_new_tokens, eos_ids,
+@functools.partial(jax.jit, static_argnames=("module", "max_new_tokens", "eos_ids", "pad_id"))
+def answer_pass(module, params, prefix, pixels, q, q_mask, *, max_new_tokens, eos_ids,
                 pad_id):  # fmt: skip
     """Prefix pass and question tails, then the baseline answers (jitted); no maps.
 
     q, q_mask int32[B, L1]. Returns (tokens int32[B, M], lengths int32[B], the prefix cache).
     """
     apply = functools.partial(module.apply, {"params": params})
-    cache = _prefix_cache(apply, module, params, prefix, pixels, room)
-    out = apply(q, None, q_mask, cache=cache, only_last_logits=True)
+    cache = _prefix_cache(apply, module, params, prefix, pixels)
+    tail = _with_room(cache, q.shape[1] + max_new_tokens)
+    out = apply(q, None, q_mask, cache=tail, only_last_logits=True)
     tokens, lengths = decode(apply, out.logits[:, -1], out.cache, max_new_tokens=max_new_tokens,
                              eos_ids=eos_ids, pad_id=pad_id)  # fmt: skip
     return tokens, lengths, cache
@@ -133,21 +140,21 @@ def answer_pass(module, params, prefix, pixels, q, q_mask, *, room, max_new_toke
 
 @functools.partial(
     jax.jit,
-    static_argnames=("module", "layers", "image_start", "room", "max_new_tokens", "eos_ids",
-                     "pad_id"),
+    static_argnames=("module", "layers", "image_start", "max_new_tokens", "eos_ids", "pad_id"),
 )  # fmt: skip
-def start_pass(module, params, prefix, pixels, qg, qg_mask, *, layers, image_start, room,
+def start_pass(module, params, prefix, pixels, qg, qg_mask, *, layers, image_start,
                max_new_tokens, eos_ids, pad_id):  # fmt: skip
     """Prefix pass, [question; general] tails, rel-att maps, baseline answers (jitted).
 
     prefix int32[P]; pixels float[B, H, W, C]; qg, qg_mask int32[2B, L1]. Returns (maps
-    float32[B, N, N], tokens int32[B, M], lengths int32[B], the prefix cache with `room`
-    free slots).
+    float32[B, N, N], tokens int32[B, M], lengths int32[B], the prefix cache: the prefix's
+    slots only).
     """
     b = pixels.shape[0]
     apply = functools.partial(module.apply, {"params": params})
-    cache = _prefix_cache(apply, module, params, prefix, pixels, room)
-    out = apply(qg, None, qg_mask, cache=_double(cache), only_last_logits=True)
+    cache = _prefix_cache(apply, module, params, prefix, pixels)
+    tails = _with_room(_double(cache), qg.shape[1] + max_new_tokens)
+    out = apply(qg, None, qg_mask, cache=tails, only_last_logits=True)
     t = module.config.num_image_tokens
     rows = out.attentions[jnp.asarray(layers)][..., image_start : image_start + t]  # [l,2B,N,T]
     att = rows.mean((0, 2))  # [2B, T]
@@ -169,7 +176,8 @@ def finish_pass(module, params, cache, crop_pixels, pair, pair_mask, *, max_new_
     """The [original, crop] tails over the prefix cache, then their answers (jitted)."""
     apply = functools.partial(module.apply, {"params": params})
     feats, _ = apply(crop_pixels, method=lambda m, x: m.image_features(x))
-    out = apply(pair, None, pair_mask, cache=cache, only_last_logits=True, image_features=feats)
+    tail = _with_room(cache, pair.shape[1] + max_new_tokens)
+    out = apply(pair, None, pair_mask, cache=tail, only_last_logits=True, image_features=feats)
     return decode(
         apply,
         out.logits[:, -1],
@@ -209,10 +217,9 @@ def start_inputs(model: Model, images: Sequence[Image.Image], questions: Sequenc
     eos_ids, pad = _eos_pad(model)
     pixels = image_pixels(model.processor, images)
     image_start = int(np.argmax(prompts.prefix == model.config.image_token_index))
-    room = max(prompts.qg.shape[1], prompts.pair.shape[1]) + max_new_tokens
     args = (model.module, params, jnp.asarray(prompts.prefix), jnp.asarray(pixels),
             jnp.asarray(prompts.qg), jnp.asarray(prompts.qg_mask))  # fmt: skip
-    kwargs = dict(layers=model_layers(model, layer), image_start=image_start, room=room,
+    kwargs = dict(layers=model_layers(model, layer), image_start=image_start,
                   max_new_tokens=max_new_tokens, eos_ids=eos_ids, pad_id=pad)  # fmt: skip
     return prompts, args, kwargs
 
@@ -236,8 +243,8 @@ def start_answers(model: Model, images: Sequence[Image.Image], questions: Sequen
     b = len(questions)
     module, params, prefix, pixels, qg, qg_mask = args
     tokens, lengths, cache = answer_pass(
-        module, params, prefix, pixels, qg[:b], qg_mask[:b], room=kwargs["room"],
-        max_new_tokens=max_new_tokens, eos_ids=kwargs["eos_ids"], pad_id=kwargs["pad_id"],
+        module, params, prefix, pixels, qg[:b], qg_mask[:b], max_new_tokens=max_new_tokens,
+        eos_ids=kwargs["eos_ids"], pad_id=kwargs["pad_id"],
     )  # fmt: skip
     answers = answer_texts(model.processor.tokenizer, tokens, lengths)
     return Started(None, answers, prompts, cache, params, max_new_tokens)
