@@ -14,6 +14,11 @@ about 620 for LLaVA-1.5-7B). This module runs that prefix once per question:
   3. `finish`: the vision tower on the crops and the [original, crop] tails over the same
      prefix cache, then their answers.
 
+`start_answers` is step 1 without the map (the baseline answers and the cache only): the
+eval engine uses it when a map is asked with another question (V*'s short one), and runs
+every method's crop answer through `finish`. Each pass pads the prefix-only cache with the
+room its own tail and answer need.
+
 Same maps and answers as the unshared passes (tests/test_prefix.py compares them, and
 HF PyTorch answers through the pipeline tests): the prefix has no padding, so cache slots
 and RoPE positions are the unshared prompt's; the tails are left-padded inside the cache
