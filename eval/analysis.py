@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import os
 import sys
 from collections.abc import Sequence
@@ -31,7 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from eval import report
-from eval.engine import Engine, Item
+from eval.engine import Engine, Item, box_cells
 from vicrop_jax.importance import image_rows
 from vicrop_jax.loading import Model, forward
 from vicrop_jax.processing import encode, llava_prompt
@@ -50,18 +49,6 @@ def layer_maps(model: Model, images, questions: Sequence[str]) -> np.ndarray:
         rows = rows[..., 1:]  # the class-token position is not a patch
     g = cfg.vision_config.grid
     return rows.reshape(rows.shape[0], rows.shape[1], g, g)
-
-
-def box_cells(box: Sequence[float], image_size: Sequence[int], grid: int) -> tuple[int, ...]:
-    """A pixel box (x1, y1, x2, y2) as grid cells [c1, c2) x [r1, r2), at least one cell."""
-    out = []
-    for lo, hi, dim in ((box[0], box[2], image_size[0]), (box[1], box[3], image_size[1])):
-        cell = dim / grid
-        a = min(max(int(math.floor(lo / cell)), 0), grid - 1)
-        b = min(max(int(math.ceil(hi / cell)), a + 1), grid)
-        out.append((a, b))
-    (c1, c2), (r1, r2) = out
-    return c1, r1, c2, r2
 
 
 def window_ratio(att: np.ndarray, cells: Sequence[int]) -> float:

@@ -130,12 +130,24 @@ def random_box(example_id: str, size: tuple[int, int], base: int, seed: int) -> 
     return base_box(tuple(centre), size, base)
 
 
+def box_cells(box: Sequence[float], image_size: Sequence[int], grid: int) -> tuple[int, ...]:
+    """A pixel box (x1, y1, x2, y2) as grid cells [c1, c2) x [r1, r2), at least one cell."""
+    out = []
+    for lo, hi, dim in ((box[0], box[2], image_size[0]), (box[1], box[3], image_size[1])):
+        cell = dim / grid
+        a = min(max(int(math.floor(lo / cell)), 0), grid - 1)
+        b = min(max(int(math.ceil(hi / cell)), a + 1), grid)
+        out.append((a, b))
+    (c1, c2), (r1, r2) = out
+    return c1, r1, c2, r2
+
+
 def peak_map(box: Sequence[float], size: Sequence[int], grid: int, centre=None,
              sigma: float = 0.25) -> np.ndarray:  # fmt: skip
     """float32[grid, grid] summing to 1: a Gaussian at `centre` (default the box's centre), of
     standard deviation sigma x the box's longer side (pixels), sampled at the cell centres of
-    a map spanning the image (`size` = (width, height)) and kept on the cells the box
-    overlaps.
+    a map spanning the image (`size` = (width, height)) and kept on the box's cells
+    (`box_cells`: at least one, inside the grid).
 
     A peak, not a plateau: a map flat over a box that spans several windows ties them all,
     and the official search keeps the first (top-left) one, a corner of the box.
@@ -146,12 +158,11 @@ def peak_map(box: Sequence[float], size: Sequence[int], grid: int, centre=None,
     xs = (np.arange(grid) + 0.5) * w / grid
     ys = (np.arange(grid) + 0.5) * h / grid
     z = -((xs[None, :] - cx) ** 2 + (ys[:, None] - cy) ** 2) / (2 * sd**2)
-    span = lambda a, b, n: slice(math.floor(a * grid / n), max(math.ceil(b * grid / n), 1))
-    keep = np.zeros((grid, grid))
-    keep[span(y1, y2, h), span(x1, x2, w)] = 1.0
-    out = np.exp(z - z.max()) * keep
-    if out.sum() <= 0:  # a box outside the image: the peak over the whole grid
-        out = np.exp(z - z.max())
+    c1, r1, c2, r2 = box_cells(box, size, grid)
+    keep = np.full((grid, grid), -np.inf)
+    keep[r1:r2, c1:c2] = 0.0
+    z = z + keep  # -inf off the box: exp gives exact zeros, and the max is a kept cell
+    out = np.exp(z - z.max())
     return (out / out.sum()).astype(np.float32)
 
 

@@ -619,9 +619,10 @@ def answer_loss(logits, input_ids, loss_mask):
 
 
 def _answer_rows(probs, input_ids, loss_mask, cells, image_token: int):
-    """(rows float32[B, K], on float32[B, K]): the attention (heads averaged) of the query
-    that predicts the first answer token (the prompt's last), and per-cell weights `cells`
-    [B, T] spread onto the first image's token positions (0 elsewhere)."""
+    """(rows float32[B, K], first bool[B, K], on float32[B, K]): the attention (heads
+    averaged) of the query that predicts the first answer token (the prompt's last), which
+    positions hold the first image's tokens, and per-cell weights `cells` [B, T] spread onto
+    those positions (0 elsewhere)."""
     query = jnp.argmax(loss_mask > 0, axis=1) - 1  # [B]
     rows = jnp.take_along_axis(probs.mean(1), query[:, None, None], axis=1)[:, 0]  # [B, K]
     is_img = input_ids == image_token
