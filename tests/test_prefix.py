@@ -48,3 +48,47 @@ def test_batch_of_mixed_sizes_matches_one_question_at_a_time(tiny_llava):
         assert (a.original_answer, a.crop_answer, a.bbox) == (
             one.original_answer, one.crop_answer, one.bbox)  # fmt: skip
         np.testing.assert_allclose(a.att_map, one.att_map, rtol=1e-4, atol=1e-7)
+
+
+def test_rows_over_one_shared_prefix_match_hf_full_prompts(tiny_llava):
+    """Question and general tails (2 x B rows) over one B-row prefix cache (KVCache.prefix_k,
+    not copied), then one decode step (the split softmax): logits and attention rows equal
+    HF PyTorch's on each full, unpadded prompt."""
+    import functools
+
+    import jax.numpy as jnp
+    import torch
+
+    from vicrop_jax.processing import image_pixels
+
+    model, hf = tiny_llava
+    rng = np.random.default_rng(5)
+    imgs = [Image.fromarray(rng.integers(0, 255, (h, w, 3), np.uint8))
+            for h, w in ((50, 61), (43, 37))]  # fmt: skip
+    p = prefix.split_prompts(model, QS)
+    apply = functools.partial(model.module.apply, {"params": model.params})
+    pix = jnp.asarray(image_pixels(model.processor, imgs))
+    cache = prefix._prefix_cache(apply, model.module, model.params, jnp.asarray(p.prefix), pix)
+    tails = prefix._tail_cache(cache, 2, p.qg.shape[1] + 1)
+    assert tails.k.shape[1] == 4 and tails.prefix_k.shape[1] == 2
+    out = apply(jnp.asarray(p.qg), None, jnp.asarray(p.qg_mask), cache=tails, only_last_logits=True)
+    nxt = jnp.argmax(out.logits[:, -1], -1)
+    step = apply(nxt[:, None], None, jnp.ones((4, 1), jnp.int32), cache=out.cache,
+                 only_last_logits=True)  # fmt: skip
+    texts = [llava_prompt(q) for q in QS] + [llava_prompt(GENERAL_QUESTION)] * 2
+    n_pre = len(p.prefix)
+    for i, text in enumerate(texts):
+        enc = encode(model.processor, [text], [imgs[i % 2]])
+        ids = torch.tensor(enc["input_ids"])
+        kw = dict(pixel_values=torch.tensor(enc["pixel_values"]))
+        with torch.no_grad():
+            ref = hf(input_ids=ids, output_attentions=True, **kw)
+            ref2 = hf(input_ids=torch.cat([ids, torch.tensor([[int(nxt[i])]])], 1), **kw)
+        np.testing.assert_allclose(out.logits[i, -1], ref.logits[0, -1].numpy(), atol=1e-4)
+        np.testing.assert_allclose(step.logits[i, -1], ref2.logits[0, -1].numpy(), atol=1e-4)
+        real = np.concatenate([np.arange(n_pre), n_pre + np.flatnonzero(p.qg_mask[i])])
+        for layer, a in enumerate(ref.attentions):
+            got = np.asarray(out.attentions[layer, i])[:, real]
+            np.testing.assert_allclose(got, a[0, :, -1].numpy(), atol=1e-5, err_msg=f"{i} {layer}")
+            pad = np.setdiff1d(np.arange(out.attentions.shape[-1]), real)
+            assert np.abs(np.asarray(out.attentions[layer, i])[:, pad]).max() == 0.0

@@ -7,7 +7,7 @@ question therefore share their first 1 + T tokens, which are most of each prompt
 about 620 for LLaVA-1.5-7B). This module runs that prefix once per question:
 
   1. `start`: the vision tower on the originals, the prefix pass (one row per question) into
-     a KV cache, then the question and general tails as 2B rows over two copies of that
+     a KV cache, then the question and general tails as 2B rows that both read that
      cache. The tails' last-query rows at the map layer(s) give the rel-att map; the
      question rows go on to the baseline answer.
   2. (host) the box search on the maps, the crops, their preprocessing.
@@ -16,8 +16,9 @@ about 620 for LLaVA-1.5-7B). This module runs that prefix once per question:
 
 `start_answers` is step 1 without the map (the baseline answers and the cache only): the
 eval engine uses it when a map is asked with another question (V*'s short one), and runs
-every method's crop answer through `finish`. Each pass pads the prefix-only cache with the
-room its own tail and answer need.
+every method's crop answer through `finish`. Each pass gives its tails a cache of their own
+slots that reads the prefix cache in place (KVCache.prefix_k/v): the question and general
+rows share one copy of the prefix, and no pass copies it.
 
 Same maps and answers as the unshared passes (tests/test_prefix.py compares them, and
 HF PyTorch answers through the pipeline tests): the prefix has no padding, so cache slots
@@ -39,6 +40,7 @@ from PIL import Image
 from vicrop_jax.generate import _param_dtype, answer_texts, decode, init_cache, pad_id, slice_rows
 from vicrop_jax.importance import _llava_grid, model_layers, safe_ratio
 from vicrop_jax.loading import Model
+from vicrop_jax.models.common import KVCache
 from vicrop_jax.processing import GENERAL_QUESTION, image_pixels, llava_prompt
 
 Array = jax.Array
@@ -102,18 +104,21 @@ def split_prompts(model: Model, questions: Sequence[str], multiple: int = 8) -> 
     return Prompts(np.asarray(prefix, np.int32), qg, qg_mask, pair, pair_mask)
 
 
-def _double(cache):
-    cat = lambda x, axis: jnp.concatenate([x, x], axis=axis)  # noqa: E731
-    return cache.replace(k=cat(cache.k, 1), v=cat(cache.v, 1), mask=cat(cache.mask, 0),
-                         position=cat(cache.position, 0))  # fmt: skip
-
-
-def _with_room(cache, extra: int):
-    """The cache with `extra` empty (masked) slots after its last: room for one tail and its
-    answer. Each pass adds only the room it needs, so the prefix cache that `start` keeps
-    (and copies for the question and general rows) holds the prefix alone."""
-    pad = lambda x, axis: jnp.pad(x, [(0, extra if a == axis else 0) for a in range(x.ndim)])  # noqa: E731
-    return cache.replace(k=pad(cache.k, 2), v=pad(cache.v, 2), mask=pad(cache.mask, 1))
+def _tail_cache(prefix, copies: int, length: int) -> KVCache:
+    """An empty cache of `length` slots (one tail and its answer) for `copies` x B rows that
+    attend to the prefix cache's keys first, through KVCache.prefix_k/v: the prefix is read
+    in place, never padded or copied per row (row i reads prefix row i % B)."""
+    layers, b, _, g, h = prefix.k.shape
+    shape = (layers, copies * b, length, g, h)
+    return KVCache(
+        k=jnp.zeros(shape, prefix.k.dtype),
+        v=jnp.zeros(shape, prefix.v.dtype),
+        mask=jnp.zeros((copies * b, length), bool),
+        index=jnp.zeros((), jnp.int32),
+        position=jnp.tile(prefix.position, copies),
+        prefix_k=prefix.k,
+        prefix_v=prefix.v,
+    )
 
 
 def _prefix_cache(apply, module, params, prefix, pixels):
@@ -136,7 +141,7 @@ def answer_pass(module, params, prefix, pixels, q, q_mask, *, max_new_tokens, eo
     """
     apply = functools.partial(module.apply, {"params": params})
     cache = _prefix_cache(apply, module, params, prefix, pixels)
-    tail = _with_room(cache, q.shape[1] + max_new_tokens)
+    tail = _tail_cache(cache, 1, q.shape[1] + max_new_tokens)
     out = apply(q, None, q_mask, cache=tail, only_last_logits=True)
     tokens, lengths = decode(apply, out.logits[:, -1], out.cache, max_new_tokens=max_new_tokens,
                              eos_ids=eos_ids, pad_id=pad_id)  # fmt: skip
@@ -158,7 +163,7 @@ def start_pass(module, params, prefix, pixels, qg, qg_mask, *, layers, image_sta
     b = pixels.shape[0]
     apply = functools.partial(module.apply, {"params": params})
     cache = _prefix_cache(apply, module, params, prefix, pixels)
-    tails = _with_room(_double(cache), qg.shape[1] + max_new_tokens)
+    tails = _tail_cache(cache, 2, qg.shape[1] + max_new_tokens)
     out = apply(qg, None, qg_mask, cache=tails, only_last_logits=True)
     t = module.config.num_image_tokens
     rows = out.attentions[jnp.asarray(layers)][..., image_start : image_start + t]  # [l,2B,N,T]
@@ -181,7 +186,7 @@ def finish_pass(module, params, cache, crop_pixels, pair, pair_mask, *, max_new_
     """The [original, crop] tails over the prefix cache, then their answers (jitted)."""
     apply = functools.partial(module.apply, {"params": params})
     feats, _ = apply(crop_pixels, method=lambda m, x: m.image_features(x))
-    tail = _with_room(cache, pair.shape[1] + max_new_tokens)
+    tail = _tail_cache(cache, 1, pair.shape[1] + max_new_tokens)
     out = apply(pair, None, pair_mask, cache=tail, only_last_logits=True, image_features=feats)
     return decode(
         apply,

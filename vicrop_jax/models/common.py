@@ -91,6 +91,12 @@ class KVCache:
 
     k, v: [L, B, K, G, H]; mask: bool[B, K], which slots hold real tokens; index: int32[]
     the next slot to write; position: int32[B] the RoPE position of the next token.
+
+    prefix_k, prefix_v: optional [L, Bp, P, G, H], keys and values of an unpadded prompt
+    prefix that every row attends to before its own slots (row i uses prefix row i % Bp,
+    B a multiple of Bp). Read only: a pass writes to the K slots alone, so one prefix
+    serves several rows per question (vicrop_jax/prefix.py) without being copied. Attention
+    rows then span P + K keys, the prefix's first.
     """
 
     k: Array
@@ -98,6 +104,8 @@ class KVCache:
     mask: Array
     index: Array
     position: Array
+    prefix_k: Array | None = None
+    prefix_v: Array | None = None
 
 
 @flax.struct.dataclass

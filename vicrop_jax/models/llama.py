@@ -189,13 +189,42 @@ def attend(
     return out, rows, probs
 
 
+def prefix_decode_attention(q: Array, pk: Array, pv: Array, k: Array, v: Array,
+                            mask: Array) -> tuple[Array, Array]:  # fmt: skip
+    """Attention of new queries over a shared prefix and each row's own slots, without
+    copying the prefix per row: one softmax over both parts' logits (float32).
+
+    q: [B, S, N, H]; pk, pv: [Bp, P, G, H] (row i reads prefix row i % Bp); k, v: [B, K, G, H];
+    mask: bool[B, S, P + K]. Returns out [B, S, N, H] and the last query's rows
+    float32[B, N, P + K] (prefix keys first).
+    """
+    b, s, n, h = q.shape
+    bp, p, g, _ = pk.shape
+    qg = q.reshape(b // bp, bp, s, g, n // g, h)
+    f32 = jnp.float32
+    lp = jnp.einsum("tbsgrh,bkgh->tbgrsk", qg, pk, preferred_element_type=f32)
+    lp = lp.reshape(b, g, n // g, s, p)
+    lk = jnp.einsum("bsgrh,bkgh->bgrsk", qg.reshape(b, s, g, n // g, h), k,
+                    preferred_element_type=f32)  # fmt: skip
+    logits = jnp.concatenate([lp, lk], axis=-1) / math.sqrt(h)
+    logits = jnp.where(mask[:, None, None], logits, jnp.finfo(f32).min)
+    probs = jax.nn.softmax(logits, axis=-1)  # [B, G, R, S, P + K]
+    pp = probs[..., :p].astype(v.dtype).reshape(b // bp, bp, g, n // g, s, p)
+    out = jnp.einsum("tbgrsk,bkgh->tbsgrh", pp, pv).reshape(b, s, n, h)
+    out = out + jnp.einsum("bgrsk,bkgh->bsgrh", probs[..., p:].astype(v.dtype), v).reshape(
+        b, s, n, h
+    )
+    return out, probs[:, :, :, -1].reshape(b, n, -1)
+
+
 class LlamaAttention(nn.Module):
     config: LlamaConfig
 
     @nn.compact
     def __call__(self, x, cos, sin, mask, kv, delta, want_full):
-        """kv: None, or (k_all, v_all, layer, index): the stacked [L, B, K, G, H] cache, which
-        this layer updates in place at [layer, :, index:index + S] and returns."""
+        """kv: None, or (k_all, v_all, layer, index, pk_all, pv_all): the stacked
+        [L, B, K, G, H] cache, which this layer updates in place at [layer, :, index:index + S]
+        and returns, and the cache's shared prefix (KVCache.prefix_k/v, or None)."""
         cfg = self.config
         b, s, _ = x.shape
         n, g, h = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
@@ -204,16 +233,28 @@ class LlamaAttention(nn.Module):
         k = dense(g * h, "k_proj")(x).reshape(b, s, g, h)
         v = dense(g * h, "v_proj")(x).reshape(b, s, g, h)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        pk_all = None
         if kv is None:
             new_kv = (k, v)
         else:  # one dynamic-update-slice into the loop-carried cache: XLA does it in place
-            k_all, v_all, layer, index = kv
+            k_all, v_all, layer, index, pk_all, pv_all = kv
             at = (layer, 0, index, 0, 0)
             k_all = jax.lax.dynamic_update_slice(k_all, k[None].astype(k_all.dtype), at)
             v_all = jax.lax.dynamic_update_slice(v_all, v[None].astype(v_all.dtype), at)
             k, v = k_all[layer], v_all[layer]
             new_kv = (k_all, v_all)
-        out, rows, probs = attend(q, k, v, mask, delta, want_full)
+        if pk_all is not None:
+            pk, pv = pk_all[layer], pv_all[layer]
+            if s == 1 and delta is None and not want_full:  # decode: no per-row prefix copy
+                out, rows = prefix_decode_attention(q, pk, pv, k, v, mask)
+                probs = None
+            else:  # a prompt pass: this layer's prefix tiled over the rows (a transient)
+                r = b // pk.shape[0]
+                k = jnp.concatenate([jnp.tile(pk, (r, 1, 1, 1)), k], axis=1)
+                v = jnp.concatenate([jnp.tile(pv, (r, 1, 1, 1)), v], axis=1)
+                out, rows, probs = attend(q, k, v, mask, delta, want_full)
+        else:
+            out, rows, probs = attend(q, k, v, mask, delta, want_full)
         out = nn.Dense(cfg.hidden_size, use_bias=cfg.attention_bias, name="o_proj")(
             out.reshape(b, s, n * h)
         )
@@ -281,7 +322,9 @@ class LlamaModel(nn.Module):
           positions: int[B, S] RoPE positions.
           kv_mask: bool[B, K] which key slots are real tokens (K = S without a cache, else the
             cache length, already including this step's S slots).
-          cache: optional KVCache; this pass writes its keys at cache.index.
+          cache: optional KVCache; this pass writes its keys at cache.index (after the
+            cache's shared prefix, when it has one: then K counts P + the cache's slots in
+            attention rows and attn_delta).
           attn_delta: optional float[L, B, N, K] added to each layer's last-query row.
           output_full_attentions: also return every layer's [B, N, S, K] probabilities.
 
@@ -298,12 +341,16 @@ class LlamaModel(nn.Module):
         # non-empty (fused kernels may return NaN for empty rows), and real rows never see it.
         own = jnp.arange(k_len)[None, :] == q_slot[:, None]
         mask = causal[None] & (kv_mask[:, None, :] | own[None])  # [B, S, K]
+        prefix = (None, None) if cache is None else (cache.prefix_k, cache.prefix_v)
+        if prefix[0] is not None:  # the prefix is unpadded and precedes every query
+            p = prefix[0].shape[2]
+            mask = jnp.concatenate([jnp.ones((*mask.shape[:2], p), bool), mask], axis=-1)
         cos, sin = rope_cos_sin(self.config, positions)
         x = inputs_embeds
         ks, vs, rows, fulls = [], [], [], []
         kv_all = None if cache is None else (cache.k, cache.v)
         for i, layer in enumerate(self.layers):
-            kv = None if cache is None else (*kv_all, i, cache.index)
+            kv = None if cache is None else (*kv_all, i, cache.index, *prefix)
             delta = None if attn_delta is None else attn_delta[i]
             x, new_kv, r, p = layer(x, cos, sin, mask, kv, delta, output_full_attentions)
             if cache is None:
