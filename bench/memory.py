@@ -1,0 +1,131 @@
+"""Device memory of the rel-att ViCrop passes at a full-size preset's shapes, no weights.
+
+  python -m bench.memory --preset llava-1.5-7b --dtype bfloat16 --batch_sizes 1,8,32
+
+Compiles vicrop_jax.prefix's three jitted passes (start_pass: prefix, question and general
+tails, maps, baseline answers; answer_pass: the same without maps; finish_pass: the crops'
+vision tower and the [original, crop] tails, their answers) for the default backend with
+abstract parameters (jax.ShapeDtypeStruct: nothing is allocated, so a 7B preset compiles on
+a laptop) and reports XLA's buffer assignment for each (`compiled.memory_analysis()`):
+argument, output and temporary bytes, and their sum less aliased bytes: what the pass needs
+on the device while it runs. The weights and the prefix cache are arguments (the cache is
+start_pass's output and stays alive until finish_pass), so the largest sum is the pipeline's
+peak, before the runtime's own overhead. On a CPU backend this is XLA's CPU plan for the
+same program (fusion and layout differ from a GPU's; the big buffers, weights and caches,
+do not); on a GPU, the GPU's.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+
+import jax
+import jax.numpy as jnp
+from absl import app, flags
+
+_PRESET = flags.DEFINE_string("preset", "llava-1.5-7b", "vicrop_jax.models.llava.PRESETS name")
+_DTYPE = flags.DEFINE_enum("dtype", "bfloat16", ["float32", "bfloat16"], "weights and cache")
+_BATCHES = flags.DEFINE_list("batch_sizes", ["32"], "questions per pass")
+_TAIL = flags.DEFINE_integer(
+    "text_tokens", 48, "a prompt's text tokens after the first image (bucketed to 8)"
+)
+_MAX_NEW = flags.DEFINE_integer("max_new_tokens", 20, "answer tokens (official: 20)")
+_LAYER = flags.DEFINE_integer("layer", 14, "rel-att map layer")
+_BUDGET = flags.DEFINE_float("budget_gib", 80e9 / 2**30, "device memory to compare against")
+_OUT = flags.DEFINE_string("out", None, "write the results as JSON here")
+
+GIB = 2**30
+
+
+def plan(compiled) -> dict:
+    """XLA's buffer assignment of a compiled program, GiB."""
+    m = compiled.memory_analysis()
+    args, out = m.argument_size_in_bytes, m.output_size_in_bytes
+    temp, alias = m.temp_size_in_bytes, m.alias_size_in_bytes
+    return {
+        "args_gib": args / GIB,
+        "out_gib": out / GIB,
+        "temp_gib": temp / GIB,
+        "alias_gib": alias / GIB,
+        "total_gib": (args + out + temp - alias) / GIB,
+    }
+
+
+def pass_plans(config, batch: int, dtype, *, text_tokens: int, max_new_tokens: int,
+               layer: int) -> dict:  # fmt: skip
+    """{pass name: plan} for one batch size, with abstract params of `config`."""
+    from convert.llava import abstract_params
+    from vicrop_jax import prefix
+    from vicrop_jax.generate import init_cache
+    from vicrop_jax.loading import module_for
+
+    module = module_for(config)
+    params = abstract_params(config, dtype)
+    s = jax.ShapeDtypeStruct
+    v = config.vision_config
+    t = config.num_image_tokens
+    p = 1 + t  # BOS and the first image
+    l1 = -(-text_tokens // 8) * 8
+    l2 = -(-(t + text_tokens) // 8) * 8  # the crop's tokens, then the text
+    pixels = s((batch, v.image_size, v.image_size, v.num_channels), jnp.float32)
+    ids = lambda rows, n: s((rows, n), jnp.int32)  # noqa: E731
+    common = dict(max_new_tokens=max_new_tokens, eos_ids=(2,), pad_id=0)
+    out = {}
+    t0 = time.perf_counter()
+    c = prefix.start_pass.lower(module, params, s((p,), jnp.int32), pixels, ids(2 * batch, l1),
+                                ids(2 * batch, l1), layers=(layer,), image_start=1,
+                                **common).compile()  # fmt: skip
+    out["start_pass"] = {**plan(c), "compile_s": time.perf_counter() - t0}
+    t0 = time.perf_counter()
+    c = prefix.answer_pass.lower(module, params, s((p,), jnp.int32), pixels, ids(batch, l1),
+                                 ids(batch, l1), **common).compile()  # fmt: skip
+    out["answer_pass"] = {**plan(c), "compile_s": time.perf_counter() - t0}
+    cache = jax.eval_shape(lambda: init_cache(config, batch, p, dtype))
+    t0 = time.perf_counter()
+    c = prefix.finish_pass.lower(module, params, cache, pixels, ids(batch, l2), ids(batch, l2),
+                                 **common).compile()  # fmt: skip
+    out["finish_pass"] = {**plan(c), "compile_s": time.perf_counter() - t0}
+    return out
+
+
+def table(results: dict, budget: float) -> str:
+    lines = [
+        "| batch | pass | args GiB | out GiB | temp GiB | total GiB | fits |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for b, passes in results.items():
+        for name, r in passes.items():
+            fits = "yes" if r["total_gib"] <= budget else "**no**"
+            lines.append(
+                f"| {b} | {name} | {r['args_gib']:.1f} | {r['out_gib']:.1f} | "
+                f"{r['temp_gib']:.1f} | {r['total_gib']:.1f} | {fits} |"
+            )
+    return "\n".join(lines)
+
+
+def main(argv):
+    del argv
+    from vicrop_jax.models.llava import LlavaConfig
+    from vicrop_jax.tiny import preset_config_dict
+
+    config = LlavaConfig.from_dict(preset_config_dict(_PRESET.value, 32000))
+    dtype = jnp.bfloat16 if _DTYPE.value == "bfloat16" else jnp.float32
+    results = {}
+    for b in (int(x) for x in _BATCHES.value):
+        results[b] = pass_plans(config, b, dtype, text_tokens=_TAIL.value,
+                                max_new_tokens=_MAX_NEW.value, layer=_LAYER.value)  # fmt: skip
+    budget = _BUDGET.value
+    device = jax.devices()[0]
+    print(f"# XLA memory plan: {_PRESET.value}, {_DTYPE.value}, backend {device.platform} "
+          f"({device.device_kind}); budget {budget:.1f} GiB\n")  # fmt: skip
+    print(table(results, budget))
+    if _OUT.value:
+        with open(_OUT.value, "w") as f:
+            json.dump({"preset": _PRESET.value, "dtype": _DTYPE.value,
+                       "device": device.device_kind, "budget_gib": budget,
+                       "results": results}, f, indent=2)  # fmt: skip
+
+
+if __name__ == "__main__":
+    app.run(main)
