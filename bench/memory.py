@@ -10,9 +10,12 @@ a laptop) and reports XLA's buffer assignment for each (`compiled.memory_analysi
 argument, output and temporary bytes, and their sum less aliased bytes: what the pass needs
 on the device while it runs. The weights and the prefix cache are arguments (the cache is
 start_pass's output and stays alive until finish_pass), so the largest sum is the pipeline's
-peak, before the runtime's own overhead. On a CPU backend this is XLA's CPU plan for the
-same program (fusion and layout differ from a GPU's; the big buffers, weights and caches,
-do not); on a GPU, the GPU's.
+peak, before the runtime's own overhead. On a GPU this is the GPU's plan. On a CPU it is
+XLA's CPU plan for the same program: fusion and layout differ from a GPU's, and the CPU
+computes bfloat16 dots in float32, so a bfloat16 plan there carries float32 copies of the
+weights and of the prefix cache (some hoisted out of the decode loop) that a GPU does not
+make; `--dtype float32` gives a CPU plan without those conversions (every big buffer, the
+weights and the caches, then twice its bfloat16 size).
 """
 
 from __future__ import annotations
