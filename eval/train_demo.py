@@ -115,6 +115,13 @@ _RAND_CROP = flags.DEFINE_float(
 _DISTRACT = flags.DEFINE_float(
     "distractor_fraction", 0.0, "Pairs whose crop shows another object (alike when possible)."
 )
+_OWN = flags.DEFINE_float(
+    "own_crop_fraction",
+    0.0,
+    "Pairs whose crop is the starting model's own rel-att box on that training image (mined "
+    "once, when the run starts, into workdir/own_crops.json); the answer stays the subject's, "
+    "so the model learns to check a crop against the question.",
+)
 _GEN_W = flags.DEFINE_float(
     "general_loss_weight",
     0.0,
@@ -198,6 +205,7 @@ class Settings:
     negative_fraction: float = 0.1
     random_crop_fraction: float = 0.0
     distractor_fraction: float = 0.0
+    own_crop_fraction: float = 0.0
     attention_loss_weight: float = 0.0
     general_loss_weight: float = 0.0
     attention_target: str = "subject"
@@ -237,8 +245,8 @@ class Settings:
                 "min_subject_px", "max_aspect")  # fmt: skip
         out = {"dims": dataclasses.asdict(self.dims), **{k: getattr(self, k) for k in keys}}
         # Fine-tuning fields, only when set: a run without them keeps its old identity.
-        for k in ("random_crop_fraction", "distractor_fraction", "general_loss_weight",
-                  "init_from"):  # fmt: skip
+        for k in ("random_crop_fraction", "distractor_fraction", "own_crop_fraction",
+                  "general_loss_weight", "init_from"):  # fmt: skip
             if getattr(self, k):
                 out[k] = getattr(self, k)
         if self.attention_target != "subject":
@@ -478,6 +486,42 @@ def centre_target(text_bbox, bbox, size, grid: int) -> np.ndarray:
     return peak_map(bbox, size, grid, centre=((x1 + x2) / 2, (y1 + y2) / 2))
 
 
+def own_crop_indices(settings: Settings) -> list[int]:
+    """The training items (of the run's steps x batch_size) whose pair gets the starting
+    model's own rel-att crop: each with probability own_crop_fraction, from its own stream."""
+    n = (settings.steps - settings.pretrain_steps) * settings.batch_size
+    f = settings.own_crop_fraction
+    first = settings.pretrain_steps * settings.batch_size
+    return [i for i in range(first, first + n)
+            if f and np.random.default_rng([settings.seed, i, 2]).uniform() < f]  # fmt: skip
+
+
+def mine_own_crops(settings: Settings, model: Model, chunk: int = 32) -> dict[int, tuple]:
+    """{item index: `model`'s rel-att ViCrop box on that training item} for the items of
+    `own_crop_indices`, the box found as eval.run finds it (vicrop_jax.pipeline.ask_batch).
+    Written to workdir/own_crops.json when done and read back from there by a resumed run,
+    so every step of a run sees the boxes of the model it started from."""
+    path = os.path.join(settings.workdir, "own_crops.json")
+    if os.path.isfile(path):
+        with open(path) as f:
+            return {int(k): tuple(v) for k, v in json.load(f).items()}
+    indices, boxes = own_crop_indices(settings), {}
+    for at in tqdm(range(0, len(indices), chunk), desc="mining own crops",
+                   disable=not settings.progress):  # fmt: skip
+        part = indices[at : at + chunk]
+        items = [syn.generate_item(settings.seed, i, split=_SPLIT, **settings.synth_options())
+                 for i in part]  # fmt: skip
+        images, questions = [im for im, _ in items], [r["question"] for _, r in items]
+        answers = pipeline.ask_batch(model, images, questions, max_new_tokens=3)
+        for i, a in zip(part, answers, strict=True):
+            boxes[i] = tuple(int(v) for v in a.bbox)
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump({str(k): list(v) for k, v in boxes.items()}, f)
+    os.replace(tmp, path)
+    return boxes
+
+
 # ---------------------------------------------------------------------------------------
 # Batches.
 
@@ -485,9 +529,10 @@ def centre_target(text_bbox, bbox, size, grid: int) -> np.ndarray:
 class Data:
     """Deterministic training batches: step s -> items [s * B, (s + 1) * B) of the stream."""
 
-    def __init__(self, settings: Settings, processor):
+    def __init__(self, settings: Settings, processor, own_crops: dict | None = None):
         self.s = settings
         self.proc = processor
+        self.own = own_crops or {}
         dims = settings.dims
         self.tokens = Tokens(processor, dims.grid**2)
         self.len1 = self.tokens.max_length(1)
@@ -517,6 +562,9 @@ class Data:
                 hit = _contains_centre(box, rec["bbox"])
         if box is None:
             box = subject_crop(rec["bbox"], image.size, s.dims.image_size, rng)
+        if index in self.own:  # drawn apart (own_crop_indices): the other items are as before
+            box = tuple(self.own[index])
+            hit = _contains_centre(box, rec["bbox"])
         return image, image.crop(box), rec, hit, box
 
     def pretrain_batch(self, step: int) -> dict:
@@ -1032,8 +1080,14 @@ def train(settings: Settings) -> dict:
     start = int(state["step"])
     stop = min(settings.steps, settings.stop_at or settings.steps)
     log = _Log(os.path.join(settings.workdir, "log.jsonl"))
-    data = Data(settings, processor)
     model = Model(config=config, params=None, processor=processor, hf_config=hf_cfg)
+    own = {}
+    if settings.own_crop_fraction:
+        if start and not os.path.isfile(os.path.join(settings.workdir, "own_crops.json")):
+            raise FileNotFoundError(f"{settings.workdir}/own_crops.json: the boxes this run "
+                                    "started with are gone; start the run again")  # fmt: skip
+        own = mine_own_crops(settings, dataclasses.replace(model, params=state["params"]))
+    data = Data(settings, processor, own)
 
     def run_eval(step):
         t0 = time.perf_counter()
@@ -1175,6 +1229,7 @@ def settings_from_flags() -> Settings:
         learning_rate=_LR.value, warmup_steps=_WARMUP.value, weight_decay=_WD.value,
         grad_clip=_CLIP.value, negative_fraction=_NEG.value, attention_loss_weight=_ATT_W.value,
         random_crop_fraction=_RAND_CROP.value, distractor_fraction=_DISTRACT.value,
+        own_crop_fraction=_OWN.value,
         general_loss_weight=_GEN_W.value, attention_target=_ATT_TARGET.value,
         init_from=_INIT_FROM.value, eval_sizes=tuple(int(x) for x in _EVAL_SIZES.value),
         patch_loss_weight=_AUX_W.value, glyphs=_GLYPHS.value, pretrain_steps=_PRE_STEPS.value,

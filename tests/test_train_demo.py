@@ -12,6 +12,8 @@ from PIL import Image
 import vicrop_jax
 from eval import synthetic as syn
 from eval import train_demo as td
+from vicrop_jax import pipeline
+from vicrop_jax.loading import Model
 from vicrop_jax.processing import llava_prompt
 
 # Prime-ish, distinct sizes so a wrong transpose fails loudly; 3 x 3 patch grid.
@@ -307,3 +309,32 @@ def test_the_two_shipped_flagfiles_chain(tmp_path):
     assert init1 == "" and export1 == ""
     assert init2 == w1 and w2 != w1 and export2 == "vicrop_jax/assets/demo"
     assert dims1 == dims2
+
+
+def test_own_crops_are_the_starting_models_rel_att_boxes(tmp_path, monkeypatch):
+    # A fine-tune with own_crop_fraction: the chosen items' pairs get the rel-att box that the
+    # starting model (the base run's params) gives through the ViCrop pipeline; the boxes are
+    # mined once and read back from workdir/own_crops.json afterwards.
+    base = td.train(_settings(tmp_path / "base", steps=2, patch_loss_weight=1.0,
+                              glyphs="letter"))  # fmt: skip
+    s = _settings(tmp_path / "own", steps=4, batch_size=2, init_from=str(tmp_path / "base"),
+                  own_crop_fraction=0.5, patch_loss_weight=1.0, glyphs="letter")  # fmt: skip
+    indices = td.own_crop_indices(s)
+    assert 0 < len(indices) < 8 and all(0 <= i < 8 for i in indices)
+    tuned = td.train(s)
+    assert int(tuned["step"]) == 4
+    saved = json.load(open(tmp_path / "own" / "own_crops.json"))
+    assert sorted(int(k) for k in saved) == indices
+    processor, config, hf = td.setup(s)
+    start = Model(config=config, params=base["params"], processor=processor, hf_config=hf)
+    items = [syn.generate_item(s.seed, i, split=td._SPLIT, **s.synth_options()) for i in indices]
+    answers = pipeline.ask_batch(start, [im for im, _ in items], [r["question"] for _, r in items],
+                                 max_new_tokens=3)  # fmt: skip
+    assert [tuple(saved[str(i)]) for i in indices] == [tuple(a.bbox) for a in answers]
+    data = td.Data(s, processor, {int(k): tuple(v) for k, v in saved.items()})
+    for i in indices:
+        image, crop, rec, hit, box = data.item(i)
+        assert box == tuple(saved[str(i)]) and crop.size == (box[2] - box[0], box[3] - box[1])
+        assert hit == td._contains_centre(box, rec["bbox"])
+    monkeypatch.setattr(pipeline, "ask_batch", None)  # a second call must not mine
+    assert td.mine_own_crops(s, start) == {int(k): tuple(v) for k, v in saved.items()}
