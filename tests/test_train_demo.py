@@ -230,13 +230,15 @@ def test_patch_labels_mark_glyph_and_shape_cells_in_image_and_crop():
 
 def test_finetune_from_a_run_restarts_the_schedule_and_trains_the_map_losses(tmp_path):
     # A 2-step base run, then a fine-tune from it with the attention, general-prompt and
-    # crop-mix options: it starts from the base's params (step 0, fresh optimizer), logs the
-    # general prompt's loss, and refuses a source with other dims or without checkpoints.
+    # crop-mix options (own crops included): it starts from the base's params (step 0, fresh
+    # optimizer), logs the general prompt's loss, and refuses a source with other dims or
+    # without checkpoints.
     base = td.train(_settings(tmp_path / "base", steps=2, patch_loss_weight=1.0,
                               glyphs="letter"))  # fmt: skip
     kw = dict(steps=2, init_from=str(tmp_path / "base"), attention_loss_weight=1.0,
               general_loss_weight=0.5, random_crop_fraction=0.3, distractor_fraction=0.3,
-              attention_target="centre", patch_loss_weight=1.0, glyphs="letter")  # fmt: skip
+              own_crop_fraction=0.5, attention_target="centre", patch_loss_weight=1.0,
+              glyphs="letter")  # fmt: skip
     s = _settings(tmp_path / "ft", **kw)
     processor, config, _ = td.setup(s)
     _, tx, _ = td.compiled_step(config, s)
@@ -249,6 +251,7 @@ def test_finetune_from_a_run_restarts_the_schedule_and_trains_the_map_losses(tmp
     assert all(0.0 <= r["loss_general"] for r in recs if r["kind"] == "train")
     assert all(0.0 < r["loss_att_target"] for r in recs if r["kind"] == "train")
     assert json.load(open(tmp_path / "ft" / "settings.json"))["init_from"] == kw["init_from"]
+    _check_own_crops(s, processor, config, base["params"])
     other = dataclasses.replace(DIMS, text_mlp=DIMS.text_mlp * 2)
     with pytest.raises(ValueError, match="other dims"):
         td.init_from_run(_settings(tmp_path / "x", dims=other, **kw), config, tx)
@@ -271,7 +274,7 @@ def test_crop_mix_gives_random_and_lookalike_crops():
     s = td.Settings(workdir="", dims=DIMS, negative_fraction=0.0, random_crop_fraction=0.5,
                     distractor_fraction=0.5, glyphs="letter")  # fmt: skip
     data = td.Data.__new__(td.Data)
-    data.s = s
+    data.s, data.own = s, {}
     subject_centre = lookalike = 0
     for i in range(40):
         image, crop, rec, hit, box = data.item(i)
@@ -311,30 +314,22 @@ def test_the_two_shipped_flagfiles_chain(tmp_path):
     assert dims1 == dims2
 
 
-def test_own_crops_are_the_starting_models_rel_att_boxes(tmp_path, monkeypatch):
-    # A fine-tune with own_crop_fraction: the chosen items' pairs get the rel-att box that the
-    # starting model (the base run's params) gives through the ViCrop pipeline; the boxes are
-    # mined once and read back from workdir/own_crops.json afterwards.
-    base = td.train(_settings(tmp_path / "base", steps=2, patch_loss_weight=1.0,
-                              glyphs="letter"))  # fmt: skip
-    s = _settings(tmp_path / "own", steps=4, batch_size=2, init_from=str(tmp_path / "base"),
-                  own_crop_fraction=0.5, patch_loss_weight=1.0, glyphs="letter")  # fmt: skip
+def _check_own_crops(s, processor, config, start_params):
+    # own_crop_fraction: the chosen items' pairs got the rel-att box that the starting model
+    # gives through the ViCrop pipeline, mined once into workdir/own_crops.json.
     indices = td.own_crop_indices(s)
-    assert 0 < len(indices) < 8 and all(0 <= i < 8 for i in indices)
-    tuned = td.train(s)
-    assert int(tuned["step"]) == 4
-    saved = json.load(open(tmp_path / "own" / "own_crops.json"))
+    assert 0 < len(indices) < 4 and all(0 <= i < 4 for i in indices)
+    saved = json.load(open(os.path.join(s.workdir, "own_crops.json")))
     assert sorted(int(k) for k in saved) == indices
-    processor, config, hf = td.setup(s)
-    start = Model(config=config, params=base["params"], processor=processor, hf_config=hf)
+    start = Model(config=config, params=start_params, processor=processor)
     items = [syn.generate_item(s.seed, i, split=td._SPLIT, **s.synth_options()) for i in indices]
     answers = pipeline.ask_batch(start, [im for im, _ in items], [r["question"] for _, r in items],
                                  max_new_tokens=3)  # fmt: skip
     assert [tuple(saved[str(i)]) for i in indices] == [tuple(a.bbox) for a in answers]
-    data = td.Data(s, processor, {int(k): tuple(v) for k, v in saved.items()})
+    boxes = {int(k): tuple(v) for k, v in saved.items()}
+    data = td.Data(s, processor, boxes)
     for i in indices:
         image, crop, rec, hit, box = data.item(i)
-        assert box == tuple(saved[str(i)]) and crop.size == (box[2] - box[0], box[3] - box[1])
+        assert box == boxes[i] and crop.size == (box[2] - box[0], box[3] - box[1])
         assert hit == td._contains_centre(box, rec["bbox"])
-    monkeypatch.setattr(pipeline, "ask_batch", None)  # a second call must not mine
-    assert td.mine_own_crops(s, start) == {int(k): tuple(v) for k, v in saved.items()}
+    assert td.mine_own_crops(s, None) == boxes  # read back from the file, not mined again
