@@ -1,11 +1,12 @@
-"""The shared-prefix rel-att path (vicrop_jax.prefix) against the processor and the
-separate passes."""
+"""The shared-prefix rel-att path (vicrop_jax.prefix) against the processor and HF PyTorch
+on the full prompts (shared vs separate passes end to end: tests/test_pipeline.py and
+tests/test_eval_run.py)."""
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from vicrop_jax import pipeline, prefix
+from vicrop_jax import prefix
 from vicrop_jax.processing import GENERAL_QUESTION, encode, llava_prompt
 
 QS = ["What is written on the sign?", "What color is the small square near the door?"]
@@ -34,20 +35,6 @@ def test_prompts_without_a_common_image_prefix_are_refused(tiny_llava, monkeypat
     monkeypatch.setattr(prefix, "llava_prompt", lambda q, n=1: f"USER: {q} " + "<image>" * n)
     with pytest.raises(ValueError, match="do not share"):
         prefix.split_prompts(model, QS)
-
-
-def test_batch_of_mixed_sizes_matches_one_question_at_a_time(tiny_llava):
-    model, _ = tiny_llava
-    rng = np.random.default_rng(3)
-    imgs = [Image.fromarray(rng.integers(0, 255, (h, w, 3), np.uint8))
-            for h, w in ((60, 90), (120, 45), (70, 70))]  # fmt: skip
-    qs = [*QS, "Is the light on?"]
-    batch = pipeline.ask_batch(model, imgs, qs, max_new_tokens=5)
-    for im, q, a in zip(imgs, qs, batch, strict=True):
-        one = pipeline.ask_batch(model, [im], [q], max_new_tokens=5, share_prefill=False)[0]
-        assert (a.original_answer, a.crop_answer, a.bbox) == (
-            one.original_answer, one.crop_answer, one.bbox)  # fmt: skip
-        np.testing.assert_allclose(a.att_map, one.att_map, rtol=1e-4, atol=1e-7)
 
 
 def test_rows_over_one_shared_prefix_match_hf_full_prompts(tiny_llava):
