@@ -145,6 +145,13 @@ _ATT_W = flags.DEFINE_float(
 _AUX_W = flags.DEFINE_float(
     "patch_loss_weight", 0.0, "Weight of the patch-label loss on the image features (training)."
 )
+_PATCH_CELLS = flags.DEFINE_enum(
+    "patch_label_cells",
+    "centre",
+    ["centre", "all"],
+    "Patch labels on the cell at each glyph's and shape's centre, or on every cell whose "
+    "centre lies inside that glyph's or shape's box.",
+)
 _PRE_STEPS = flags.DEFINE_integer(
     "pretrain_steps", 0, "First steps: the vision tower alone on the patch-label loss."
 )
@@ -211,6 +218,7 @@ class Settings:
     attention_target: str = "subject"
     init_from: str = ""
     patch_loss_weight: float = 0.0
+    patch_label_cells: str = "centre"
     pretrain_steps: int = 0
     pretrain_batch: int = 32
     color_question_fraction: float = 0.0
@@ -251,6 +259,8 @@ class Settings:
                 out[k] = getattr(self, k)
         if self.attention_target != "subject":
             out["attention_target"] = self.attention_target
+        if self.patch_label_cells != "centre":
+            out["patch_label_cells"] = self.patch_label_cells
         return out
 
 
@@ -573,12 +583,10 @@ class Data:
         p, g = self.s.pretrain_batch, self.s.dims.grid
         items = [syn.generate_item(self.s.seed, step * p + i, split="pretrain",
                                    **self.s.pretrain_options()) for i in range(p)]  # fmt: skip
-        return {
-            "pixel_values": self.pixels([im for im, _ in items]),
-            "patch_labels": np.stack(
-                [patch_labels(r["objects"], (0, 0, *im.size), g) for im, r in items]
-            ),
-        }
+        every = self.s.patch_label_cells == "all"
+        labels = [patch_labels(r["objects"], (0, 0, *im.size), g, every) for im, r in items]
+        return {"pixel_values": self.pixels([im for im, _ in items]),
+                "patch_labels": np.stack(labels)}  # fmt: skip
 
     def batch(self, step: int) -> dict:
         """Arrays of one step: pixels [2B] (B images, then their crops), rows for the single
@@ -596,7 +604,7 @@ class Data:
         whole = [(0, 0, *im.size) for im, *_ in items]
         out["patch_labels"] = np.stack(
             [
-                patch_labels(r["objects"], box, g)
+                patch_labels(r["objects"], box, g, self.s.patch_label_cells == "all")
                 for box, (_, _, r, *_) in zip(
                     whole + [it[4] for it in items], items + items, strict=True
                 )
@@ -627,13 +635,19 @@ _COMBOS = tuple((c, k) for c in syn.COLORS for k in syn.SHAPES)
 _GLYPHS_ALL = tuple(w.upper() for w in syn.WORDS) + syn.LETTERS
 
 
-def patch_labels(objects, box, grid: int) -> np.ndarray:
+def patch_labels(objects, box, grid: int, every_cell: bool = False) -> np.ndarray:
     """int32[2, grid * grid] labels of an image's (or a crop's) patch cells, for the
     patch-label loss: row 0, 1 + the index (in _GLYPHS_ALL) of the glyph whose box centre
     lies in the cell; row 1, 1 + the index (in _COMBOS) of the shape whose box centre lies in
-    the cell; 0 elsewhere. `box` is the crop's [x1, y1, x2, y2] in the image (the whole image
-    for the image itself); cells follow the processor's squash of the box to a square."""
+    the cell; 0 elsewhere. With `every_cell`, also every cell whose own centre lies inside
+    the glyph's (row 0) or the shape's (row 1) box, so that each patch of a large subject
+    carries its labels, not only the one at its centre. `box` is the crop's [x1, y1, x2, y2]
+    in the image (the whole image for the image itself); cells follow the processor's
+    squash of the box to a square."""
     x1, y1, x2, y2 = box
+    sx, sy = (x2 - x1) / grid, (y2 - y1) / grid
+    centres_x = x1 + (np.arange(grid) + 0.5) * sx  # image x of each column's centre
+    centres_y = y1 + (np.arange(grid) + 0.5) * sy
     out = np.zeros((2, grid, grid), np.int32)
     for o in objects:
         for row, key, label in (
@@ -641,6 +655,10 @@ def patch_labels(objects, box, grid: int) -> np.ndarray:
             (1, "bbox", 1 + _COMBOS.index((o["color"], o["shape"]))),
         ):
             bx1, by1, bx2, by2 = o[key]
+            if every_cell:
+                cols = (bx1 <= centres_x) & (centres_x < bx2)
+                rows = (by1 <= centres_y) & (centres_y < by2)
+                out[row][np.ix_(rows, cols)] = label
             cx, cy = (bx1 + bx2) / 2, (by1 + by2) / 2
             if x1 <= cx < x2 and y1 <= cy < y2:
                 c = int((cx - x1) * grid / (x2 - x1))
@@ -1229,7 +1247,7 @@ def settings_from_flags() -> Settings:
         learning_rate=_LR.value, warmup_steps=_WARMUP.value, weight_decay=_WD.value,
         grad_clip=_CLIP.value, negative_fraction=_NEG.value, attention_loss_weight=_ATT_W.value,
         random_crop_fraction=_RAND_CROP.value, distractor_fraction=_DISTRACT.value,
-        own_crop_fraction=_OWN.value,
+        own_crop_fraction=_OWN.value, patch_label_cells=_PATCH_CELLS.value,
         general_loss_weight=_GEN_W.value, attention_target=_ATT_TARGET.value,
         init_from=_INIT_FROM.value, eval_sizes=tuple(int(x) for x in _EVAL_SIZES.value),
         patch_loss_weight=_AUX_W.value, glyphs=_GLYPHS.value, pretrain_steps=_PRE_STEPS.value,

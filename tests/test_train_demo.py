@@ -226,6 +226,12 @@ def test_patch_labels_mark_glyph_and_shape_cells_in_image_and_crop():
     # A crop [60, 20, 100, 60) holds only the square; its centre is at (20, 20) of 40 x 40.
     crop = td.patch_labels(objects, (60, 20, 100, 60), 4).reshape(2, 4, 4)
     assert crop[0, 2, 2] == cat and crop[1, 2, 2] == blue_square and (crop > 0).sum() == 2
+    # every_cell: cells are 10 x 10 in the crop; cell centres at 65, 75, 85, 95 (x) and
+    # 25, 35, 45, 55 (y). The square [70, 90) x [30, 50) holds columns 1-2, rows 1-2; the
+    # glyph [72, 88) x [36, 44) holds no cell centre but keeps its centre cell.
+    every = td.patch_labels(objects, (60, 20, 100, 60), 4, every_cell=True).reshape(2, 4, 4)
+    assert (every[1] == blue_square).sum() == 4 and (every[1, 1:3, 1:3] == blue_square).all()
+    assert (every[0] > 0).sum() == 1 and every[0, 2, 2] == cat
 
 
 def test_finetune_from_a_run_restarts_the_schedule_and_trains_the_map_losses(tmp_path):
