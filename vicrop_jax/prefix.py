@@ -20,10 +20,11 @@ every method's crop answer through `finish`. Each pass gives its tails a cache o
 slots that reads the prefix cache in place (KVCache.prefix_k/v): the question and general
 rows share one copy of the prefix, and no pass copies it.
 
-Same maps and answers as the unshared passes (tests/test_prefix.py compares them, and
-HF PyTorch answers through the pipeline tests): the prefix has no padding, so cache slots
-and RoPE positions are the unshared prompt's; the tails are left-padded inside the cache
-(masked slots) and their positions continue from the prefix's.
+Same maps and answers as the unshared passes (tests/test_pipeline.py and the eval engine's
+tests compare them; tests/test_prefix.py checks logits and attention rows against HF
+PyTorch on the full prompts): the prefix has no padding, so its keys and RoPE positions
+are the unshared prompt's; the tails are left-padded inside their own cache (masked slots)
+and their positions continue from the prefix's.
 """
 
 from __future__ import annotations
