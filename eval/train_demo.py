@@ -142,6 +142,14 @@ _EVAL_SIZES = flags.DEFINE_list("eval_sizes", [], "Shorter sides of held-out ima
 _ATT_W = flags.DEFINE_float(
     "attention_loss_weight", 0.0, "Weight of -log(subject share of the rel-att layer's attention)."
 )
+_PEAK_W = flags.DEFINE_float(
+    "peak_loss_weight",
+    0.0,
+    "Weight of a margin loss at the rel-att layer: the answer query's highest attention cell "
+    "on the subject must beat its highest cell elsewhere (soft maxima of log attention) by "
+    "--peak_margin nats. The box search follows the map's peak, not its mass.",
+)
+_PEAK_MARGIN = flags.DEFINE_float("peak_margin", 0.5, "Margin of the peak loss (nats).")
 _AUX_W = flags.DEFINE_float(
     "patch_loss_weight", 0.0, "Weight of the patch-label loss on the image features (training)."
 )
@@ -216,6 +224,8 @@ class Settings:
     attention_loss_weight: float = 0.0
     general_loss_weight: float = 0.0
     attention_target: str = "subject"
+    peak_loss_weight: float = 0.0
+    peak_margin: float = 0.5
     init_from: str = ""
     patch_loss_weight: float = 0.0
     patch_label_cells: str = "centre"
@@ -254,11 +264,13 @@ class Settings:
         out = {"dims": dataclasses.asdict(self.dims), **{k: getattr(self, k) for k in keys}}
         # Fine-tuning fields, only when set: a run without them keeps its old identity.
         for k in ("random_crop_fraction", "distractor_fraction", "own_crop_fraction",
-                  "general_loss_weight", "init_from"):  # fmt: skip
+                  "general_loss_weight", "peak_loss_weight", "init_from"):  # fmt: skip
             if getattr(self, k):
                 out[k] = getattr(self, k)
         if self.attention_target != "subject":
             out["attention_target"] = self.attention_target
+        if self.peak_loss_weight:
+            out["peak_margin"] = self.peak_margin
         if self.patch_label_cells != "centre":
             out["patch_label_cells"] = self.patch_label_cells
         return out
@@ -719,6 +731,23 @@ def target_cross_entropy(probs, input_ids, loss_mask, target_cells, image_token:
     return -jnp.sum(target * jnp.log(att + 1e-6), -1)
 
 
+def peak_margin_loss(probs, input_ids, loss_mask, subject_cells, image_token: int,
+                     margin: float = 0.5, temperature: float = 0.1):  # fmt: skip
+    """softplus(smax(log attention off the subject) - smax(log attention on it) + margin), per
+    row, over the first image's cells of the answer query (heads averaged); smax is a soft
+    maximum (temperature * logsumexp(x / temperature)). Near 0 once the subject holds the
+    map's highest cell by the margin: the box search's window follows that peak, and a
+    large subject can hold a third of the mass spread thin while one small letter elsewhere
+    holds the peak (BUILD_NOTES). Also returns whether the hard peak is on the subject."""
+    rows, first, on = _answer_rows(probs, input_ids, loss_mask, subject_cells, image_token)
+    logp = jnp.log(rows + 1e-9)
+    inside = jnp.where(on > 0, logp, -1e9)
+    outside = jnp.where(first & (on <= 0), logp, -1e9)
+    smax = lambda x: temperature * jax.nn.logsumexp(x / temperature, axis=-1)
+    hit = jnp.max(inside, -1) >= jnp.max(outside, -1)
+    return jax.nn.softplus(smax(outside) - smax(inside) + margin), hit
+
+
 def image_attention(probs, input_ids, image_token: int, num_tokens: int):
     """float32[B, T]: the last position's attention (heads averaged) over the first image's
     tokens, renormalised to sum to 1 (the general prompt's rows: left-padded, no answer)."""
@@ -767,7 +796,8 @@ def patch_loss(aux, feats, labels, background_weight: float = 0.1):
 
 
 def loss_fn(module, params, batch, att_weight: float = 0.0, att_layer: int = 0,
-            aux=None, patch_weight: float = 0.0, general_weight: float = 0.0):  # fmt: skip
+            aux=None, patch_weight: float = 0.0, general_weight: float = 0.0,
+            peak_weight: float = 0.0, peak_margin: float = 0.5):  # fmt: skip
     """Both prompt kinds of a batch; the vision tower runs once per image.
 
     With att_weight > 0, adds att_weight * -log(subject share of the attention) of the single
@@ -776,7 +806,8 @@ def loss_fn(module, params, batch, att_weight: float = 0.0, att_layer: int = 0,
     instead att_weight * the cross-entropy against that target (`target_cross_entropy`).
     With general_weight > 0 (the batch then holds general_* rows: the general-description
     prompt on each image), adds general_weight * KL(uniform || that prompt's attention over
-    the image at att_layer) (see `general_uniformity_loss`).
+    the image at att_layer) (see `general_uniformity_loss`). With peak_weight > 0, adds
+    peak_weight * `peak_margin_loss` of the single prompts at att_layer.
     """
     apply = functools.partial(module.apply, {"params": params})
     feats, _ = apply(batch["pixel_values"], method=lambda m, p: m.image_features(p))  # [2B, T, D]
@@ -803,6 +834,14 @@ def loss_fn(module, params, batch, att_weight: float = 0.0, att_layer: int = 0,
                 module.config.image_token_index,
             )  # fmt: skip
             metrics["att_subject"] = jnp.mean(share)
+            if peak_weight:
+                peak, hit = peak_margin_loss(
+                    out.full_attentions[att_layer], ids, lmask, batch["subject_cells"],
+                    module.config.image_token_index, peak_margin,
+                )  # fmt: skip
+                metrics["peak_on_subject"] = hit
+                metrics["loss_peak"] = jnp.mean(peak)
+                total = total + peak_weight * jnp.mean(peak)
             if att_weight and "target_cells" in batch:
                 ce = target_cross_entropy(
                     out.full_attentions[att_layer], ids, lmask, batch["target_cells"],
@@ -852,14 +891,16 @@ def _update(tx, state, loss):
 
 
 def make_train_step(module, tx, att_weight: float = 0.0, att_layer: int = 0,
-                    patch_weight: float = 0.0, general_weight: float = 0.0):  # fmt: skip
+                    patch_weight: float = 0.0, general_weight: float = 0.0,
+                    peak_weight: float = 0.0, peak_margin: float = 0.5):  # fmt: skip
     """A jitted (state, batch) -> (state, metrics); state = {params, aux, opt_state, step}
     (aux: the patch-label heads; the optimizer updates {"params", "aux"})."""
 
     def step(state, batch):
         def f(trainable):
             return loss_fn(module, trainable["params"], batch, att_weight, att_layer,
-                           trainable["aux"], patch_weight, general_weight)  # fmt: skip
+                           trainable["aux"], patch_weight, general_weight, peak_weight,
+                           peak_margin)  # fmt: skip
 
         state, loss, metrics, grad_norm = _update(tx, state, f)
         return state, {**metrics, "loss": loss, "grad_norm": grad_norm}
@@ -897,7 +938,8 @@ def _step_settings(settings: Settings) -> Settings:
 
 
 _STEP_FIELDS = ("learning_rate", "warmup_steps", "weight_decay", "grad_clip", "steps",
-                "attention_loss_weight", "patch_loss_weight", "general_loss_weight")  # fmt: skip
+                "attention_loss_weight", "patch_loss_weight", "general_loss_weight",
+                "peak_loss_weight", "peak_margin")  # fmt: skip
 
 
 @functools.cache
@@ -906,7 +948,8 @@ def _compiled(config: LlavaConfig, opt_settings: Settings):
     layer = default_layer("llava", config.text_config.num_hidden_layers)
     step = make_train_step(module_for(config), tx, opt_settings.attention_loss_weight, layer,
                            opt_settings.patch_loss_weight,
-                           opt_settings.general_loss_weight)  # fmt: skip
+                           opt_settings.general_loss_weight, opt_settings.peak_loss_weight,
+                           opt_settings.peak_margin)  # fmt: skip
     return step, tx, schedule
 
 
@@ -1183,9 +1226,13 @@ def _record(window, m, buckets) -> None:
         "acc_patch_glyph",
         "loss_general",
         "att_subject_general",
+        "loss_peak",
     ):
         if k in m:
             window[k].append(float(m[k]))
+    if "peak_on_subject" in m:  # per row: is the answer query's highest image cell on it
+        for b, ok in zip(buckets, m["peak_on_subject"], strict=True):
+            window[f"peak_subject_{_BUCKETS[b]}"].append(float(ok))
 
 
 def _finish(settings, state, pool, manager, hf_cfg, processor):
@@ -1249,6 +1296,7 @@ def settings_from_flags() -> Settings:
         random_crop_fraction=_RAND_CROP.value, distractor_fraction=_DISTRACT.value,
         own_crop_fraction=_OWN.value, patch_label_cells=_PATCH_CELLS.value,
         general_loss_weight=_GEN_W.value, attention_target=_ATT_TARGET.value,
+        peak_loss_weight=_PEAK_W.value, peak_margin=_PEAK_MARGIN.value,
         init_from=_INIT_FROM.value, eval_sizes=tuple(int(x) for x in _EVAL_SIZES.value),
         patch_loss_weight=_AUX_W.value, glyphs=_GLYPHS.value, pretrain_steps=_PRE_STEPS.value,
         pretrain_batch=_PRE_BATCH.value,

@@ -5,6 +5,7 @@ import json
 import os
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from PIL import Image
@@ -234,6 +235,30 @@ def test_patch_labels_mark_glyph_and_shape_cells_in_image_and_crop():
     assert (every[0] > 0).sum() == 1 and every[0, 2, 2] == cat
 
 
+def test_peak_margin_loss_asks_the_subject_to_hold_the_highest_cell():
+    ids = np.array([[1, 4, 4, 4, 4, 9, 7, 2]])  # [bos, img x4, q, answer, eos]
+    loss_mask = np.array([[0, 0, 0, 0, 0, 0, 1, 1]], np.float32)
+    subject = np.array([[0.0, 1.0, 1.0, 0.0]], np.float32)  # cells 1, 2
+
+    def peak(att, margin=0.5):  # the query predicting the answer (position 5) attends att
+        probs = np.zeros((1, 2, 8, 8), np.float32)
+        probs[0, :, 5, 1:5] = att
+        probs[0, :, 7, 4] = 1.0  # another query: ignored
+        loss, hit = td.peak_margin_loss(probs, ids, loss_mask, subject, 4, margin)
+        return float(loss[0]), bool(hit[0])
+
+    # More mass on the subject (0.6) but the single highest cell elsewhere: a hit is a peak.
+    spread, hit = peak([0.0, 0.3, 0.3, 0.4])
+    assert not hit and spread > np.log1p(np.exp(0.5))  # softplus(> 0 + margin)
+    peaked, hit = peak([0.1, 0.7, 0.1, 0.1])
+    assert hit and peaked < np.log1p(np.exp(-1.3))  # log(0.7 / 0.1) = 1.95 nats > margin
+    assert peak([0.1, 0.7, 0.1, 0.1], margin=3.0)[0] > 0.5  # the margin is enforced
+    g = jax.grad(lambda p: td.peak_margin_loss(p, ids, loss_mask, subject, 4)[0].sum())(
+        jnp.zeros((1, 1, 8, 8)).at[0, 0, 5, 1:5].set(jnp.array([0.0, 0.3, 0.3, 0.4]))
+    )
+    assert np.all(np.isfinite(g)) and g[0, 0, 5, 4] > 0 > g[0, 0, 5, 2]  # off down, on up
+
+
 def test_finetune_from_a_run_restarts_the_schedule_and_trains_the_map_losses(tmp_path):
     # A 2-step base run, then a fine-tune from it with the attention, general-prompt and
     # crop-mix options (own crops included): it starts from the base's params (step 0, fresh
@@ -244,7 +269,7 @@ def test_finetune_from_a_run_restarts_the_schedule_and_trains_the_map_losses(tmp
     kw = dict(steps=2, init_from=str(tmp_path / "base"), attention_loss_weight=1.0,
               general_loss_weight=0.5, random_crop_fraction=0.3, distractor_fraction=0.3,
               own_crop_fraction=0.5, attention_target="centre", patch_loss_weight=1.0,
-              glyphs="letter")  # fmt: skip
+              peak_loss_weight=1.0, glyphs="letter")  # fmt: skip
     s = _settings(tmp_path / "ft", **kw)
     processor, config, _ = td.setup(s)
     _, tx, _ = td.compiled_step(config, s)
@@ -256,6 +281,7 @@ def test_finetune_from_a_run_restarts_the_schedule_and_trains_the_map_losses(tmp
     recs = [json.loads(line) for line in open(tmp_path / "ft" / "log.jsonl")]
     assert all(0.0 <= r["loss_general"] for r in recs if r["kind"] == "train")
     assert all(0.0 < r["loss_att_target"] for r in recs if r["kind"] == "train")
+    assert all(0.0 < r["loss_peak"] for r in recs if r["kind"] == "train")
     assert json.load(open(tmp_path / "ft" / "settings.json"))["init_from"] == kw["init_from"]
     _check_own_crops(s, processor, config, base["params"])
     other = dataclasses.replace(DIMS, text_mlp=DIMS.text_mlp * 2)
