@@ -61,6 +61,14 @@ _LAYER = flags.DEFINE_string(
     "LM layer: int, comma list (averaged) or 'all'; "
     "default the paper's (14 of 32, same relative depth otherwise)",
 )
+_MAP_QUESTION = flags.DEFINE_enum(
+    "map_question",
+    "auto",
+    ["auto", "full"],
+    "the question the maps are asked with: auto, the dataset's short question where it has "
+    "one (V*, the synthetic set; the official behaviour), else the question; full, always the "
+    "question that is answered",
+)
 _HIGH_RES = flags.DEFINE_bool("high_res", False, "use the *_high variant of every map method")
 _MAX_NEW = flags.DEFINE_integer("max_new_tokens", 20, "most answer tokens (official: 20)")
 _DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "param dtype")
@@ -135,6 +143,7 @@ def settings_from_flags():
         data=data,
         output_dir=_OUTPUT_DIR.value,
         layer=_LAYER.value,
+        map_question=_MAP_QUESTION.value,
         dtype=_DTYPE.value,
         max_new_tokens=_MAX_NEW.value,
         limit=_LIMIT.value or (SMOKE_LIMIT if _SMOKE.value else 0),

@@ -76,6 +76,9 @@ class Settings:
     limit: int = 0
     shard_count: int = 1
     seed: int = 0
+    # "auto": the maps are asked with the dataset's short question where it has one (V*, the
+    # synthetic set), as the official code; "full": always with the question answered.
+    map_question: str = "auto"
     # execution only
     shard_index: int = 0
     batch_size: int = 8
@@ -94,6 +97,8 @@ class Settings:
             raise ValueError(f"dtype must be float32 or bfloat16, got {self.dtype!r}")
         if not 0 <= self.shard_index < self.shard_count:
             raise ValueError(f"shard_index {self.shard_index} not in [0, {self.shard_count})")
+        if self.map_question not in ("auto", "full"):
+            raise ValueError(f"map_question must be 'auto' or 'full', got {self.map_question!r}")
         if self.limit < 0 or self.batch_size < 1 or self.max_new_tokens < 1:
             raise ValueError("limit must be >= 0, batch_size and max_new_tokens >= 1")
         try:
@@ -126,7 +131,16 @@ class Settings:
             "shard_count": self.shard_count,
             "seed": self.seed,
             "num_examples": num_examples,
+            # Only when set: directories written before the option resume unchanged.
+            **({"map_question": self.map_question} if self.map_question != "auto" else {}),
         }
+
+    def examples(self) -> list[Example]:
+        """The task's questions, with short_question dropped under map_question="full"."""
+        examples = datasets.load(self.task, self.data)
+        if self.map_question == "full":
+            examples = [dataclasses.replace(e, short_question=None) for e in examples]
+        return examples
 
     @property
     def model_name(self) -> str:
@@ -250,7 +264,7 @@ def run(settings: Settings, model=None, log: Callable[[str], None] | None = None
     """
     s = settings
     log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
-    examples = datasets.load(s.task, s.data)
+    examples = s.examples()
     if s.limit:
         examples = examples[: s.limit]
     records.check_or_write_config(s.output_dir, s.identity(len(examples)))
@@ -369,7 +383,7 @@ def visualize(settings: Settings, n: int, model=None) -> list[str]:
     out_dir = os.path.join(settings.output_dir, "vis")
     os.makedirs(out_dir, exist_ok=True)
     paths = []
-    for ex in datasets.load(settings.task, settings.data)[:n]:
+    for ex in settings.examples()[:n]:
         image = datasets.load_image(ex.image_file())
         for m in methods:
             a = pipeline.ask(model, image, ex.question, method=m.removesuffix("_high"),

@@ -651,3 +651,23 @@ def test_synthetic_task_writes_its_set_once_and_reports_by_subject_size(
     pngs = visualize(s, 2)
     assert len(pngs) == 2 and all(p.endswith("_rel_att.png") and os.path.getsize(p) > 1000
                                   for p in pngs)  # fmt: skip
+    # map_question="full": the maps are asked with the question itself, not the set's short
+    # (V*-style) one; the choice is part of the run's identity.
+    from vicrop_jax.importance import maps_for_images
+
+    full = _settings(tiny_llava_dir[0], "synthetic", spec, tmp_path / "full", ("rel_att",),
+                     limit=2, map_question="full")  # fmt: skip
+    exs = full.examples()[:2]
+    assert all(e.short_question is None for e in exs)
+    assert all(e.short_question for e in s.examples())
+    got = {r["id"]: r for r in records.read_records(run(full, model=model, log=_quiet))}
+    images = [datasets.load_image(e.image_file()) for e in exs]
+    want = np.asarray(maps_for_images(model, images, [e.question for e in exs]))
+    for e, m in zip(exs, want, strict=True):
+        assert got[e.id]["map_stats"]["max"] == pytest.approx(float(m.max()), rel=1e-5)
+        assert got[e.id]["map_stats"]["max"] != recs[[r["id"] for r in recs].index(e.id)][
+            "map_stats"]["max"]  # the short question's map (the first run) differs
+    with pytest.raises(records.ConfigMismatch, match="map_question"):
+        run(dataclasses.replace(full, output_dir=s.output_dir, limit=0), model=model, log=_quiet)
+    with pytest.raises(ValueError, match="map_question"):
+        dataclasses.replace(full, map_question="short")
