@@ -150,6 +150,13 @@ _PEAK_W = flags.DEFINE_float(
     "--peak_margin nats. The box search follows the map's peak, not its mass.",
 )
 _PEAK_MARGIN = flags.DEFINE_float("peak_margin", 0.5, "Margin of the peak loss (nats).")
+_PAIR_W = flags.DEFINE_float(
+    "pair_attention_weight",
+    0.0,
+    "Weight of -log(share of the [image, crop] prompt's answer attention, at the rel-att "
+    "layer, on the subject's cells: in the image, and in the crop when it holds the glyph): "
+    "a crop that shows another object's letter should not be read.",
+)
 _AUX_W = flags.DEFINE_float(
     "patch_loss_weight", 0.0, "Weight of the patch-label loss on the image features (training)."
 )
@@ -226,6 +233,7 @@ class Settings:
     attention_target: str = "subject"
     peak_loss_weight: float = 0.0
     peak_margin: float = 0.5
+    pair_attention_weight: float = 0.0
     init_from: str = ""
     patch_loss_weight: float = 0.0
     patch_label_cells: str = "centre"
@@ -264,7 +272,8 @@ class Settings:
         out = {"dims": dataclasses.asdict(self.dims), **{k: getattr(self, k) for k in keys}}
         # Fine-tuning fields, only when set: a run without them keeps its old identity.
         for k in ("random_crop_fraction", "distractor_fraction", "own_crop_fraction",
-                  "general_loss_weight", "peak_loss_weight", "init_from"):  # fmt: skip
+                  "general_loss_weight", "peak_loss_weight", "pair_attention_weight",
+                  "init_from"):  # fmt: skip
             if getattr(self, k):
                 out[k] = getattr(self, k)
         if self.attention_target != "subject":
@@ -495,6 +504,22 @@ def subject_cells(bbox, size, grid: int) -> np.ndarray:
     return out
 
 
+def pair_cells(subject, size, crop, grid: int) -> np.ndarray:
+    """float32[2 * grid * grid]: the [image, crop] prompt's subject cells, the image's
+    (`subject_cells`) then the crop's (the subject's box clipped to the crop, on the crop's
+    grid), the crop's only when it holds the glyph's centre (else zeros: the crop shows
+    another object, or a piece of the subject without its letter). `subject` is the subject's
+    object record (bbox, text_bbox), `crop` the crop's [x1, y1, x2, y2] in the image."""
+    own = subject_cells(subject["bbox"], size, grid).reshape(-1)
+    inner = np.zeros(grid * grid, np.float32)
+    if _contains_centre(crop, subject["text_bbox"]):
+        x1, y1, x2, y2 = crop
+        bx1, by1, bx2, by2 = subject["bbox"]
+        box = (max(bx1, x1) - x1, max(by1, y1) - y1, min(bx2, x2) - x1, min(by2, y2) - y1)
+        inner = subject_cells(box, (x2 - x1, y2 - y1), grid).reshape(-1)
+    return np.concatenate([own, inner])
+
+
 def centre_target(text_bbox, bbox, size, grid: int) -> np.ndarray:
     """float32[grid, grid] summing to 1: eval's `peak_map` of the subject's box, peaked at
     its glyph's centre (standard deviation a quarter of the subject's side), kept on the
@@ -638,6 +663,10 @@ class Data:
                 [centre_target(o["text_bbox"], o["bbox"], size, g).reshape(-1)
                  for size, o in subjects]
             )  # fmt: skip
+        if self.s.pair_attention_weight:
+            out["pair_cells"] = np.stack(
+                [pair_cells(o, sz, it[4], g) for (sz, o), it in zip(subjects, items, strict=True)]
+            )  # [B, 2T]
         out["bucket"] = np.array([_BUCKETS.index(r["size_bucket"]) for _, _, r, *_ in items])
         return out
 
@@ -797,7 +826,8 @@ def patch_loss(aux, feats, labels, background_weight: float = 0.1):
 
 def loss_fn(module, params, batch, att_weight: float = 0.0, att_layer: int = 0,
             aux=None, patch_weight: float = 0.0, general_weight: float = 0.0,
-            peak_weight: float = 0.0, peak_margin: float = 0.5):  # fmt: skip
+            peak_weight: float = 0.0, peak_margin: float = 0.5,
+            pair_weight: float = 0.0):  # fmt: skip
     """Both prompt kinds of a batch; the vision tower runs once per image.
 
     With att_weight > 0, adds att_weight * -log(subject share of the attention) of the single
@@ -807,7 +837,9 @@ def loss_fn(module, params, batch, att_weight: float = 0.0, att_layer: int = 0,
     With general_weight > 0 (the batch then holds general_* rows: the general-description
     prompt on each image), adds general_weight * KL(uniform || that prompt's attention over
     the image at att_layer) (see `general_uniformity_loss`). With peak_weight > 0, adds
-    peak_weight * `peak_margin_loss` of the single prompts at att_layer.
+    peak_weight * `peak_margin_loss` of the single prompts at att_layer. With pair_weight > 0
+    (the batch then holds pair_cells [B, 2T], see `pair_cells`), adds pair_weight *
+    -log(share of the pair prompts' answer attention on those cells) at att_layer.
     """
     apply = functools.partial(module.apply, {"params": params})
     feats, _ = apply(batch["pixel_values"], method=lambda m, p: m.image_features(p))  # [2B, T, D]
@@ -823,11 +855,19 @@ def loss_fn(module, params, batch, att_weight: float = 0.0, att_layer: int = 0,
         ids, lmask = batch[f"{name}_input_ids"], batch[f"{name}_loss_mask"]
         full = name == "single"
         out = apply(ids, None, batch[f"{name}_attention_mask"], image_features=f,
-                    output_full_attentions=full)  # fmt: skip
+                    output_full_attentions=full or bool(pair_weight))  # fmt: skip
         loss, correct, _ = answer_loss(out.logits, ids, lmask)
         total = total + loss / 2
         metrics[f"loss_{name}"] = loss
         metrics[f"correct_{name}"] = correct
+        if name == "pair" and pair_weight:
+            # _answer_rows spreads cells over as many image tokens as they have: both images'.
+            share = subject_attention(
+                out.full_attentions[att_layer], ids, lmask, batch["pair_cells"],
+                module.config.image_token_index,
+            )  # fmt: skip
+            metrics["att_subject_pair"] = jnp.mean(share)
+            total = total + pair_weight * jnp.mean(-jnp.log(share + 1e-6))
         if full:
             share = subject_attention(
                 out.full_attentions[att_layer], ids, lmask, batch["subject_cells"],
@@ -892,7 +932,8 @@ def _update(tx, state, loss):
 
 def make_train_step(module, tx, att_weight: float = 0.0, att_layer: int = 0,
                     patch_weight: float = 0.0, general_weight: float = 0.0,
-                    peak_weight: float = 0.0, peak_margin: float = 0.5):  # fmt: skip
+                    peak_weight: float = 0.0, peak_margin: float = 0.5,
+                    pair_weight: float = 0.0):  # fmt: skip
     """A jitted (state, batch) -> (state, metrics); state = {params, aux, opt_state, step}
     (aux: the patch-label heads; the optimizer updates {"params", "aux"})."""
 
@@ -900,7 +941,7 @@ def make_train_step(module, tx, att_weight: float = 0.0, att_layer: int = 0,
         def f(trainable):
             return loss_fn(module, trainable["params"], batch, att_weight, att_layer,
                            trainable["aux"], patch_weight, general_weight, peak_weight,
-                           peak_margin)  # fmt: skip
+                           peak_margin, pair_weight)  # fmt: skip
 
         state, loss, metrics, grad_norm = _update(tx, state, f)
         return state, {**metrics, "loss": loss, "grad_norm": grad_norm}
@@ -939,7 +980,7 @@ def _step_settings(settings: Settings) -> Settings:
 
 _STEP_FIELDS = ("learning_rate", "warmup_steps", "weight_decay", "grad_clip", "steps",
                 "attention_loss_weight", "patch_loss_weight", "general_loss_weight",
-                "peak_loss_weight", "peak_margin")  # fmt: skip
+                "peak_loss_weight", "peak_margin", "pair_attention_weight")  # fmt: skip
 
 
 @functools.cache
@@ -949,7 +990,8 @@ def _compiled(config: LlavaConfig, opt_settings: Settings):
     step = make_train_step(module_for(config), tx, opt_settings.attention_loss_weight, layer,
                            opt_settings.patch_loss_weight,
                            opt_settings.general_loss_weight, opt_settings.peak_loss_weight,
-                           opt_settings.peak_margin)  # fmt: skip
+                           opt_settings.peak_margin,
+                           opt_settings.pair_attention_weight)  # fmt: skip
     return step, tx, schedule
 
 
@@ -1227,6 +1269,7 @@ def _record(window, m, buckets) -> None:
         "loss_general",
         "att_subject_general",
         "loss_peak",
+        "att_subject_pair",
     ):
         if k in m:
             window[k].append(float(m[k]))
@@ -1297,6 +1340,7 @@ def settings_from_flags() -> Settings:
         own_crop_fraction=_OWN.value, patch_label_cells=_PATCH_CELLS.value,
         general_loss_weight=_GEN_W.value, attention_target=_ATT_TARGET.value,
         peak_loss_weight=_PEAK_W.value, peak_margin=_PEAK_MARGIN.value,
+        pair_attention_weight=_PAIR_W.value,
         init_from=_INIT_FROM.value, eval_sizes=tuple(int(x) for x in _EVAL_SIZES.value),
         patch_loss_weight=_AUX_W.value, glyphs=_GLYPHS.value, pretrain_steps=_PRE_STEPS.value,
         pretrain_batch=_PRE_BATCH.value,

@@ -178,6 +178,31 @@ def test_subject_cells_and_attention_share():
     np.testing.assert_allclose(share, [0.3 / 0.4], rtol=1e-6)
 
 
+def test_pair_cells_mark_the_subject_in_the_image_and_in_a_crop_holding_its_glyph():
+    subject = {"bbox": [50, 0, 60, 30], "text_bbox": [52, 10, 58, 20]}  # glyph centre (55, 15)
+    size, grid = (100, 60), 4
+    own = td.subject_cells(subject["bbox"], size, grid).reshape(-1)
+    # Crop [40, 0, 80, 40): 10 px cells; the subject [50, 60) x [0, 30) -> col 1, rows 0-2.
+    cells = td.pair_cells(subject, size, (40, 0, 80, 40), grid)
+    assert cells.shape == (2 * grid * grid,) and cells.dtype == np.float32
+    np.testing.assert_array_equal(cells[:16], own)
+    np.testing.assert_array_equal(np.argwhere(cells[16:].reshape(4, 4)), [[0, 1], [1, 1], [2, 1]])
+    # A crop with a corner of the subject but not its glyph's centre: the image's cells only.
+    corner = td.pair_cells(subject, size, (20, 0, 54, 12), grid)
+    np.testing.assert_array_equal(corner[:16], own)
+    assert not corner[16:].any()
+    # The share runs over both images' tokens: [bos, img x2, img x2, q, answer, eos] with
+    # 1 x 2 grids per image; the answer's query attends 0.2 to image 1's cell 1 and 0.6 to
+    # the crop's cell 0, 0.2 to text.
+    ids = np.array([[1, 4, 4, 4, 4, 9, 7, 2]])
+    loss_mask = np.array([[0, 0, 0, 0, 0, 0, 1, 1]], np.float32)
+    probs = np.zeros((1, 2, 8, 8), np.float32)
+    probs[0, :, 5] = [0, 0, 0.2, 0.6, 0, 0.2, 0, 0]
+    both = np.array([[0, 1, 0, 0]], np.float32)  # the image's cell 1, not the crop's
+    np.testing.assert_allclose(td.subject_attention(probs, ids, loss_mask, both, 4), [0.25],
+                               rtol=1e-6)  # fmt: skip
+
+
 def test_centre_target_peaks_at_the_glyph_inside_the_subject():
     # A 400 x 400 image on a 4 x 4 grid (100 px cells); the subject spans cells 1-2 on both
     # axes, its glyph sits right of centre in cell column 2.
@@ -269,7 +294,7 @@ def test_finetune_from_a_run_restarts_the_schedule_and_trains_the_map_losses(tmp
     kw = dict(steps=2, init_from=str(tmp_path / "base"), attention_loss_weight=1.0,
               general_loss_weight=0.5, random_crop_fraction=0.3, distractor_fraction=0.3,
               own_crop_fraction=0.5, attention_target="centre", patch_loss_weight=1.0,
-              peak_loss_weight=1.0, glyphs="letter")  # fmt: skip
+              peak_loss_weight=1.0, pair_attention_weight=1.0, glyphs="letter")  # fmt: skip
     s = _settings(tmp_path / "ft", **kw)
     processor, config, _ = td.setup(s)
     _, tx, _ = td.compiled_step(config, s)
@@ -282,6 +307,7 @@ def test_finetune_from_a_run_restarts_the_schedule_and_trains_the_map_losses(tmp
     assert all(0.0 <= r["loss_general"] for r in recs if r["kind"] == "train")
     assert all(0.0 < r["loss_att_target"] for r in recs if r["kind"] == "train")
     assert all(0.0 < r["loss_peak"] for r in recs if r["kind"] == "train")
+    assert all(0.0 < r["att_subject_pair"] <= 1.0 for r in recs if r["kind"] == "train")
     assert json.load(open(tmp_path / "ft" / "settings.json"))["init_from"] == kw["init_from"]
     _check_own_crops(s, processor, config, base["params"])
     other = dataclasses.replace(DIMS, text_mlp=DIMS.text_mlp * 2)
