@@ -27,7 +27,7 @@ METHODS = ("rel_att", "grad_att", "pure_grad", "gt_crop", "random_crop", "center
 
 def settings(model: str, n: int, out: str, batch_size: int = 32):
     """eval.runner Settings of the demo: the first n questions of eval/flags/demo.flags'
-    500-item set, every method."""
+    500-item set, every method, the maps asked with the full question."""
     from eval.datasets import DataSpec
     from eval.runner import Settings
 
@@ -35,7 +35,8 @@ def settings(model: str, n: int, out: str, batch_size: int = 32):
                     synthetic_glyphs="letter", synthetic_sizes=SIZES)  # fmt: skip
     return Settings(model=model, task="synthetic", methods=METHODS, data=data,
                     output_dir=os.path.join(out, f"run_{n}"), max_new_tokens=3,
-                    limit=0 if n >= 500 else n, batch_size=batch_size)  # fmt: skip
+                    limit=0 if n >= 500 else n, batch_size=batch_size,
+                    map_question="full")  # fmt: skip
 
 
 def _define_flags():
