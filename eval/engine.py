@@ -22,7 +22,9 @@ LLaVA on one device: the prompts start with BOS + the original image, the same f
 baseline and every [original, crop] prompt, so the baseline's pass keeps that prefix's KV
 cache and each method's crop answer runs only the crop's vision pass and the rest of the
 prompt over it (vicrop_jax.prefix.start_answers / finish; same answers as the separate
-passes, tested). The map passes stay separate: their question may be the short one (V*).
+passes, tested). rel_att's map comes from that same pass (prefix.start: the question and
+general-prompt tails over the prefix) when every map question of the batch is the answered
+question; other maps, and rel_att with V*'s short questions, keep their own passes.
 
 With several local devices, batches are data-parallel: the batch axis of every input is
 sharded over a 1-D mesh ("data") and the params are replicated; the batch size is rounded up
@@ -327,12 +329,15 @@ class Engine:
         """A full batch: the last entry repeated (one compiled shape per batch size)."""
         return seq + [seq[-1]] * (self.batch_size - len(seq))
 
-    def _start(self, items: list[Item]):
-        return prefix_lib.start_answers(
-            self.model, self._padded([it.image for it in items]),
-            self._padded([it.example.question for it in items]),
-            max_new_tokens=self.max_new_tokens, params=self.params,
-        )  # fmt: skip
+    def _start(self, items: list[Item], with_map: bool = False):
+        """The baseline answers and the prefix cache; with_map, also rel_att's maps from the
+        same pass (prefix.start; else prefix.start_answers, maps None)."""
+        images = self._padded([it.image for it in items])
+        questions = self._padded([it.example.question for it in items])
+        kw = dict(max_new_tokens=self.max_new_tokens, params=self.params)
+        if with_map:
+            return prefix_lib.start(self.model, images, questions, layer=self.layers, **kw)
+        return prefix_lib.start_answers(self.model, images, questions, **kw)
 
     def _finish(self, started, items: list[Item], boxes: list) -> list[str]:
         """[original, crop] answers for every item over the baseline's prefix cache; an item
@@ -344,8 +349,10 @@ class Engine:
 
     # -- one batch ---------------------------------------------------------------------
 
-    def _boxes(self, method: str, items: list[Item], map_qs: list[str], timed: Callable):
-        """Boxes and maps (None for controls) of one method for every item."""
+    def _boxes(self, method: str, items: list[Item], map_qs: list[str], timed: Callable,
+               prefix_maps=None):  # fmt: skip
+        """Boxes and maps (None for controls) of one method for every item; prefix_maps:
+        rel_att's maps [>= n, N, N] already computed by the baseline's pass, or None."""
         sizes = [it.image.size for it in items]
         if method == "gt_map":
             grid = self.base // self.model.config.vision_config.patch_size
@@ -374,7 +381,10 @@ class Engine:
             return boxes, [None] * len(items)
         base, high = split_method(method)
         if not high:
-            maps = timed("map", self.maps, [it.image for it in items], map_qs, base)
+            if method == "rel_att" and prefix_maps is not None:
+                maps = np.asarray(prefix_maps)[: len(items)]
+            else:
+                maps = timed("map", self.maps, [it.image for it in items], map_qs, base)
             boxes = timed("box", bbox_lib.select_bboxes, maps, np.array(sizes), self.base)
             return [tuple(int(v) for v in b) for b in np.asarray(boxes)], list(maps)
         grids = [bbox_lib.high_res_grid(s)[:2] for s in sizes]
@@ -415,10 +425,13 @@ class Engine:
         map_qs = [it.example.short_question or it.example.question for it in items]
         answers = [None] * len(items)
         # LLaVA, one device, one batch: the baseline's prefix pass (BOS + the original image)
-        # is kept and every method's [original, crop] answer continues from it.
+        # is kept and every method's [original, crop] answer continues from it; rel_att's map
+        # comes from that pass too when it is asked with the answered question (its time is
+        # then part of baseline_answer's).
         started = None
         if baseline and self._shares_prefix(len(items)):
-            started = timer("baseline_answer", self._start, items)
+            with_map = "rel_att" in methods and map_qs == questions
+            started = timer("baseline_answer", self._start, items, with_map)
             answers = started.answers[: len(items)]
         elif baseline:
             answers = timer(
@@ -430,7 +443,8 @@ class Engine:
         results = [{"original_answer": a, "methods": {}} for a in answers]
         for method in methods:
             timed = timer.scoped(method)
-            boxes, maps = self._boxes(method, items, map_qs, timed)
+            prefix_maps = None if started is None else started.maps
+            boxes, maps = self._boxes(method, items, map_qs, timed, prefix_maps)
             todo = [i for i, b in enumerate(boxes) if b is not None]
             if started is not None and todo:
                 answers = timed("crop_answer", self._finish, started, items, boxes)

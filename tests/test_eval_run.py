@@ -560,8 +560,9 @@ def test_items_and_engine_validate(tiny_llava):
 
 def test_engine_shared_prefix_equals_separate_passes(tiny_llava, monkeypatch):
     # LLaVA on one device: the baseline's prefix cache serves every method's [original, crop]
-    # answer; same answers and boxes as the separate passes, a short batch padded, an item
-    # without a ground-truth box left out of gt_crop.
+    # answer and rel_att's map comes from the baseline's pass (no map pass of its own); same
+    # answers, maps and boxes as the separate passes, a short batch padded, an item without a
+    # ground-truth box left out of gt_crop.
     from eval.engine import Item
     from vicrop_jax import prefix as prefix_lib
 
@@ -577,17 +578,24 @@ def test_engine_shared_prefix_equals_separate_passes(tiny_llava, monkeypatch):
     finishes = []
     real_finish = prefix_lib.finish
     monkeypatch.setattr(prefix_lib, "finish", lambda *a: finishes.append(1) or real_finish(*a))
+    map_passes = []
+    real_maps = Engine.maps
+    monkeypatch.setattr(Engine, "maps", lambda *a: map_passes.append(1) or real_maps(*a))
     eng = Engine(model, batch_size=4, max_new_tokens=4)
     shared = eng.answer(items, methods)
-    assert len(finishes) == 3  # one per method, over the baseline's cache
+    assert len(finishes) == 3 and not map_passes  # one finish per method; no map pass
     monkeypatch.setattr(Engine, "_shares_prefix", lambda self, n: False)
     separate = eng.answer(items, methods)
-    assert len(finishes) == 3
+    assert len(finishes) == 3 and len(map_passes) == 1
     for a, b in zip(shared, separate, strict=True):
         assert a["original_answer"] == b["original_answer"]
         for m in methods:
             assert a["methods"][m]["crop_answer"] == b["methods"][m]["crop_answer"], m
             assert a["methods"][m]["bbox"] == b["methods"][m]["bbox"]
+        sa, sb = a["methods"]["rel_att"]["map_stats"], b["methods"]["rel_att"]["map_stats"]
+        for k in ("max", "mean", "std"):
+            assert sa[k] == pytest.approx(sb[k], rel=1e-5), k
+        assert sa["peak"] == sb["peak"]
     assert shared[1]["methods"]["gt_crop"]["crop_answer"] is None
     assert shared[1]["methods"]["gt_crop"]["error"] == "no ground-truth box"
     assert all(isinstance(r["methods"]["rel_att"]["crop_answer"], str) for r in shared)
