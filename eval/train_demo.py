@@ -157,6 +157,12 @@ _PAIR_W = flags.DEFINE_float(
     "layer, on the subject's cells: in the image, and in the crop when it holds the glyph): "
     "a crop that shows another object's letter should not be read.",
 )
+_ATT_BUCKETS = flags.DEFINE_list(
+    "attention_buckets",
+    [],
+    "Subject-size buckets (small, medium, large) whose rows get the attention loss ([]: all); "
+    "the other rows keep only the answer and patch losses.",
+)
 _AUX_W = flags.DEFINE_float(
     "patch_loss_weight", 0.0, "Weight of the patch-label loss on the image features (training)."
 )
@@ -234,6 +240,7 @@ class Settings:
     peak_loss_weight: float = 0.0
     peak_margin: float = 0.5
     pair_attention_weight: float = 0.0
+    attention_buckets: tuple[str, ...] = ()
     init_from: str = ""
     patch_loss_weight: float = 0.0
     patch_label_cells: str = "centre"
@@ -282,6 +289,8 @@ class Settings:
             out["peak_margin"] = self.peak_margin
         if self.patch_label_cells != "centre":
             out["patch_label_cells"] = self.patch_label_cells
+        if self.attention_buckets:
+            out["attention_buckets"] = list(self.attention_buckets)
         return out
 
 
@@ -668,6 +677,11 @@ class Data:
                 [pair_cells(o, sz, it[4], g) for (sz, o), it in zip(subjects, items, strict=True)]
             )  # [B, 2T]
         out["bucket"] = np.array([_BUCKETS.index(r["size_bucket"]) for _, _, r, *_ in items])
+        if self.s.attention_buckets:
+            keep = set(self.s.attention_buckets)
+            out["att_row_weight"] = np.array(
+                [float(r["size_bucket"] in keep) for _, _, r, *_ in items], np.float32
+            )
         return out
 
 
@@ -839,7 +853,9 @@ def loss_fn(module, params, batch, att_weight: float = 0.0, att_layer: int = 0,
     the image at att_layer) (see `general_uniformity_loss`). With peak_weight > 0, adds
     peak_weight * `peak_margin_loss` of the single prompts at att_layer. With pair_weight > 0
     (the batch then holds pair_cells [B, 2T], see `pair_cells`), adds pair_weight *
-    -log(share of the pair prompts' answer attention on those cells) at att_layer.
+    -log(share of the pair prompts' answer attention on those cells) at att_layer. When the
+    batch holds att_row_weight [B] (`attention_buckets`), the attention term (share or
+    target) is averaged over the rows it weighs.
     """
     apply = functools.partial(module.apply, {"params": params})
     feats, _ = apply(batch["pixel_values"], method=lambda m, p: m.image_features(p))  # [2B, T, D]
@@ -888,9 +904,9 @@ def loss_fn(module, params, batch, att_weight: float = 0.0, att_layer: int = 0,
                     module.config.image_token_index,
                 )  # fmt: skip
                 metrics["loss_att_target"] = jnp.mean(ce)
-                total = total + att_weight * jnp.mean(ce)
+                total = total + att_weight * _row_mean(ce, batch)
             elif att_weight:
-                total = total + att_weight * jnp.mean(-jnp.log(share + 1e-6))
+                total = total + att_weight * _row_mean(-jnp.log(share + 1e-6), batch)
     if general_weight:
         ids = batch["general_input_ids"]
         out = apply(ids, None, batch["general_attention_mask"], image_features=feats[:b],
@@ -902,6 +918,14 @@ def loss_fn(module, params, batch, att_weight: float = 0.0, att_layer: int = 0,
         metrics["att_subject_general"] = jnp.mean(jnp.sum(att * batch["subject_cells"], -1))
         total = total + general_weight * g_loss
     return total, metrics
+
+
+def _row_mean(x, batch):
+    """Mean of a per-row loss [B], over the rows batch["att_row_weight"] keeps when given."""
+    if "att_row_weight" not in batch:
+        return jnp.mean(x)
+    w = batch["att_row_weight"]
+    return jnp.sum(w * x) / jnp.maximum(jnp.sum(w), 1.0)
 
 
 def make_optimizer(settings: Settings):
@@ -1340,7 +1364,7 @@ def settings_from_flags() -> Settings:
         own_crop_fraction=_OWN.value, patch_label_cells=_PATCH_CELLS.value,
         general_loss_weight=_GEN_W.value, attention_target=_ATT_TARGET.value,
         peak_loss_weight=_PEAK_W.value, peak_margin=_PEAK_MARGIN.value,
-        pair_attention_weight=_PAIR_W.value,
+        pair_attention_weight=_PAIR_W.value, attention_buckets=tuple(_ATT_BUCKETS.value),
         init_from=_INIT_FROM.value, eval_sizes=tuple(int(x) for x in _EVAL_SIZES.value),
         patch_loss_weight=_AUX_W.value, glyphs=_GLYPHS.value, pretrain_steps=_PRE_STEPS.value,
         pretrain_batch=_PRE_BATCH.value,
@@ -1348,6 +1372,9 @@ def settings_from_flags() -> Settings:
         max_aspect=_MAX_ASPECT.value, log_every=_LOG_EVERY.value, eval_every=_EVAL_EVERY.value,
         eval_items=_EVAL_ITEMS.value, checkpoint_every=_CKPT_EVERY.value,
     )  # fmt: skip
+    unknown = set(s.attention_buckets) - set(_BUCKETS)
+    if unknown:
+        raise app.UsageError(f"--attention_buckets: unknown {sorted(unknown)}; use {_BUCKETS}")
     if _SMOKE.value:
         s = dataclasses.replace(s, dims=SMOKE_DIMS, steps=4 + min(s.pretrain_steps, 2),
                                 pretrain_steps=min(s.pretrain_steps, 2), pretrain_batch=4,

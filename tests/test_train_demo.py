@@ -294,7 +294,8 @@ def test_finetune_from_a_run_restarts_the_schedule_and_trains_the_map_losses(tmp
     kw = dict(steps=2, init_from=str(tmp_path / "base"), attention_loss_weight=1.0,
               general_loss_weight=0.5, random_crop_fraction=0.3, distractor_fraction=0.3,
               own_crop_fraction=0.5, attention_target="centre", patch_loss_weight=1.0,
-              peak_loss_weight=1.0, pair_attention_weight=1.0, glyphs="letter")  # fmt: skip
+              peak_loss_weight=1.0, pair_attention_weight=1.0,
+              attention_buckets=("small", "medium"), glyphs="letter")  # fmt: skip
     s = _settings(tmp_path / "ft", **kw)
     processor, config, _ = td.setup(s)
     _, tx, _ = td.compiled_step(config, s)
@@ -308,13 +309,25 @@ def test_finetune_from_a_run_restarts_the_schedule_and_trains_the_map_losses(tmp
     assert all(0.0 < r["loss_att_target"] for r in recs if r["kind"] == "train")
     assert all(0.0 < r["loss_peak"] for r in recs if r["kind"] == "train")
     assert all(0.0 < r["att_subject_pair"] <= 1.0 for r in recs if r["kind"] == "train")
-    assert json.load(open(tmp_path / "ft" / "settings.json"))["init_from"] == kw["init_from"]
+    saved = json.load(open(tmp_path / "ft" / "settings.json"))
+    assert saved["init_from"] == kw["init_from"]
+    assert saved["attention_buckets"] == ["small", "medium"]
+    batch = td.Data(s, processor).batch(0)
+    want = [float(td._BUCKETS[b] in ("small", "medium")) for b in batch["bucket"]]
+    np.testing.assert_array_equal(batch["att_row_weight"], want)
     _check_own_crops(s, processor, config, base["params"])
     other = dataclasses.replace(DIMS, text_mlp=DIMS.text_mlp * 2)
     with pytest.raises(ValueError, match="other dims"):
         td.init_from_run(_settings(tmp_path / "x", dims=other, **kw), config, tx)
     with pytest.raises(FileNotFoundError, match="settings.json"):
         td.init_from_run(_settings(tmp_path / "y", init_from=str(tmp_path / "none")), config, tx)
+
+
+def test_row_mean_averages_only_the_weighted_rows():
+    x = jnp.array([1.0, 2.0, 4.0])
+    assert float(td._row_mean(x, {})) == pytest.approx(7 / 3)
+    assert float(td._row_mean(x, {"att_row_weight": jnp.array([1.0, 0.0, 1.0])})) == 2.5
+    assert float(td._row_mean(x, {"att_row_weight": jnp.zeros(3)})) == 0.0  # no row: no loss
 
 
 def test_general_uniformity_and_image_attention():
