@@ -258,6 +258,11 @@ class Settings:
     checkpoint_every: int = 250
     progress: bool = True
 
+    def __post_init__(self):
+        unknown = set(self.attention_buckets) - set(_BUCKETS)
+        if unknown:
+            raise ValueError(f"attention_buckets: unknown {sorted(unknown)}; use {_BUCKETS}")
+
     def pretrain_options(self) -> dict[str, Any]:
         """Pretraining images: small (fast to render), crowded, every glyph readable."""
         return {**self.synth_options(), "num_objects": (6, 10), "rel_range": (0.1, 0.45),
@@ -1372,9 +1377,6 @@ def settings_from_flags() -> Settings:
         max_aspect=_MAX_ASPECT.value, log_every=_LOG_EVERY.value, eval_every=_EVAL_EVERY.value,
         eval_items=_EVAL_ITEMS.value, checkpoint_every=_CKPT_EVERY.value,
     )  # fmt: skip
-    unknown = set(s.attention_buckets) - set(_BUCKETS)
-    if unknown:
-        raise app.UsageError(f"--attention_buckets: unknown {sorted(unknown)}; use {_BUCKETS}")
     if _SMOKE.value:
         s = dataclasses.replace(s, dims=SMOKE_DIMS, steps=4 + min(s.pretrain_steps, 2),
                                 pretrain_steps=min(s.pretrain_steps, 2), pretrain_batch=4,

@@ -315,6 +315,8 @@ def test_finetune_from_a_run_restarts_the_schedule_and_trains_the_map_losses(tmp
     batch = td.Data(s, processor).batch(0)
     want = [float(td._BUCKETS[b] in ("small", "medium")) for b in batch["bucket"]]
     np.testing.assert_array_equal(batch["att_row_weight"], want)
+    with pytest.raises(ValueError, match="attention_buckets"):
+        _settings(tmp_path / "z", attention_buckets=("lrge",))
     _check_own_crops(s, processor, config, base["params"])
     other = dataclasses.replace(DIMS, text_mlp=DIMS.text_mlp * 2)
     with pytest.raises(ValueError, match="other dims"):
