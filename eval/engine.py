@@ -441,9 +441,9 @@ class Engine:
                 [[it.image] for it in items],
             )
         results = [{"original_answer": a, "methods": {}} for a in answers]
+        prefix_maps = None if started is None else started.maps
         for method in methods:
             timed = timer.scoped(method)
-            prefix_maps = None if started is None else started.maps
             boxes, maps = self._boxes(method, items, map_qs, timed, prefix_maps)
             todo = [i for i, b in enumerate(boxes) if b is not None]
             if started is not None and todo:

@@ -683,10 +683,8 @@ class Data:
             )  # [B, 2T]
         out["bucket"] = np.array([_BUCKETS.index(r["size_bucket"]) for _, _, r, *_ in items])
         if self.s.attention_buckets:
-            keep = set(self.s.attention_buckets)
-            out["att_row_weight"] = np.array(
-                [float(r["size_bucket"] in keep) for _, _, r, *_ in items], np.float32
-            )
+            keep = [_BUCKETS.index(b) for b in self.s.attention_buckets]
+            out["att_row_weight"] = np.isin(out["bucket"], keep).astype(np.float32)
         return out
 
 
