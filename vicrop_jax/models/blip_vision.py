@@ -76,9 +76,8 @@ class InstructBlipAttention(nn.Module):
         h = d // n
         qkv = nn.Dense(3 * d, use_bias=cfg.qkv_bias, name="qkv")(x)
         q, k, v = jnp.moveaxis(qkv.reshape(b, p, 3, n, h), 2, 0)  # HF's (3, heads, head_dim) order
-        logits = jnp.einsum("bqnh,bknh->bnqk", q, k, preferred_element_type=jnp.float32)
-        probs = jax.nn.softmax(logits / math.sqrt(h), axis=-1).astype(v.dtype)
-        out = jnp.einsum("bnqk,bknh->bqnh", probs, v).reshape(b, p, d)
+        # float32 logits and softmax, probabilities cast to v's dtype (HF's eager path)
+        out = jax.nn.dot_product_attention(q, k, v, scale=1 / math.sqrt(h)).reshape(b, p, d)
         return nn.Dense(d, name="projection")(out)
 
 
