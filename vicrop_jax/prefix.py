@@ -67,6 +67,25 @@ class Prompts:
     pair_mask: np.ndarray
 
 
+def _expanded_ids(model: Model, texts: list[str]) -> list[list[int]]:
+    """Token ids of `texts` as the processor gives them, each image placeholder expanded to
+    the model's T image tokens: tokenised with one placeholder an image and the image id
+    repeated afterwards (the placeholder is an added token that the tokenizer splits on, so
+    the text around it tokenises the same; T x shorter strings to tokenise, 576 for
+    LLaVA-1.5). The first text is also tokenised expanded, as the processor does, and the
+    whole batch takes that way if the two disagree."""
+    tok = model.processor.tokenizer
+    t, image_id = model.config.num_image_tokens, model.config.image_token_index
+    image_text = getattr(model.processor, "image_token", "<image>")
+    expand = lambda row: [x for i in row for x in ([i] * t if i == image_id else [i])]
+    ids = [expand(row) for row in tok(texts, add_special_tokens=True)["input_ids"]]
+    full = lambda xs: tok([x.replace(image_text, image_text * t) for x in xs],
+                          add_special_tokens=True)["input_ids"]  # fmt: skip
+    if ids and ids[0] != full(texts[:1])[0]:
+        return full(texts)
+    return ids
+
+
 def split_prompts(model: Model, questions: Sequence[str], multiple: int = 8) -> Prompts:
     """Tokenises the three prompts of each question and splits off their common prefix.
 
@@ -75,12 +94,11 @@ def split_prompts(model: Model, questions: Sequence[str], multiple: int = 8) -> 
     """
     tok = model.processor.tokenizer
     t, image_id = model.config.num_image_tokens, model.config.image_token_index
-    image_text = getattr(model.processor, "image_token", "<image>")
     n = len(questions)
-    texts = [llava_prompt(q) for q in questions] + [llava_prompt(GENERAL_QUESTION)] * n
+    texts = [llava_prompt(q) for q in questions] + [llava_prompt(GENERAL_QUESTION)]
     texts += [llava_prompt(q, 2) for q in questions]
-    texts = [x.replace(image_text, image_text * t) for x in texts]
-    ids = tok(texts, add_special_tokens=True)["input_ids"]
+    ids = _expanded_ids(model, texts)
+    ids = ids[:n] + ids[n : n + 1] * n + ids[n + 1 :]  # the general prompt, once a question
     if image_id not in ids[0]:
         raise ValueError("the prompt has no image token; cannot share its prefix")
     p = ids[0].index(image_id) + t
