@@ -79,3 +79,21 @@ def test_rows_over_one_shared_prefix_match_hf_full_prompts(tiny_llava):
             np.testing.assert_allclose(got, a[0, :, -1].numpy(), atol=1e-5, err_msg=f"{i} {layer}")
             pad = np.setdiff1d(np.arange(out.attentions.shape[-1]), real)
             assert np.abs(np.asarray(out.attentions[layer, i])[:, pad]).max() == 0.0
+
+
+def test_a_tokenizer_that_merges_across_the_placeholder_takes_the_expanded_way(tiny_llava):
+    """split_prompts tokenises one placeholder an image and repeats the image id; a tokenizer
+    for which that differs from tokenising the expanded text (checked once) gets the
+    expanded text, as the processor tokenises it."""
+    model, _ = tiny_llava
+    tok = model.processor.tokenizer
+    prefix._SPLITS_ON_IMAGE.pop(tok, None)
+    good = prefix.split_prompts(model, QS)
+    assert prefix._SPLITS_ON_IMAGE[tok] is True
+    prefix._SPLITS_ON_IMAGE[tok] = False  # as if the check had failed: the expanded way
+    try:
+        slow = prefix.split_prompts(model, QS)
+    finally:
+        prefix._SPLITS_ON_IMAGE.pop(tok, None)
+    for name in ("prefix", "qg", "qg_mask", "pair", "pair_mask"):
+        np.testing.assert_array_equal(getattr(slow, name), getattr(good, name))

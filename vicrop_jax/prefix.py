@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import weakref
 from collections.abc import Sequence
 
 import jax
@@ -67,23 +68,30 @@ class Prompts:
     pair_mask: np.ndarray
 
 
+# tokenizer -> whether one image placeholder tokenises like T of them (see _expanded_ids)
+_SPLITS_ON_IMAGE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
 def _expanded_ids(model: Model, texts: list[str]) -> list[list[int]]:
     """Token ids of `texts` as the processor gives them, each image placeholder expanded to
     the model's T image tokens: tokenised with one placeholder an image and the image id
     repeated afterwards (the placeholder is an added token that the tokenizer splits on, so
     the text around it tokenises the same; T x shorter strings to tokenise, 576 for
-    LLaVA-1.5). The first text is also tokenised expanded, as the processor does, and the
-    whole batch takes that way if the two disagree."""
+    LLaVA-1.5). The first call with a tokenizer also tokenises its first text expanded, as
+    the processor does, and that tokenizer takes the expanded way for good if the two
+    disagree."""
     tok = model.processor.tokenizer
     t, image_id = model.config.num_image_tokens, model.config.image_token_index
     image_text = getattr(model.processor, "image_token", "<image>")
-    expand = lambda row: [x for i in row for x in ([i] * t if i == image_id else [i])]
-    ids = [expand(row) for row in tok(texts, add_special_tokens=True)["input_ids"]]
     full = lambda xs: tok([x.replace(image_text, image_text * t) for x in xs],
                           add_special_tokens=True)["input_ids"]  # fmt: skip
-    if ids and ids[0] != full(texts[:1])[0]:
+    if not _SPLITS_ON_IMAGE.get(tok, True):
         return full(texts)
-    return ids
+    expand = lambda row: [x for i in row for x in ([i] * t if i == image_id else [i])]
+    ids = [expand(row) for row in tok(texts, add_special_tokens=True)["input_ids"]]
+    if ids and tok not in _SPLITS_ON_IMAGE:
+        _SPLITS_ON_IMAGE[tok] = ids[0] == full(texts[:1])[0]
+    return ids if _SPLITS_ON_IMAGE.get(tok, True) else full(texts)
 
 
 def split_prompts(model: Model, questions: Sequence[str], multiple: int = 8) -> Prompts:
