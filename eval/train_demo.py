@@ -115,6 +115,13 @@ _RAND_CROP = flags.DEFINE_float(
 _DISTRACT = flags.DEFINE_float(
     "distractor_fraction", 0.0, "Pairs whose crop shows another object (alike when possible)."
 )
+_DISTRACT_LARGE = flags.DEFINE_float(
+    "large_distractor_fraction",
+    -1.0,
+    "distractor_fraction for items whose subject is in the large bucket (-1: the same as "
+    "every item's): there the original shows the subject's letter, so a crop of another "
+    "object teaches the model to answer from the original rather than read the crop.",
+)
 _OWN = flags.DEFINE_float(
     "own_crop_fraction",
     0.0,
@@ -233,6 +240,7 @@ class Settings:
     negative_fraction: float = 0.1
     random_crop_fraction: float = 0.0
     distractor_fraction: float = 0.0
+    large_distractor_fraction: float = -1.0  # < 0: distractor_fraction
     own_crop_fraction: float = 0.0
     attention_loss_weight: float = 0.0
     general_loss_weight: float = 0.0
@@ -262,6 +270,18 @@ class Settings:
         unknown = set(self.attention_buckets) - set(_BUCKETS)
         if unknown:
             raise ValueError(f"attention_buckets: unknown {sorted(unknown)}; use {_BUCKETS}")
+        for name in ("distractor_fraction", "large_distractor_fraction"):
+            total = self.negative_fraction + self.random_crop_fraction + getattr(self, name)
+            if total > 1 + 1e-9:
+                raise ValueError(
+                    f"negative_fraction + random_crop_fraction + {name} = {total:g} > 1"
+                )
+
+    def distractor_share(self, bucket: str) -> float:
+        """The distractor-crop fraction of an item whose subject is in `bucket`."""
+        if bucket == "large" and self.large_distractor_fraction >= 0:
+            return self.large_distractor_fraction
+        return self.distractor_fraction
 
     def pretrain_options(self) -> dict[str, Any]:
         """Pretraining images: small (fast to render), crowded, every glyph readable."""
@@ -288,6 +308,8 @@ class Settings:
                   "init_from"):  # fmt: skip
             if getattr(self, k):
                 out[k] = getattr(self, k)
+        if self.large_distractor_fraction >= 0:
+            out["large_distractor_fraction"] = self.large_distractor_fraction
         if self.attention_target != "subject":
             out["attention_target"] = self.attention_target
         if self.peak_loss_weight:
@@ -616,7 +638,9 @@ class Data:
         elif u < s.negative_fraction + s.random_crop_fraction:
             box = random_crop(image.size, s.dims.image_size, rng)
             hit = _contains_centre(box, rec["bbox"])
-        elif u < s.negative_fraction + s.random_crop_fraction + s.distractor_fraction:
+        elif u < s.negative_fraction + s.random_crop_fraction + s.distractor_share(
+            rec["size_bucket"]
+        ):
             other = distractor(rec, rng)
             if other is not None:
                 box = subject_crop(other["bbox"], image.size, s.dims.image_size, rng)
@@ -1364,6 +1388,7 @@ def settings_from_flags() -> Settings:
         learning_rate=_LR.value, warmup_steps=_WARMUP.value, weight_decay=_WD.value,
         grad_clip=_CLIP.value, negative_fraction=_NEG.value, attention_loss_weight=_ATT_W.value,
         random_crop_fraction=_RAND_CROP.value, distractor_fraction=_DISTRACT.value,
+        large_distractor_fraction=_DISTRACT_LARGE.value,
         own_crop_fraction=_OWN.value, patch_label_cells=_PATCH_CELLS.value,
         general_loss_weight=_GEN_W.value, attention_target=_ATT_TARGET.value,
         peak_loss_weight=_PEAK_W.value, peak_margin=_PEAK_MARGIN.value,

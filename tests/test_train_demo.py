@@ -406,3 +406,32 @@ def _check_own_crops(s, processor, config, start_params):
         assert box == boxes[i] and crop.size == (box[2] - box[0], box[3] - box[1])
         assert hit == td._contains_centre(box, rec["bbox"])
     assert td.mine_own_crops(s, None) == boxes  # read back from the file, not mined again
+
+
+def test_large_subjects_get_their_own_distractor_share():
+    """large_distractor_fraction=1 with no other crop kinds: every large item's crop is
+    centred on another object (when there is one), every other item's on the subject;
+    the same items and draws otherwise (the small ones' crops are unchanged)."""
+    kw = dict(workdir="", dims=DIMS, negative_fraction=0.0, glyphs="letter")
+    base = td.Settings(**kw)
+    large = td.Settings(**kw, large_distractor_fraction=1.0)
+    assert large.distractor_share("large") == 1.0 and large.distractor_share("small") == 0.0
+    assert base.distractor_share("large") == 0.0
+    assert large.identity()["large_distractor_fraction"] == 1.0
+    assert "large_distractor_fraction" not in base.identity()
+    seen = set()
+    for i in range(60):
+        a, b = td.Data.__new__(td.Data), td.Data.__new__(td.Data)
+        a.s, a.own, b.s, b.own = base, {}, large, {}
+        _, _, rec, hit_a, box_a = a.item(i)
+        _, _, _, hit_b, box_b = b.item(i)
+        bucket = rec["size_bucket"]
+        seen.add(bucket)
+        assert hit_a  # the subject's own crop
+        if bucket != "large" or td.distractor(rec, np.random.default_rng([0, i, 1])) is None:
+            assert box_b == box_a
+        else:
+            assert box_b != box_a
+    assert {"small", "large"} <= seen
+    with pytest.raises(ValueError, match="large_distractor_fraction"):
+        td.Settings(**kw, random_crop_fraction=0.5, large_distractor_fraction=0.6)
