@@ -93,12 +93,14 @@ def _pil_resize_size(image_processor, image: Image.Image) -> tuple[int, int] | N
     except ImportError:
         return None
     cls = type(image_processor)
-    own = ("_preprocess", "process_image", "resize", "convert_to_rgb")
+    own = ("preprocess", "_preprocess", "process_image", "resize", "convert_to_rgb")
     if not isinstance(image_processor, PilBackend) or any(
         getattr(cls, name) is not getattr(PilBackend, name) for name in own
     ):
         return None
     if not getattr(image_processor, "do_resize", False) or image.mode != "RGB":
+        return None
+    if image.info.get("transparency") is not None:  # the processor composites it on white
         return None
     size = image_processor.size
     get = (lambda k: size.get(k)) if isinstance(size, dict) else (lambda k: getattr(size, k, None))
