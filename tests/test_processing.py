@@ -69,10 +69,11 @@ def test_non_rgb_images_take_the_processors_own_path():
     the result is still the processor's."""
     proc = AutoProcessor.from_pretrained(DEMO_MODEL).image_processor
     gray = Image.fromarray((np.random.RandomState(1).rand(50, 80) * 255).astype(np.uint8))
-    assert processing._pil_resize_size(proc, gray) is None
-    assert processing._pil_resize_size(proc, gray.convert("RGB")) == (64, 64)
+    rule = processing._pil_resize_rule(proc)
+    assert rule(gray) is None
+    assert rule(gray.convert("RGB")) == (64, 64)
     keyed = gray.convert("RGB")
     keyed.info["transparency"] = (0, 0, 0)  # a PNG colour key: the processor's own path
-    assert processing._pil_resize_size(proc, keyed) is None
+    assert rule(keyed) is None
     want = np.asarray(proc([gray], return_tensors="np")["pixel_values"])
     np.testing.assert_array_equal(processing._processor_call(proc, [gray]), want)

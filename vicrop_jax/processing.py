@@ -82,10 +82,11 @@ def _pool() -> concurrent.futures.ThreadPoolExecutor:
     )
 
 
-def _pil_resize_size(image_processor, image: Image.Image) -> tuple[int, int] | None:
-    """(height, width) that `image_processor` resizes `image` to, when it is a plain
-    transformers PIL-backend processor resizing to a fixed size or a shortest edge (CLIP's,
-    BLIP's); None for anything else (then the processor runs as it is)."""
+def _pil_resize_rule(image_processor):
+    """image -> (height, width) that `image_processor` resizes it to, when the processor is a
+    plain transformers PIL-backend one resizing to a fixed size or a shortest edge (CLIP's,
+    BLIP's); the rule gives None for an image the processor would convert first (not RGB, or
+    a PNG colour key). None for any other processor (then it runs as it is)."""
     try:
         from transformers.image_processing_backends import PilBackend
         from transformers.image_transforms import get_resize_output_image_size
@@ -98,35 +99,39 @@ def _pil_resize_size(image_processor, image: Image.Image) -> tuple[int, int] | N
         getattr(cls, name) is not getattr(PilBackend, name) for name in own
     ):
         return None
-    if not getattr(image_processor, "do_resize", False) or image.mode != "RGB":
-        return None
-    if image.info.get("transparency") is not None:  # the processor composites it on white
+    if not getattr(image_processor, "do_resize", False):
         return None
     size = image_processor.size
     get = (lambda k: size.get(k)) if isinstance(size, dict) else (lambda k: getattr(size, k, None))
     others = ("longest_edge", "max_height", "max_width", "min_pixels", "max_pixels")
-    if any(get(k) for k in others):
+    short, fixed = get("shortest_edge"), (get("height"), get("width"))
+    if any(get(k) for k in others) or not (short or all(fixed)):
         return None
-    if get("shortest_edge"):
+
+    def rule(image: Image.Image) -> tuple[int, int] | None:
+        # the processor composites a colour key on white and converts other modes first
+        if image.mode != "RGB" or image.info.get("transparency") is not None:
+            return None
+        if not short:
+            return int(fixed[0]), int(fixed[1])
         shape = np.broadcast_to(np.zeros((), np.uint8), (3, image.height, image.width))
         h, w = get_resize_output_image_size(
-            shape, size=get("shortest_edge"), default_to_square=False,
-            input_data_format=ChannelDimension.FIRST,
-        )  # fmt: skip
+            shape, size=short, default_to_square=False, input_data_format=ChannelDimension.FIRST
+        )
         return int(h), int(w)
-    if get("height") and get("width"):
-        return int(get("height")), int(get("width"))
-    return None
+
+    return rule
 
 
 def _processor_call(image_processor, images: list[Image.Image]) -> np.ndarray:
     """pixel_values of `image_processor(images)`, exactly. For a plain PIL-backend processor
-    (`_pil_resize_size`) the resize runs on each PIL image directly, and the processor then
+    (`_pil_resize_rule`) the resize runs on each PIL image directly, and the processor then
     does the rest (crop, rescale, normalise) with do_resize=False: the processor itself
     converts each RGB image to a numpy array and back to a PIL image before the same
     Pillow resize, a round trip at full resolution that costs 20-40% of its time on a
     640 x 480 image (tests/test_processing.py checks the arrays are equal)."""
-    sizes = [_pil_resize_size(image_processor, im) for im in images]
+    rule = _pil_resize_rule(image_processor)
+    sizes = [rule(im) for im in images] if rule is not None else [None]
     if images and all(s is not None for s in sizes):
         resample = image_processor.resample
         images = [
