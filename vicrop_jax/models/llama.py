@@ -327,7 +327,8 @@ class LlamaModel(nn.Module):
         q_slot = start + jnp.arange(s)  # [S] absolute cache slot of each query
         causal = jnp.arange(k_len)[None, :] <= q_slot[:, None]  # [S, K]
         # A left-padding query sees no real key; letting it see its own slot keeps every row
-        # non-empty (fused kernels may return NaN for empty rows), and real rows never see it.
+        # non-empty (an empty row's softmax would spread over masked keys, and a fused kernel
+        # may give NaN there), and real rows never see it.
         own = jnp.arange(k_len)[None, :] == q_slot[:, None]
         mask = causal[None] & (kv_mask[:, None, :] | own[None])  # [B, S, K]
         prefix = (None, None) if cache is None else (cache.prefix_k, cache.prefix_v)
