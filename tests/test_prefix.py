@@ -57,7 +57,7 @@ def test_rows_over_one_shared_prefix_match_hf_full_prompts(tiny_llava):
     pix = jnp.asarray(image_pixels(model.processor, imgs))
     cache = prefix._prefix_cache(apply, model.module, model.params, jnp.asarray(p.prefix), pix)
     tails = prefix._tail_cache(cache, 2, p.qg.shape[1] + 1)
-    assert tails.k.shape[1] == 4 and tails.prefix_k.shape[1] == 2
+    assert tails.k[0].shape[0] == 4 and tails.prefix_k[0].shape[0] == 2
     out = apply(jnp.asarray(p.qg), None, jnp.asarray(p.qg_mask), cache=tails, only_last_logits=True)
     nxt = jnp.argmax(out.logits[:, -1], -1)
     step = apply(nxt[:, None], None, jnp.ones((4, 1), jnp.int32), cache=out.cache,

@@ -31,10 +31,11 @@ class GenerateOutput:
 def init_cache(config, batch: int, length: int, dtype) -> KVCache:
     """An empty cache of `length` slots for a Llama-style text config."""
     t = config.text_config
-    shape = (t.num_hidden_layers, batch, length, t.num_key_value_heads, t.head_dim)
+    shape = (batch, length, t.num_key_value_heads, t.head_dim)
+    layers = range(t.num_hidden_layers)
     return KVCache(
-        k=jnp.zeros(shape, dtype),
-        v=jnp.zeros(shape, dtype),
+        k=tuple(jnp.zeros(shape, dtype) for _ in layers),
+        v=tuple(jnp.zeros(shape, dtype) for _ in layers),
         mask=jnp.zeros((batch, length), bool),
         index=jnp.zeros((), jnp.int32),
         position=jnp.zeros((batch,), jnp.int32),
@@ -111,8 +112,10 @@ def greedy_generate(
 
 def slice_rows(cache: KVCache, rows: int) -> KVCache:
     """The cache of the first `rows` rows."""
-    return cache.replace(k=cache.k[:, :rows], v=cache.v[:, :rows], mask=cache.mask[:rows],
-                         position=cache.position[:rows])  # fmt: skip
+    return cache.replace(
+        k=tuple(x[:rows] for x in cache.k), v=tuple(x[:rows] for x in cache.v),
+        mask=cache.mask[:rows], position=cache.position[:rows],
+    )  # fmt: skip
 
 
 def decode(apply, first_logits: Array, cache: KVCache, *, max_new_tokens: int,

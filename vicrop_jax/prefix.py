@@ -135,11 +135,11 @@ def _tail_cache(prefix, copies: int, length: int) -> KVCache:
     """An empty cache of `length` slots (one tail and its answer) for `copies` x B rows that
     attend to the prefix cache's keys first, through KVCache.prefix_k/v: the prefix is read
     in place, never padded or copied per row (row i reads prefix row i % B)."""
-    layers, b, _, g, h = prefix.k.shape
-    shape = (layers, copies * b, length, g, h)
+    b, _, g, h = prefix.k[0].shape
+    shape = (copies * b, length, g, h)
     return KVCache(
-        k=jnp.zeros(shape, prefix.k.dtype),
-        v=jnp.zeros(shape, prefix.v.dtype),
+        k=tuple(jnp.zeros(shape, x.dtype) for x in prefix.k),
+        v=tuple(jnp.zeros(shape, x.dtype) for x in prefix.v),
         mask=jnp.zeros((copies * b, length), bool),
         index=jnp.zeros((), jnp.int32),
         position=jnp.tile(prefix.position, copies),

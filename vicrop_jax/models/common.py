@@ -89,10 +89,12 @@ class RMSNorm(nn.Module):
 class KVCache:
     """Decoder key/value cache, a plain pytree passed in and returned.
 
-    k, v: [L, B, K, G, H]; mask: bool[B, K], which slots hold real tokens; index: int32[]
-    the next slot to write; position: int32[B] the RoPE position of the next token.
+    k, v: tuples of L arrays [B, K, G, H], one a layer (a layer's write is an in-place
+    update of its own buffer; one stacked [L, ...] array made XLA copy it on the CPU);
+    mask: bool[B, K], which slots hold real tokens; index: int32[] the next slot to write;
+    position: int32[B] the RoPE position of the next token.
 
-    prefix_k, prefix_v: optional [L, Bp, P, G, H], keys and values of an unpadded prompt
+    prefix_k, prefix_v: optional tuples of L arrays [Bp, P, G, H], keys and values of an unpadded prompt
     prefix that every row attends to before its own slots (row i uses prefix row i % Bp,
     B a multiple of Bp). Read only: a pass writes to the K slots alone, so one prefix
     serves several rows per question (vicrop_jax/prefix.py) without being copied. Attention

@@ -109,11 +109,23 @@ def rope_inv_freq(cfg: LlamaConfig) -> Array:
     return inv
 
 
-def rope_cos_sin(cfg: LlamaConfig, positions: Array) -> tuple[Array, Array]:
-    """cos, sin: float32[B, S, H] for integer positions [B, S]."""
-    freqs = positions.astype(jnp.float32)[..., None] * rope_inv_freq(cfg)  # [B, S, H/2]
-    emb = jnp.concatenate([freqs, freqs], axis=-1)
-    return jnp.cos(emb), jnp.sin(emb)
+def rope_cos_sin(cfg: LlamaConfig, positions: Array, table_size: int | None = None
+                 ) -> tuple[Array, Array]:  # fmt: skip
+    """cos, sin: float32[B, S, H] for integer positions [B, S].
+
+    table_size: a static bound on the positions (0 <= position < table_size): cos and sin
+    are then computed at trace time for every position below it (a constant of the
+    compiled program, the same float32 values) and looked up. Computed in the graph
+    instead, XLA's CPU fusion re-evaluates them inside every head's and every layer's q and
+    k rotation (about 12 transcendentals per element and layer); a lookup is a load.
+    """
+    if table_size is None:
+        freqs = positions.astype(jnp.float32)[..., None] * rope_inv_freq(cfg)  # [B, S, H/2]
+        emb = jnp.concatenate([freqs, freqs], axis=-1)
+        return jnp.cos(emb), jnp.sin(emb)
+    with jax.ensure_compile_time_eval():
+        cos, sin = rope_cos_sin(cfg, jnp.arange(table_size)[None])
+    return cos[0][positions], sin[0][positions]
 
 
 def apply_rope(x: Array, cos: Array, sin: Array) -> Array:
@@ -210,31 +222,30 @@ class LlamaAttention(nn.Module):
     config: LlamaConfig
 
     @nn.compact
-    def __call__(self, x, cos, sin, mask, kv, delta, want_full):
-        """kv: None, or (k_all, v_all, layer, index, pk_all, pv_all): the stacked
-        [L, B, K, G, H] cache, which this layer updates in place at [layer, :, index:index + S]
-        and returns, and the cache's shared prefix (KVCache.prefix_k/v, or None)."""
+    def __call__(self, x, cos, sin, mask, kv, delta, want_full, last_only=False):
+        """kv: None, or (k_cache, v_cache, index, pk, pv): this layer's [B, K, G, H] cache
+        slots, which it updates in place at [:, index:index + S] and returns, and its
+        [Bp, P, G, H] shared prefix (KVCache.prefix_k/v, or None).
+        last_only: keys and values for all S positions, the query (and so the output and
+        the row) for the last one only: out [B, 1, D]."""
         cfg = self.config
         b, s, _ = x.shape
         n, g, h = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
         dense = lambda f, name: nn.Dense(f, use_bias=cfg.attention_bias, name=name)
-        q = dense(n * h, "q_proj")(x).reshape(b, s, n, h)
         k = dense(g * h, "k_proj")(x).reshape(b, s, g, h)
         v = dense(g * h, "v_proj")(x).reshape(b, s, g, h)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        pk_all = None
-        if kv is None:
-            new_kv = (k, v)
-        else:  # one dynamic-update-slice into the loop-carried cache: XLA does it in place
-            k_all, v_all, layer, index, pk_all, pv_all = kv
-            at = (layer, 0, index, 0, 0)
-            k_all = jax.lax.dynamic_update_slice(k_all, k[None].astype(k_all.dtype), at)
-            v_all = jax.lax.dynamic_update_slice(v_all, v[None].astype(v_all.dtype), at)
-            k, v = k_all[layer], v_all[layer]
-            new_kv = (k_all, v_all)
-        if pk_all is not None:
-            pk, pv = pk_all[layer], pv_all[layer]
-            if s == 1 and delta is None and not want_full:  # decode: no per-row prefix copy
+        k = apply_rope(k, cos, sin)
+        if last_only:
+            x, cos, sin, mask = x[:, -1:], cos[:, -1:], sin[:, -1:], mask[:, -1:]
+        q = apply_rope(dense(n * h, "q_proj")(x).reshape(b, x.shape[1], n, h), cos, sin)
+        pk = None
+        if kv is not None:  # one dynamic-update-slice into this layer's own buffer, in place
+            k_cache, v_cache, index, pk, pv = kv
+            k = jax.lax.dynamic_update_slice(k_cache, k.astype(k_cache.dtype), (0, index, 0, 0))
+            v = jax.lax.dynamic_update_slice(v_cache, v.astype(v_cache.dtype), (0, index, 0, 0))
+        new_kv = (k, v)
+        if pk is not None:
+            if q.shape[1] == 1 and delta is None and not want_full:  # no per-row prefix copy
                 out, rows = prefix_decode_attention(q, pk, pv, k, v, mask)
                 probs = None
             else:  # a prompt pass: this layer's prefix tiled over the rows (a transient)
@@ -245,7 +256,7 @@ class LlamaAttention(nn.Module):
         else:
             out, rows, probs = attend(q, k, v, mask, delta, want_full)
         out = nn.Dense(cfg.hidden_size, use_bias=cfg.attention_bias, name="o_proj")(
-            out.reshape(b, s, n * h)
+            out.reshape(b, q.shape[1], n * h)
         )
         return out, new_kv, rows, probs
 
@@ -266,13 +277,14 @@ class LlamaDecoderLayer(nn.Module):
     config: LlamaConfig
 
     @nn.compact
-    def __call__(self, x, cos, sin, mask, kv, delta, want_full):
+    def __call__(self, x, cos, sin, mask, kv, delta, want_full, last_only=False):
+        """last_only: see LlamaAttention; returns the last position only."""
         cfg = self.config
         h = RMSNorm(cfg.rms_norm_eps, name="input_layernorm")(x)
         h, kv, rows, probs = LlamaAttention(cfg, name="self_attn")(
-            h, cos, sin, mask, kv, delta, want_full
+            h, cos, sin, mask, kv, delta, want_full, last_only
         )
-        x = x + h
+        x = (x[:, -1:] if last_only else x) + h
         h = RMSNorm(cfg.rms_norm_eps, name="post_attention_layernorm")(x)
         return x + LlamaMLP(cfg, name="mlp")(h), kv, rows, probs
 
@@ -303,6 +315,7 @@ class LlamaModel(nn.Module):
         cache: KVCache | None = None,
         attn_delta: Array | None = None,
         output_full_attentions: bool = False,
+        last_only: bool = False,
     ):
         """Runs the stack.
 
@@ -316,9 +329,14 @@ class LlamaModel(nn.Module):
             attention rows and attn_delta).
           attn_delta: optional float[L, B, N, K] added to each layer's last-query row.
           output_full_attentions: also return every layer's [B, N, S, K] probabilities.
+          last_only: the hidden state of the last position only (what a pass that wants
+            the last logits reads): the final layer computes keys and values for every
+            position (the cache needs them) and the rest (query, attention output, MLP)
+            for the last one. Same rows and cache; ignored with output_full_attentions.
 
         Returns:
-          hidden [B, S, D] after the final norm, new (k, v) stacks [L, B, K, G, H],
+          hidden [B, S, D] (or [B, 1, D] with last_only) after the final norm,
+          new (k, v): tuples of L arrays [B, K, G, H] (the cache's, or this pass's keys),
           rows float32[L, B, N, K], full probabilities [L, B, N, S, K] or None.
         """
         s = inputs_embeds.shape[1]
@@ -333,26 +351,28 @@ class LlamaModel(nn.Module):
         mask = causal[None] & (kv_mask[:, None, :] | own[None])  # [B, S, K]
         prefix = (None, None) if cache is None else (cache.prefix_k, cache.prefix_v)
         if prefix[0] is not None:  # the prefix is unpadded and precedes every query
-            p = prefix[0].shape[2]
+            p = prefix[0][0].shape[1]
             mask = jnp.concatenate([jnp.ones((*mask.shape[:2], p), bool), mask], axis=-1)
-        cos, sin = rope_cos_sin(self.config, positions)
+        # Positions count real tokens, so each is below the number of key slots (prefix
+        # included): a static bound for the lookup table.
+        cos, sin = rope_cos_sin(self.config, positions, table_size=mask.shape[-1])
         x = inputs_embeds
         ks, vs, rows, fulls = [], [], [], []
-        kv_all = None if cache is None else (cache.k, cache.v)
+        final = len(self.layers) - 1
         for i, layer in enumerate(self.layers):
-            kv = None if cache is None else (*kv_all, i, cache.index, *prefix)
+            kv = None
+            if cache is not None:
+                pk, pv = (None, None) if prefix[0] is None else (prefix[0][i], prefix[1][i])
+                kv = (cache.k[i], cache.v[i], cache.index, pk, pv)
             delta = None if attn_delta is None else attn_delta[i]
-            x, new_kv, r, p = layer(x, cos, sin, mask, kv, delta, output_full_attentions)
-            if cache is None:
-                ks.append(new_kv[0])
-                vs.append(new_kv[1])
-            else:
-                kv_all = new_kv
+            last = last_only and i == final and not output_full_attentions
+            x, (k, v), r, p = layer(x, cos, sin, mask, kv, delta, output_full_attentions, last)
+            ks.append(k)
+            vs.append(v)
             rows.append(r)
             fulls.append(p)
         full = jnp.stack(fulls) if output_full_attentions else None
-        kv_out = (jnp.stack(ks), jnp.stack(vs)) if cache is None else kv_all
-        return self.norm(x), kv_out, jnp.stack(rows), full
+        return self.norm(x), (tuple(ks), tuple(vs)), jnp.stack(rows), full
 
 
 def run_decoder(
@@ -388,7 +408,7 @@ def run_decoder(
         kv_mask = jax.lax.dynamic_update_slice(cache.mask, mask, (0, cache.index))
         cache = cache.replace(mask=kv_mask)
     hidden, (k, v), rows, full = language_model(
-        embeds, positions, kv_mask, cache, attn_delta, output_full_attentions
+        embeds, positions, kv_mask, cache, attn_delta, output_full_attentions, only_last_logits
     )
     if only_last_logits:
         hidden = hidden[:, -1:]
