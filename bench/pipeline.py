@@ -49,9 +49,9 @@ _PRESET_LAYERS = flags.DEFINE_list(
 )
 _DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "both sides' weights")
 _SETTLE = flags.DEFINE_float(
-    "settle_s", 0.05, "untimed pause before each batch-1 call of either side, so that the other "
+    "settle_s", 0.05, "untimed pause before each timed call of either side, so that the other "
     "side's idle worker threads (PyTorch's OpenMP pool spins after each op) are asleep",
-)
+)  # fmt: skip
 _PEAK = flags.DEFINE_float(
     "peak_tflops", None, "the device's peak TFLOP/s in --dtype (default: a known GPU's spec)"
 )

@@ -11,14 +11,13 @@ Axis letters: see vicrop_jax.models.common (P = 1 + patches, the class token fir
 from __future__ import annotations
 
 import dataclasses
-import math
 from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from vicrop_jax.models.common import LayerNorm, activation, config_from_dict
+from vicrop_jax.models.common import LayerNorm, activation, config_from_dict, full_attention
 
 Array = jax.Array
 
@@ -76,8 +75,7 @@ class InstructBlipAttention(nn.Module):
         h = d // n
         qkv = nn.Dense(3 * d, use_bias=cfg.qkv_bias, name="qkv")(x)
         q, k, v = jnp.moveaxis(qkv.reshape(b, p, 3, n, h), 2, 0)  # HF's (3, heads, head_dim) order
-        # float32 logits and softmax, probabilities cast to v's dtype (HF's eager path)
-        out = jax.nn.dot_product_attention(q, k, v, scale=1 / math.sqrt(h)).reshape(b, p, d)
+        out = full_attention(q, k, v).reshape(b, p, d)
         return nn.Dense(d, name="projection")(out)
 
 

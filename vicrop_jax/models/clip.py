@@ -9,14 +9,13 @@ Axis letters: see vicrop_jax.models.common (P = 1 + patches, the class token fir
 from __future__ import annotations
 
 import dataclasses
-import math
 from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from vicrop_jax.models.common import LayerNorm, activation, config_from_dict
+from vicrop_jax.models.common import LayerNorm, activation, config_from_dict, full_attention
 
 Array = jax.Array
 
@@ -57,10 +56,7 @@ class CLIPAttention(nn.Module):
         q = nn.Dense(d, name="q_proj")(x).reshape(b, p, n, h)
         k = nn.Dense(d, name="k_proj")(x).reshape(b, p, n, h)
         v = nn.Dense(d, name="v_proj")(x).reshape(b, p, n, h)
-        # float32 logits and softmax, probabilities cast to v's dtype (HF's eager path); on
-        # the CPU the einsum pair that did this over [B, P, N, H] took 5x as long (15% of the
-        # demo's tower)
-        out = jax.nn.dot_product_attention(q, k, v, scale=1 / math.sqrt(h)).reshape(b, p, d)
+        out = full_attention(q, k, v).reshape(b, p, d)
         return nn.Dense(d, name="out_proj")(out)
 
 

