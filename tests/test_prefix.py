@@ -97,3 +97,51 @@ def test_a_tokenizer_that_merges_across_the_placeholder_takes_the_expanded_way(t
         prefix._SPLITS_ON_IMAGE.pop(tok, None)
     for name in ("prefix", "qg", "qg_mask", "pair", "pair_mask"):
         np.testing.assert_array_equal(getattr(slow, name), getattr(good, name))
+
+
+def test_a_fresh_cache_skips_its_empty_slots_with_the_same_results(tiny_llava):
+    """KVCache.fresh: the first pass into an empty cache attends to its own keys only (the
+    answer's room left out); logits, full-width rows (zeros on the room), the gradient of an
+    attention perturbation and the written cache equal those of the same pass over every
+    slot (fresh=False)."""
+    import functools
+
+    import jax
+    import jax.numpy as jnp
+
+    from vicrop_jax.generate import init_cache
+    from vicrop_jax.processing import image_pixels
+
+    model, _ = tiny_llava
+    enc = encode(model.processor, [llava_prompt(q) for q in QS], [Image.new("RGB", (40, 30))] * 2)
+    ids, mask = jnp.asarray(enc["input_ids"]), jnp.asarray(enc["attention_mask"])
+    pix = jnp.asarray(image_pixels(model.processor, [Image.new("RGB", (40, 30))] * 2))
+    apply = functools.partial(model.module.apply, {"params": model.params})
+    b, s = ids.shape
+    room = 7
+    t = model.config.text_config
+    delta0 = jnp.zeros((t.num_hidden_layers, b, t.num_attention_heads, s + room))
+
+    def run(fresh):
+        cache = init_cache(model.config, b, s + room, jnp.float32).replace(fresh=fresh)
+
+        def f(delta):
+            out = apply(ids, pix, mask, cache=cache, attn_delta=delta, only_last_logits=True)
+            return out.logits[:, -1].max(-1).sum(), out
+
+        (_, out), grad = jax.value_and_grad(f, has_aux=True)(delta0)
+        return out, grad
+
+    (a, ga), (b_, gb) = run(True), run(False)
+    assert (
+        a.attentions.shape
+        == b_.attentions.shape
+        == (t.num_hidden_layers, b, t.num_attention_heads, s + room)
+    )
+    np.testing.assert_allclose(a.logits, b_.logits, atol=1e-5)
+    np.testing.assert_allclose(a.attentions, b_.attentions, atol=1e-6)
+    assert not np.asarray(a.attentions[..., s:]).any()
+    np.testing.assert_allclose(ga, gb, atol=1e-5)
+    for x, y in zip(a.cache.k + a.cache.v, b_.cache.k + b_.cache.v, strict=True):
+        np.testing.assert_allclose(np.asarray(x), np.asarray(y), atol=1e-5)
+    assert not a.cache.fresh and not b_.cache.fresh

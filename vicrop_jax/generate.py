@@ -39,6 +39,7 @@ def init_cache(config, batch: int, length: int, dtype) -> KVCache:
         mask=jnp.zeros((batch, length), bool),
         index=jnp.zeros((), jnp.int32),
         position=jnp.zeros((batch,), jnp.int32),
+        fresh=True,
     )
 
 

@@ -145,6 +145,7 @@ def _tail_cache(prefix, copies: int, length: int) -> KVCache:
         position=jnp.tile(prefix.position, copies),
         prefix_k=prefix.k,
         prefix_v=prefix.v,
+        fresh=True,
     )
 
 

@@ -118,6 +118,10 @@ class KVCache:
     prefix row i % Bp, B a multiple of Bp). Read only: a pass writes to the K slots alone,
     so one prefix serves several rows per question (vicrop_jax/prefix.py) without being
     copied. Attention rows then span P + K keys, the prefix's first.
+
+    fresh: static; True for a cache no pass has written yet (index 0, every slot empty), so
+    that the first pass attends to its own keys alone and not to the empty slots after them
+    (12-18% of a prompt pass's keys are the answer's room); False after any pass.
     """
 
     k: Array
@@ -127,6 +131,7 @@ class KVCache:
     position: Array
     prefix_k: Array | None = None
     prefix_v: Array | None = None
+    fresh: bool = flax.struct.field(pytree_node=False, default=False)
 
 
 @flax.struct.dataclass

@@ -231,9 +231,12 @@ class LlamaAttention(nn.Module):
 
     @nn.compact
     def __call__(self, x, cos, sin, mask, kv, delta, want_full, last_only=False):
-        """kv: None, or (k_cache, v_cache, index, pk, pv): this layer's [B, K, G, H] cache
-        slots, which it updates in place at [:, index:index + S] and returns, and its
-        [Bp, P, G, H] shared prefix (KVCache.prefix_k/v, or None).
+        """kv: None, or (k_cache, v_cache, index, pk, pv, fresh): this layer's [B, K, G, H]
+        cache slots, which it updates in place at [:, index:index + S] and returns, its
+        [Bp, P, G, H] shared prefix (KVCache.prefix_k/v, or None), and whether the cache
+        was empty before this pass (KVCache.fresh: then the queries attend to this pass's
+        S keys alone, not to the K - S empty slots, and the rows are padded with zeros to
+        K, the probabilities the empty slots get).
         last_only: keys and values for all S positions, the query (and so the output and
         the row) for the last one only: out [B, 1, D]."""
         cfg = self.config
@@ -246,12 +249,23 @@ class LlamaAttention(nn.Module):
         if last_only:
             x, cos, sin, mask = x[:, -1:], cos[:, -1:], sin[:, -1:], mask[:, -1:]
         q = apply_rope(dense(n * h, "q_proj")(x).reshape(b, x.shape[1], n, h), cos, sin)
-        pk = None
+        pk, empty = None, 0
         if kv is not None:  # one dynamic-update-slice into this layer's own buffer, in place
-            k_cache, v_cache, index, pk, pv = kv
-            k = jax.lax.dynamic_update_slice(k_cache, k.astype(k_cache.dtype), (0, index, 0, 0))
-            v = jax.lax.dynamic_update_slice(v_cache, v.astype(v_cache.dtype), (0, index, 0, 0))
-        new_kv = (k, v)
+            k_cache, v_cache, index, pk, pv, fresh = kv
+            k, v = k.astype(k_cache.dtype), v.astype(v_cache.dtype)
+            new_kv = tuple(
+                jax.lax.dynamic_update_slice(c, x, (0, index, 0, 0))
+                for c, x in ((k_cache, k), (v_cache, v))
+            )
+            if fresh:  # the slots after this pass's hold nothing yet: leave them out
+                empty = k_cache.shape[1] - s
+                mask = mask[..., : mask.shape[-1] - empty]
+                rest = None if delta is None else delta[..., delta.shape[-1] - empty :]
+                delta = None if delta is None else delta[..., : delta.shape[-1] - empty]
+            else:
+                k, v = new_kv
+        else:
+            new_kv = (k, v)
         if pk is not None:
             if q.shape[1] == 1 and delta is None and not want_full:  # no per-row prefix copy
                 out, rows = prefix_decode_attention(q, pk, pv, k, v, mask)
@@ -263,6 +277,11 @@ class LlamaAttention(nn.Module):
                 out, rows, probs = attend(q, k, v, mask, delta, want_full)
         else:
             out, rows, probs = attend(q, k, v, mask, delta, want_full)
+        if empty:
+            rows = jnp.pad(rows, ((0, 0), (0, 0), (0, empty)))
+            rows = rows if rest is None else rows.at[..., -empty:].add(rest.astype(rows.dtype))
+            if probs is not None:
+                probs = jnp.pad(probs, ((0, 0), (0, 0), (0, 0), (0, empty)))
         out = nn.Dense(cfg.hidden_size, use_bias=cfg.attention_bias, name="o_proj")(
             out.reshape(b, q.shape[1], n * h)
         )
@@ -371,7 +390,7 @@ class LlamaModel(nn.Module):
             kv = None
             if cache is not None:
                 pk, pv = (None, None) if prefix[0] is None else (prefix[0][i], prefix[1][i])
-                kv = (cache.k[i], cache.v[i], cache.index, pk, pv)
+                kv = (cache.k[i], cache.v[i], cache.index, pk, pv, cache.fresh)
             delta = None if attn_delta is None else attn_delta[i]
             last = last_only and i == final and not output_full_attentions
             x, (k, v), r, p = layer(x, cos, sin, mask, kv, delta, output_full_attentions, last)
@@ -422,5 +441,6 @@ def run_decoder(
         hidden = hidden[:, -1:]
     new_cache = None
     if cache is not None:
-        new_cache = cache.replace(k=k, v=v, index=cache.index + s, position=positions[:, -1] + 1)
+        new_cache = cache.replace(k=k, v=v, index=cache.index + s, position=positions[:, -1] + 1,
+                                  fresh=False)  # fmt: skip
     return logits_fn(hidden).astype(jnp.float32), new_cache, rows, full
