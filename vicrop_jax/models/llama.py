@@ -254,8 +254,8 @@ class LlamaAttention(nn.Module):
             k_cache, v_cache, index, pk, pv, fresh = kv
             k, v = k.astype(k_cache.dtype), v.astype(v_cache.dtype)
             new_kv = tuple(
-                jax.lax.dynamic_update_slice(c, x, (0, index, 0, 0))
-                for c, x in ((k_cache, k), (v_cache, v))
+                jax.lax.dynamic_update_slice(buf, new, (0, index, 0, 0))
+                for buf, new in ((k_cache, k), (v_cache, v))
             )
             if fresh:  # the slots after this pass's hold nothing yet: leave them out
                 empty = k_cache.shape[1] - s
