@@ -157,6 +157,14 @@ _PEAK_W = flags.DEFINE_float(
     "--peak_margin nats. The box search follows the map's peak, not its mass.",
 )
 _PEAK_MARGIN = flags.DEFINE_float("peak_margin", 0.5, "Margin of the peak loss (nats).")
+_RATIO_W = flags.DEFINE_float(
+    "ratio_peak_weight",
+    0.0,
+    "Weight of the peak margin loss (--peak_margin) on rel-att's own map at the rel-att "
+    "layer: log(question attention / general-prompt attention) over the image's cells, the "
+    "subject's highest cell against the highest elsewhere. The general prompt may meet it by "
+    "looking at the other objects, without moving the question's attention.",
+)
 _PAIR_W = flags.DEFINE_float(
     "pair_attention_weight",
     0.0,
@@ -248,6 +256,7 @@ class Settings:
     peak_loss_weight: float = 0.0
     peak_margin: float = 0.5
     pair_attention_weight: float = 0.0
+    ratio_peak_weight: float = 0.0
     attention_buckets: tuple[str, ...] = ()
     init_from: str = ""
     patch_loss_weight: float = 0.0
@@ -305,14 +314,14 @@ class Settings:
         # Fine-tuning fields, only when set: a run without them keeps its old identity.
         for k in ("random_crop_fraction", "distractor_fraction", "own_crop_fraction",
                   "general_loss_weight", "peak_loss_weight", "pair_attention_weight",
-                  "init_from"):  # fmt: skip
+                  "ratio_peak_weight", "init_from"):  # fmt: skip
             if getattr(self, k):
                 out[k] = getattr(self, k)
         if self.large_distractor_fraction >= 0:
             out["large_distractor_fraction"] = self.large_distractor_fraction
         if self.attention_target != "subject":
             out["attention_target"] = self.attention_target
-        if self.peak_loss_weight:
+        if self.peak_loss_weight or self.ratio_peak_weight:
             out["peak_margin"] = self.peak_margin
         if self.patch_label_cells != "centre":
             out["patch_label_cells"] = self.patch_label_cells
@@ -686,7 +695,7 @@ class Data:
             ]
         )  # [2B, 2, T]
         out.update({f"single_{k}": v for k, v in single.items()})
-        if self.s.general_loss_weight:
+        if self.s.general_loss_weight or self.s.ratio_peak_weight:
             general = pack([(t.prompt(GENERAL_QUESTION, 1), [])] * b, self.len1, t.pad)
             out["general_input_ids"] = general["input_ids"]
             out["general_attention_mask"] = general["attention_mask"]
@@ -831,6 +840,30 @@ def image_attention(probs, input_ids, image_token: int, num_tokens: int):
     return att / jnp.maximum(att.sum(-1, keepdims=True), 1e-9)
 
 
+def answer_image_attention(probs, input_ids, loss_mask, image_token: int, num_tokens: int):
+    """float32[B, T]: the attention (heads averaged) of the query that predicts the first
+    answer token over the first image's tokens, renormalised to sum to 1 (rel-att's numerator
+    at that layer)."""
+    query = jnp.argmax(loss_mask > 0, axis=1) - 1  # [B]
+    rows = jnp.take_along_axis(probs.mean(1), query[:, None, None], axis=1)[:, 0]  # [B, K]
+    start = jnp.argmax(input_ids == image_token, axis=1)
+    att = jnp.take_along_axis(rows, start[:, None] + jnp.arange(num_tokens)[None], axis=1)
+    return att / jnp.maximum(att.sum(-1, keepdims=True), 1e-9)
+
+
+def ratio_peak_loss(question_att, general_att, subject_cells, margin: float = 0.5,
+                    temperature: float = 0.1):  # fmt: skip
+    """`peak_margin_loss` on rel-att's map itself, per row: log(question / general) over the
+    image's T cells (both [B, T], each summing to 1), the soft maximum on the subject's cells
+    against the soft maximum elsewhere. Also returns whether the hard peak is on the subject."""
+    logr = jnp.log(question_att + 1e-9) - jnp.log(general_att + 1e-9)
+    on = subject_cells > 0
+    inside, outside = jnp.where(on, logr, -1e9), jnp.where(on, -1e9, logr)
+    smax = lambda x: temperature * jax.nn.logsumexp(x / temperature, axis=-1)
+    hit = jnp.max(inside, -1) >= jnp.max(outside, -1)
+    return jax.nn.softplus(smax(outside) - smax(inside) + margin), hit
+
+
 def general_uniformity_loss(att):
     """KL(uniform || att) over the image tokens, per row: 0 when the general prompt looks at
     every patch alike, so rel-att's ratio (question / general) keeps the question's peak."""
@@ -868,7 +901,7 @@ def patch_loss(aux, feats, labels, background_weight: float = 0.1):
 def loss_fn(module, params, batch, att_weight: float = 0.0, att_layer: int = 0,
             aux=None, patch_weight: float = 0.0, general_weight: float = 0.0,
             peak_weight: float = 0.0, peak_margin: float = 0.5,
-            pair_weight: float = 0.0):  # fmt: skip
+            pair_weight: float = 0.0, ratio_weight: float = 0.0):  # fmt: skip
     """Both prompt kinds of a batch; the vision tower runs once per image.
 
     With att_weight > 0, adds att_weight * -log(subject share of the attention) of the single
@@ -882,7 +915,8 @@ def loss_fn(module, params, batch, att_weight: float = 0.0, att_layer: int = 0,
     (the batch then holds pair_cells [B, 2T], see `pair_cells`), adds pair_weight *
     -log(share of the pair prompts' answer attention on those cells) at att_layer. When the
     batch holds att_row_weight [B] (`attention_buckets`), the attention term (share or
-    target) is averaged over the rows it weighs.
+    target) is averaged over the rows it weighs. With ratio_weight > 0 (general_* rows in the
+    batch), adds ratio_weight * `ratio_peak_loss` at att_layer.
     """
     apply = functools.partial(module.apply, {"params": params})
     feats, _ = apply(batch["pixel_values"], method=lambda m, p: m.image_features(p))  # [2B, T, D]
@@ -912,6 +946,7 @@ def loss_fn(module, params, batch, att_weight: float = 0.0, att_layer: int = 0,
             metrics["att_subject_pair"] = jnp.mean(share)
             total = total + pair_weight * jnp.mean(-jnp.log(share + 1e-6))
         if full:
+            single_probs = out.full_attentions[att_layer]
             share = subject_attention(
                 out.full_attentions[att_layer], ids, lmask, batch["subject_cells"],
                 module.config.image_token_index,
@@ -934,7 +969,7 @@ def loss_fn(module, params, batch, att_weight: float = 0.0, att_layer: int = 0,
                 total = total + att_weight * _row_mean(ce, batch)
             elif att_weight:
                 total = total + att_weight * _row_mean(-jnp.log(share + 1e-6), batch)
-    if general_weight:
+    if general_weight or ratio_weight:
         ids = batch["general_input_ids"]
         out = apply(ids, None, batch["general_attention_mask"], image_features=feats[:b],
                     output_full_attentions=True)  # fmt: skip
@@ -944,6 +979,13 @@ def loss_fn(module, params, batch, att_weight: float = 0.0, att_layer: int = 0,
         metrics["loss_general"] = g_loss
         metrics["att_subject_general"] = jnp.mean(jnp.sum(att * batch["subject_cells"], -1))
         total = total + general_weight * g_loss
+        if ratio_weight:
+            q = answer_image_attention(single_probs, batch["single_input_ids"],
+                                       batch["single_loss_mask"], module.config.image_token_index,
+                                       feats.shape[1])  # fmt: skip
+            r_loss, hit = ratio_peak_loss(q, att, batch["subject_cells"], peak_margin)
+            metrics["loss_ratio_peak"], metrics["ratio_peak_on_subject"] = jnp.mean(r_loss), hit
+            total = total + ratio_weight * jnp.mean(r_loss)
     return total, metrics
 
 
@@ -984,7 +1026,7 @@ def _update(tx, state, loss):
 def make_train_step(module, tx, att_weight: float = 0.0, att_layer: int = 0,
                     patch_weight: float = 0.0, general_weight: float = 0.0,
                     peak_weight: float = 0.0, peak_margin: float = 0.5,
-                    pair_weight: float = 0.0):  # fmt: skip
+                    pair_weight: float = 0.0, ratio_weight: float = 0.0):  # fmt: skip
     """A jitted (state, batch) -> (state, metrics); state = {params, aux, opt_state, step}
     (aux: the patch-label heads; the optimizer updates {"params", "aux"})."""
 
@@ -992,7 +1034,7 @@ def make_train_step(module, tx, att_weight: float = 0.0, att_layer: int = 0,
         def f(trainable):
             return loss_fn(module, trainable["params"], batch, att_weight, att_layer,
                            trainable["aux"], patch_weight, general_weight, peak_weight,
-                           peak_margin, pair_weight)  # fmt: skip
+                           peak_margin, pair_weight, ratio_weight)  # fmt: skip
 
         state, loss, metrics, grad_norm = _update(tx, state, f)
         return state, {**metrics, "loss": loss, "grad_norm": grad_norm}
@@ -1031,7 +1073,8 @@ def _step_settings(settings: Settings) -> Settings:
 
 _STEP_FIELDS = ("learning_rate", "warmup_steps", "weight_decay", "grad_clip", "steps",
                 "attention_loss_weight", "patch_loss_weight", "general_loss_weight",
-                "peak_loss_weight", "peak_margin", "pair_attention_weight")  # fmt: skip
+                "peak_loss_weight", "peak_margin", "pair_attention_weight",
+                "ratio_peak_weight")  # fmt: skip
 
 
 @functools.cache
@@ -1042,7 +1085,8 @@ def _compiled(config: LlavaConfig, opt_settings: Settings):
                            opt_settings.patch_loss_weight,
                            opt_settings.general_loss_weight, opt_settings.peak_loss_weight,
                            opt_settings.peak_margin,
-                           opt_settings.pair_attention_weight)  # fmt: skip
+                           opt_settings.pair_attention_weight,
+                           opt_settings.ratio_peak_weight)  # fmt: skip
     return step, tx, schedule
 
 
@@ -1321,12 +1365,16 @@ def _record(window, m, buckets) -> None:
         "att_subject_general",
         "loss_peak",
         "att_subject_pair",
+        "loss_ratio_peak",
     ):
         if k in m:
             window[k].append(float(m[k]))
     if "peak_on_subject" in m:  # per row: is the answer query's highest image cell on it
         for b, ok in zip(buckets, m["peak_on_subject"], strict=True):
             window[f"peak_subject_{_BUCKETS[b]}"].append(float(ok))
+    if "ratio_peak_on_subject" in m:  # per row: is rel-att's map highest on the subject
+        for b, ok in zip(buckets, m["ratio_peak_on_subject"], strict=True):
+            window[f"ratio_peak_subject_{_BUCKETS[b]}"].append(float(ok))
 
 
 def _finish(settings, state, pool, manager, hf_cfg, processor):
@@ -1392,7 +1440,8 @@ def settings_from_flags() -> Settings:
         own_crop_fraction=_OWN.value, patch_label_cells=_PATCH_CELLS.value,
         general_loss_weight=_GEN_W.value, attention_target=_ATT_TARGET.value,
         peak_loss_weight=_PEAK_W.value, peak_margin=_PEAK_MARGIN.value,
-        pair_attention_weight=_PAIR_W.value, attention_buckets=tuple(_ATT_BUCKETS.value),
+        pair_attention_weight=_PAIR_W.value, ratio_peak_weight=_RATIO_W.value,
+        attention_buckets=tuple(_ATT_BUCKETS.value),
         init_from=_INIT_FROM.value, eval_sizes=tuple(int(x) for x in _EVAL_SIZES.value),
         patch_loss_weight=_AUX_W.value, glyphs=_GLYPHS.value, pretrain_steps=_PRE_STEPS.value,
         pretrain_batch=_PRE_BATCH.value,

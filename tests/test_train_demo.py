@@ -284,6 +284,17 @@ def test_peak_margin_loss_asks_the_subject_to_hold_the_highest_cell():
     assert np.all(np.isfinite(g)) and g[0, 0, 5, 4] > 0 > g[0, 0, 5, 2]  # off down, on up
 
 
+def test_ratio_peak_loss_is_low_when_rel_att_peaks_on_the_subject():
+    subject = jnp.array([[0.0, 1.0, 1.0, 0.0]])
+    q = jnp.array([[0.1, 0.3, 0.3, 0.3]])
+    loss = lambda g: td.ratio_peak_loss(q, jnp.asarray(g), subject, margin=0.5)
+    bad, _ = loss([[0.25, 0.25, 0.25, 0.25]])  # ratio ties: cell 3 as high as the subject
+    good, hit_good = loss([[0.1, 0.15, 0.15, 0.6]])  # the general prompt covers cell 3
+    assert float(good[0]) < float(bad[0]) and bool(hit_good[0])
+    grad = jax.grad(lambda g: td.ratio_peak_loss(q, g, subject)[0].sum())(jnp.full((1, 4), 0.25))
+    assert grad[0, 3] < 0 < grad[0, 1]  # more general attention off the subject, less on it
+
+
 def test_finetune_from_a_run_restarts_the_schedule_and_trains_the_map_losses(tmp_path):
     # A 2-step base run, then a fine-tune from it with the attention, general-prompt and
     # crop-mix options (own crops included): it starts from the base's params (step 0, fresh
@@ -294,7 +305,7 @@ def test_finetune_from_a_run_restarts_the_schedule_and_trains_the_map_losses(tmp
     kw = dict(steps=2, init_from=str(tmp_path / "base"), attention_loss_weight=1.0,
               general_loss_weight=0.5, random_crop_fraction=0.3, distractor_fraction=0.3,
               own_crop_fraction=0.5, attention_target="centre", patch_loss_weight=1.0,
-              peak_loss_weight=1.0, pair_attention_weight=1.0,
+              peak_loss_weight=1.0, pair_attention_weight=1.0, ratio_peak_weight=1.0,
               attention_buckets=("small", "medium"), glyphs="letter")  # fmt: skip
     s = _settings(tmp_path / "ft", **kw)
     processor, config, _ = td.setup(s)
@@ -309,6 +320,7 @@ def test_finetune_from_a_run_restarts_the_schedule_and_trains_the_map_losses(tmp
     assert all(0.0 < r["loss_att_target"] for r in recs if r["kind"] == "train")
     assert all(0.0 < r["loss_peak"] for r in recs if r["kind"] == "train")
     assert all(0.0 < r["att_subject_pair"] <= 1.0 for r in recs if r["kind"] == "train")
+    assert all(0.0 < r["loss_ratio_peak"] for r in recs if r["kind"] == "train")
     saved = json.load(open(tmp_path / "ft" / "settings.json"))
     assert saved["init_from"] == kw["init_from"]
     assert saved["attention_buckets"] == ["small", "medium"]
