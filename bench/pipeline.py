@@ -277,17 +277,16 @@ def main(argv):
     # slower (measured: our batch-8 call 45 -> 60 ms, batch 32 140 -> 147, the reference's
     # question 48 -> 50: the other runtime's threads and data have just had the cores and
     # caches), an artefact of sharing one process that neither pipeline has on its own.
-    def timed_ref(im) -> tuple[float, dict]:
+    def timed(fn) -> tuple[float, dict]:
+        """(seconds, fn's stage timings) of one call, after the untimed --settle_s pause."""
         time.sleep(_SETTLE.value)
         t0 = time.perf_counter()
-        t = reference_ask(hf, model.processor, im, QUESTION, method, layer, base, max_new)
+        t = fn()
         return time.perf_counter() - t0, t
 
-    def timed_ours(batch) -> tuple[float, dict]:
-        time.sleep(_SETTLE.value)
-        t0 = time.perf_counter()
-        t = ours_ask(batch)[0].timings
-        return time.perf_counter() - t0, t
+    timed_ref = lambda im: timed(lambda: reference_ask(hf, model.processor, im, QUESTION,
+                                                       method, layer, base, max_new))  # fmt: skip
+    timed_ours = lambda batch: timed(lambda: ours_ask(batch)[0].timings)
 
     # (a) the reference at batch 1; ours at batch 1 in blocks of --block questions in turn
     timed_ref(images[0])  # warm

@@ -775,13 +775,21 @@ def answer_loss(logits, input_ids, loss_mask):
     return loss, ~jnp.any(wrong, axis=-1), jax.lax.stop_gradient(ce)
 
 
+def _query_rows(probs, loss_mask=None):
+    """float32[B, K]: the attention (heads averaged) of each row's query that predicts its
+    first answer token (the prompt's last; the last position without a loss_mask)."""
+    if loss_mask is None:
+        return probs.mean(1)[:, -1]
+    query = jnp.argmax(loss_mask > 0, axis=1) - 1  # [B]
+    return jnp.take_along_axis(probs.mean(1), query[:, None, None], axis=1)[:, 0]
+
+
 def _answer_rows(probs, input_ids, loss_mask, cells, image_token: int):
     """(rows float32[B, K], first bool[B, K], on float32[B, K]): the attention (heads
     averaged) of the query that predicts the first answer token (the prompt's last), which
     positions hold the first image's tokens, and per-cell weights `cells` [B, T] spread onto
     those positions (0 elsewhere)."""
-    query = jnp.argmax(loss_mask > 0, axis=1) - 1  # [B]
-    rows = jnp.take_along_axis(probs.mean(1), query[:, None, None], axis=1)[:, 0]  # [B, K]
+    rows = _query_rows(probs, loss_mask)
     is_img = input_ids == image_token
     t = cells.shape[1]
     first = is_img & (jnp.cumsum(is_img, axis=1) <= t)
@@ -819,35 +827,31 @@ def peak_margin_loss(probs, input_ids, loss_mask, subject_cells, image_token: in
     large subject can hold a third of the mass spread thin while one small letter elsewhere
     holds the peak (BUILD_NOTES). Also returns whether the hard peak is on the subject."""
     rows, first, on = _answer_rows(probs, input_ids, loss_mask, subject_cells, image_token)
-    logp = jnp.log(rows + 1e-9)
-    inside = jnp.where(on > 0, logp, -1e9)
-    outside = jnp.where(first & (on <= 0), logp, -1e9)
+    return _soft_peak_margin(jnp.log(rows + 1e-9), on > 0, first & (on <= 0), margin,
+                             temperature)  # fmt: skip
+
+
+def _soft_peak_margin(values, on, off, margin: float, temperature: float):
+    """(softplus(smax(values off) - smax(values on) + margin), whether the hard maximum is on)
+    per row, over the last axis; smax is temperature * logsumexp(x / temperature)."""
+    inside, outside = jnp.where(on, values, -1e9), jnp.where(off, values, -1e9)
     smax = lambda x: temperature * jax.nn.logsumexp(x / temperature, axis=-1)
     hit = jnp.max(inside, -1) >= jnp.max(outside, -1)
     return jax.nn.softplus(smax(outside) - smax(inside) + margin), hit
 
 
-def image_attention(probs, input_ids, image_token: int, num_tokens: int):
+def image_attention(probs, input_ids, image_token: int, num_tokens: int, loss_mask=None):
     """float32[B, T]: the last position's attention (heads averaged) over the first image's
-    tokens, renormalised to sum to 1 (the general prompt's rows: left-padded, no answer)."""
-    rows = probs.mean(1)[:, -1]  # [B, K]
+    tokens, renormalised to sum to 1 (the general prompt's rows: left-padded, no answer);
+    with loss_mask, the attention of the query that predicts the first answer token instead
+    (rel-att's numerator at that layer)."""
+    rows = _query_rows(probs, loss_mask)  # [B, K]
     is_img = input_ids == image_token
     first = is_img & (jnp.cumsum(is_img, axis=1) <= num_tokens)
     # The first image's tokens are contiguous; gather them in order.
     start = jnp.argmax(first, axis=1)
     idx = start[:, None] + jnp.arange(num_tokens)[None]
     att = jnp.take_along_axis(rows, idx, axis=1)
-    return att / jnp.maximum(att.sum(-1, keepdims=True), 1e-9)
-
-
-def answer_image_attention(probs, input_ids, loss_mask, image_token: int, num_tokens: int):
-    """float32[B, T]: the attention (heads averaged) of the query that predicts the first
-    answer token over the first image's tokens, renormalised to sum to 1 (rel-att's numerator
-    at that layer)."""
-    query = jnp.argmax(loss_mask > 0, axis=1) - 1  # [B]
-    rows = jnp.take_along_axis(probs.mean(1), query[:, None, None], axis=1)[:, 0]  # [B, K]
-    start = jnp.argmax(input_ids == image_token, axis=1)
-    att = jnp.take_along_axis(rows, start[:, None] + jnp.arange(num_tokens)[None], axis=1)
     return att / jnp.maximum(att.sum(-1, keepdims=True), 1e-9)
 
 
@@ -858,10 +862,7 @@ def ratio_peak_loss(question_att, general_att, subject_cells, margin: float = 0.
     against the soft maximum elsewhere. Also returns whether the hard peak is on the subject."""
     logr = jnp.log(question_att + 1e-9) - jnp.log(general_att + 1e-9)
     on = subject_cells > 0
-    inside, outside = jnp.where(on, logr, -1e9), jnp.where(on, -1e9, logr)
-    smax = lambda x: temperature * jax.nn.logsumexp(x / temperature, axis=-1)
-    hit = jnp.max(inside, -1) >= jnp.max(outside, -1)
-    return jax.nn.softplus(smax(outside) - smax(inside) + margin), hit
+    return _soft_peak_margin(logr, on, ~on, margin, temperature)
 
 
 def general_uniformity_loss(att):
@@ -948,13 +949,13 @@ def loss_fn(module, params, batch, att_weight: float = 0.0, att_layer: int = 0,
         if full:
             single_probs = out.full_attentions[att_layer]
             share = subject_attention(
-                out.full_attentions[att_layer], ids, lmask, batch["subject_cells"],
+                single_probs, ids, lmask, batch["subject_cells"],
                 module.config.image_token_index,
             )  # fmt: skip
             metrics["att_subject"] = jnp.mean(share)
             if peak_weight:
                 peak, hit = peak_margin_loss(
-                    out.full_attentions[att_layer], ids, lmask, batch["subject_cells"],
+                    single_probs, ids, lmask, batch["subject_cells"],
                     module.config.image_token_index, peak_margin,
                 )  # fmt: skip
                 metrics["peak_on_subject"] = hit
@@ -962,7 +963,7 @@ def loss_fn(module, params, batch, att_weight: float = 0.0, att_layer: int = 0,
                 total = total + peak_weight * jnp.mean(peak)
             if att_weight and "target_cells" in batch:
                 ce = target_cross_entropy(
-                    out.full_attentions[att_layer], ids, lmask, batch["target_cells"],
+                    single_probs, ids, lmask, batch["target_cells"],
                     module.config.image_token_index,
                 )  # fmt: skip
                 metrics["loss_att_target"] = jnp.mean(ce)
@@ -980,9 +981,9 @@ def loss_fn(module, params, batch, att_weight: float = 0.0, att_layer: int = 0,
         metrics["att_subject_general"] = jnp.mean(jnp.sum(att * batch["subject_cells"], -1))
         total = total + general_weight * g_loss
         if ratio_weight:
-            q = answer_image_attention(single_probs, batch["single_input_ids"],
-                                       batch["single_loss_mask"], module.config.image_token_index,
-                                       feats.shape[1])  # fmt: skip
+            q = image_attention(single_probs, batch["single_input_ids"],
+                                module.config.image_token_index, feats.shape[1],
+                                batch["single_loss_mask"])  # fmt: skip
             r_loss, hit = ratio_peak_loss(q, att, batch["subject_cells"], peak_margin)
             metrics["loss_ratio_peak"], metrics["ratio_peak_on_subject"] = jnp.mean(r_loss), hit
             total = total + ratio_weight * jnp.mean(r_loss)
