@@ -15,7 +15,7 @@ from __future__ import annotations
 import glob
 import json
 import os
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 
 CONFIG_NAME = "run_config.json"
 
@@ -40,8 +40,13 @@ def _write_atomic(path: str, text: str) -> None:
     os.replace(tmp, path)
 
 
-def check_or_write_config(output_dir: str, config: dict) -> None:
+def check_or_write_config(
+    output_dir: str, config: dict, added_keys: Iterable[str] = ()
+) -> None:
     """Writes run_config.json, or checks that the one there equals `config`.
+
+    `added_keys`: keys that newer versions write; an existing file without one of them (an
+    older version's) is compared without it and kept as it is.
 
     Raises:
       ConfigMismatch: listing every differing key, when the directory holds another run.
@@ -57,6 +62,7 @@ def check_or_write_config(output_dir: str, config: dict) -> None:
             raise ConfigMismatch(
                 f"{path} is not valid JSON ({e}); remove it or use another --output_dir"
             ) from None
+        config = {k: v for k, v in config.items() if k in old or k not in set(added_keys)}
         if old != config:
             keys = sorted(k for k in set(old) | set(config) if old.get(k) != config.get(k))
             diff = "\n".join(

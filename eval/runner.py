@@ -60,6 +60,17 @@ class TooManyErrors(RuntimeError):
     """max_consecutive_errors questions failed in a row: a setup problem, the run stops."""
 
 
+def _weights_identity(model: str) -> dict:
+    """{"weights": fingerprint} for a local safetensors checkpoint, else {} (a path that does
+    not load fails later, with the loader's message)."""
+    from convert.checkpoint import CheckpointError, weights_fingerprint
+
+    try:
+        return {"weights": weights_fingerprint(model)}
+    except (CheckpointError, OSError):
+        return {}
+
+
 @dataclasses.dataclass(frozen=True)
 class Settings:
     """Everything a run needs. Fields under "identity" must match to resume a directory."""
@@ -133,6 +144,8 @@ class Settings:
             "num_examples": num_examples,
             # Only when set: directories written before the option resume unchanged.
             **({"map_question": self.map_question} if self.map_question != "auto" else {}),
+            # Retrained or replaced weights at the same path must not resume the old results.
+            **_weights_identity(self.model),
         }
 
     def examples(self) -> list[Example]:
@@ -267,7 +280,9 @@ def run(settings: Settings, model=None, log: Callable[[str], None] | None = None
     examples = s.examples()
     if s.limit:
         examples = examples[: s.limit]
-    records.check_or_write_config(s.output_dir, s.identity(len(examples)))
+    # run_config.json written before the weights fingerprint existed resumes unchanged.
+    records.check_or_write_config(s.output_dir, s.identity(len(examples)),
+                                  added_keys=("weights",))
     shard = examples[s.shard_index :: s.shard_count]
     path = records.shard_file(
         s.output_dir, s.model_name, s.task, s.methods, s.shard_index, s.shard_count

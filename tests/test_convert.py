@@ -87,6 +87,41 @@ def test_sharded_checkpoint(tiny_llava, tmp_path):
     assert _max_diff(other.params, model.params) == 0.0
 
 
+def test_weights_fingerprint(tiny_llava, tmp_path, monkeypatch):
+    """Same weights (a copy, other mtimes) -> same fingerprint; any changed byte or a
+    renamed shard -> another; large files by samples, which see a change in one."""
+    from convert import checkpoint
+
+    model, _ = tiny_llava
+    fp = checkpoint.weights_fingerprint(model.path)
+    d = _copy(model.path, tmp_path / "copy")
+    weights = os.path.join(d, "model.safetensors")
+    os.utime(weights, ns=(1, 1))
+    assert checkpoint.weights_fingerprint(d) == fp
+    with open(weights, "r+b") as f:
+        f.seek(os.path.getsize(weights) // 2)
+        byte = f.read(1)
+        f.seek(-1, os.SEEK_CUR)
+        f.write(bytes([byte[0] ^ 1]))
+    changed = checkpoint.weights_fingerprint(d)
+    assert changed != fp
+    os.rename(weights, os.path.join(d, "other.safetensors"))
+    assert checkpoint.weights_fingerprint(d) not in (fp, changed)
+    # Sampled: 32 windows of 64 bytes over a file "larger" than the whole-hash limit.
+    monkeypatch.setattr(checkpoint, "_WHOLE_HASH_BYTES", 0)
+    monkeypatch.setattr(checkpoint, "_SAMPLE_BYTES", 64)
+    weights = os.path.join(d, "other.safetensors")
+    sampled = checkpoint.weights_fingerprint(d)
+    size = os.path.getsize(weights)
+    with open(weights, "r+b") as f:
+        f.seek(5 * (size - 64) // 31)  # inside the sixth sample
+        f.write(b"\xff\x00\xff")
+    assert checkpoint.weights_fingerprint(d) != sampled
+    os.remove(weights)
+    with pytest.raises(CheckpointError, match="no \\*.safetensors"):
+        checkpoint.weights_fingerprint(d)
+
+
 def test_export_roundtrip_loads_in_hf(tiny_llava, tmp_path):
     from transformers import LlavaForConditionalGeneration
 

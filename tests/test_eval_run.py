@@ -345,6 +345,37 @@ def test_a_different_configuration_is_refused(tiny_llava, tiny_llava_dir, tmp_pa
         run(_settings(tiny_llava_dir[0], "gqa", spec, stray), model=model, log=_quiet)
 
 
+def test_other_weights_at_the_same_path_are_refused(tiny_llava, tiny_llava_dir, tmp_path):
+    """Retraining into the same directory must not resume the old model's results."""
+    import shutil
+
+    from safetensors.numpy import load_file, save_file
+
+    model, _ = tiny_llava
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(tiny_llava_dir[0], ckpt)
+    spec = write_unified(str(tmp_path / "data"), n=2)
+    out = tmp_path / "out"
+    s = _settings(str(ckpt), "gqa", spec, out)
+    run(s, model=model, log=_quiet)
+    config = records.read_config(str(out))
+    assert len(config["weights"]) == 16
+    weights = str(ckpt / "model.safetensors")
+    tensors = load_file(weights)
+    name = sorted(tensors)[0]
+    tensors[name] = tensors[name] + 1
+    save_file(tensors, weights, metadata={"format": "pt"})
+    with pytest.raises(records.ConfigMismatch, match="weights") as e:
+        run(s, model=model, log=_quiet)
+    assert config["weights"] in str(e.value)
+    # A run_config.json from before the fingerprint (no "weights") resumes and is kept.
+    del config["weights"]
+    with open(out / records.CONFIG_NAME, "w") as f:
+        json.dump(config, f)
+    run(s, model=model, log=_quiet)
+    assert records.read_config(str(out)) == config
+
+
 # ---------------------------------------------------------------------------------------
 # Subprocesses: the command line, kill -9, several devices.
 

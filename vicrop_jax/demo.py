@@ -9,7 +9,8 @@ unreadable to clearly readable at the model's 64 px input. The demo writes the q
 (eval.synthetic, seed 1, split "test": never seen in training), runs no crop, the three
 ViCrop maps (rel_att, grad_att, pure_grad), the ground-truth crop and two control crops
 (random, centre) through eval.run's machinery, prints accuracy by subject-size bucket and
-saves a few map + box pictures. Rerunning resumes (or reprints) from --out.
+saves a few map + box pictures. Rerunning resumes (or reprints) from --out, as long as the
+model's weights are the same.
 """
 
 from __future__ import annotations
@@ -27,14 +28,17 @@ METHODS = ("rel_att", "grad_att", "pure_grad", "gt_crop", "random_crop", "center
 
 def settings(model: str, n: int, out: str, batch_size: int = 32):
     """eval.runner Settings of the demo: the first n questions of eval/flags/demo.flags'
-    500-item set, every method, the maps asked with the full question."""
+    500-item set, every method, the maps asked with the full question. The results go to
+    out/run_<n>_<weights fingerprint>, so other weights (a retrained model) get their own
+    directory instead of the old results."""
+    from convert.checkpoint import weights_fingerprint
     from eval.datasets import DataSpec
     from eval.runner import Settings
 
     data = DataSpec(synthetic_dir=os.path.join(out, "data"), synthetic_n=500, synthetic_seed=1,
                     synthetic_glyphs="letter", synthetic_sizes=SIZES)  # fmt: skip
     return Settings(model=model, task="synthetic", methods=METHODS, data=data,
-                    output_dir=os.path.join(out, f"run_{n}"), max_new_tokens=3,
+                    output_dir=os.path.join(out, f"run_{n}_{weights_fingerprint(model)[:8]}"), max_new_tokens=3,
                     limit=0 if n >= 500 else n, batch_size=batch_size,
                     map_question="full")  # fmt: skip
 
