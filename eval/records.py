@@ -62,7 +62,8 @@ def check_or_write_config(
             raise ConfigMismatch(
                 f"{path} is not valid JSON ({e}); remove it or use another --output_dir"
             ) from None
-        config = {k: v for k, v in config.items() if k in old or k not in set(added_keys)}
+        added = set(added_keys)
+        config = {k: v for k, v in config.items() if k in old or k not in added}
         if old != config:
             keys = sorted(k for k in set(old) | set(config) if old.get(k) != config.get(k))
             diff = "\n".join(
