@@ -40,9 +40,7 @@ def _write_atomic(path: str, text: str) -> None:
     os.replace(tmp, path)
 
 
-def check_or_write_config(
-    output_dir: str, config: dict, added_keys: Iterable[str] = ()
-) -> None:
+def check_or_write_config(output_dir: str, config: dict, added_keys: Iterable[str] = ()) -> None:
     """Writes run_config.json, or checks that the one there equals `config`.
 
     `added_keys`: keys that newer versions write; an existing file without one of them (an

@@ -281,8 +281,7 @@ def run(settings: Settings, model=None, log: Callable[[str], None] | None = None
     if s.limit:
         examples = examples[: s.limit]
     # run_config.json written before the weights fingerprint existed resumes unchanged.
-    records.check_or_write_config(s.output_dir, s.identity(len(examples)),
-                                  added_keys=("weights",))
+    records.check_or_write_config(s.output_dir, s.identity(len(examples)), added_keys=("weights",))
     shard = examples[s.shard_index :: s.shard_count]
     path = records.shard_file(
         s.output_dir, s.model_name, s.task, s.methods, s.shard_index, s.shard_count

@@ -88,6 +88,12 @@ _EXPORT_DIR = flags.DEFINE_string(
     "export_dir", "vicrop_jax/assets/demo", "HF-format output directory ('' to skip export)."
 )
 _EXPORT_ONLY = flags.DEFINE_bool("export_only", False, "Export the latest checkpoint and exit.")
+_PROBE = flags.DEFINE_integer(
+    "probe_items",
+    0,
+    "If > 0: print how well the latest checkpoint's image features name "
+    "each object (patch heads, by size bucket) on this many demo questions, and exit.",
+)
 _SMOKE = flags.DEFINE_bool("smoke", False, "A few steps on a tiny model, to check the script.")
 _SEED = flags.DEFINE_integer("seed", 0, "Seed of the init and of the training stream.")
 _STEPS = flags.DEFINE_integer("steps", 9000, "Optimizer steps (the schedule's length).")
@@ -1407,8 +1413,8 @@ def init_from_run(settings: Settings, config, tx):
     return {**trainable, "opt_state": tx.init(trainable), "step": jnp.zeros((), jnp.int32)}
 
 
-def export_latest(settings: Settings) -> str:
-    """Exports the latest checkpoint of settings.workdir to settings.export_dir."""
+def _latest(settings: Settings):
+    """(processor, LlavaConfig, hf config, state) of settings.workdir's latest checkpoint."""
     processor, config, hf_cfg = setup(settings)
     tx, _ = make_optimizer(settings)
     manager = checkpoint_manager(settings.workdir)
@@ -1416,7 +1422,63 @@ def export_latest(settings: Settings) -> str:
     manager.close()
     if state is None:
         raise FileNotFoundError(f"no checkpoint under {settings.workdir}/checkpoints")
+    return processor, config, hf_cfg, state
+
+
+def export_latest(settings: Settings) -> str:
+    """Exports the latest checkpoint of settings.workdir to settings.export_dir."""
+    processor, _, hf_cfg, state = _latest(settings)
     return export(state["params"], hf_cfg, processor, settings.export_dir)
+
+
+def object_hits(feats, aux, rec, size, grid: int):
+    """((role, bucket, "glyph" | "combo"), hit) for each object of a synthetic record: does
+    the patch head's mean logit over the object's cells (best non-background class) name it?
+    feats float[grid * grid, D] of the image; aux the patch heads (numpy)."""
+    for k, obj in enumerate(rec["objects"]):
+        role = "subject" if k == rec["subject_index"] else "distractor"
+        bucket = syn.size_bucket((obj["bbox"][2] - obj["bbox"][0]) / min(size))
+        labels = patch_labels([obj], (0, 0, *size), grid, every_cell=True)
+        for row, name in enumerate(("glyph", "combo")):
+            cells = np.nonzero(labels[row])[0]
+            if len(cells):
+                logits = feats[cells] @ aux[name]["kernel"] + aux[name]["bias"]
+                guess = 1 + int(np.argmax(logits.mean(0)[1:]))
+                yield (role, bucket, name), bool(guess == labels[row, cells[0]])
+
+
+def probe_features(settings: Settings, n_items: int, sizes=(224, 288, 336, 384),
+                   chunk: int = 32) -> dict[str, dict[str, dict[str, float]]]:  # fmt: skip
+    """How well the latest checkpoint's image features name each object, by its size bucket.
+
+    On the first `n_items` questions of the demo's held-out set (seed 1, split "test", these
+    `sizes`), the training-only patch heads' logits are averaged over an object's cells (those
+    `patch_labels(every_cell=True)` gives it) and the best non-background class is taken:
+    "glyph" over the glyph's cells, "combo" (colour + shape) over the shape's. Returns
+    {"subject" | "distractor": {bucket: {"glyph", "combo": accuracy, "n": objects}}}. It
+    separates what the vision tower knows from what the decoder does with it.
+    """
+    processor, config, _, state = _latest(settings)
+    module, grid = module_for(config), settings.dims.grid
+    aux = jax.tree.map(np.asarray, state["aux"])
+    features = jax.jit(lambda params, px: module.apply(
+        {"params": params}, px, method=lambda m, p: m.image_features(p))[0])  # fmt: skip
+    hits = collections.defaultdict(list)
+    for start in range(0, n_items, chunk):
+        items = [syn.generate_item(1, i, split="test", glyphs=settings.glyphs, sizes=sizes)
+                 for i in range(start, min(n_items, start + chunk))]  # fmt: skip
+        images = [im for im, _ in items]
+        px = image_pixels(processor, images + images[-1:] * (chunk - len(images)))
+        feats = np.asarray(features(state["params"], px))[: len(images)]
+        for f, (image, rec) in zip(feats, items, strict=True):
+            for key, hit in object_hits(f, aux, rec, image.size, grid):
+                hits[key].append(hit)
+    out: dict = {}
+    for (role, bucket, name), v in sorted(hits.items()):
+        row = out.setdefault(role, {}).setdefault(bucket, {})
+        row[name] = round(float(np.mean(v)), 4)
+        row["n"] = max(row.get("n", 0), len(v))
+    return out
 
 
 SMOKE_DIMS = ModelDims(image_size=32, patch_size=8, vision_hidden=32, vision_layers=2,
@@ -1466,6 +1528,9 @@ def main(argv):
     settings = settings_from_flags()
     if _EXPORT_ONLY.value:
         print(f"exported to {export_latest(settings)}")
+        return
+    if _PROBE.value:
+        print(json.dumps(probe_features(settings, _PROBE.value), indent=1))
         return
     state = train(settings)
     print(f"finished at step {int(state['step'])}; log: {settings.workdir}/log.jsonl")

@@ -447,3 +447,44 @@ def test_large_subjects_get_their_own_distractor_share():
     assert {"small", "large"} <= seen
     with pytest.raises(ValueError, match="large_distractor_fraction"):
         td.Settings(**kw, random_crop_fraction=0.5, large_distractor_fraction=0.6)
+
+
+def test_object_hits_read_the_patch_heads_per_object():
+    """Features that are the cells' one-hot labels, read by identity heads, name every object;
+    a head with its classes rolled by one names none."""
+    grid = 8
+    image, rec = syn.generate_item(1, 5, split="test", glyphs="letter", sizes=(256,))
+    labels = np.zeros((2, grid * grid), np.int64)
+    for obj in rec["objects"]:  # each object's own cells (as object_hits reads them)
+        own = td.patch_labels([obj], (0, 0, *image.size), grid, every_cell=True)
+        labels = np.where(own > 0, own, labels)
+    n_g, n_c = 1 + len(td._GLYPHS_ALL), 1 + len(td._COMBOS)
+    feats = np.concatenate([np.eye(n_g)[labels[0]], np.eye(n_c)[labels[1]]], axis=1)
+    eye = lambda n, off: np.eye(n_g + n_c)[:, off : off + n]  # noqa: E731
+    heads = {"glyph": {"kernel": eye(n_g, 0), "bias": np.zeros(n_g)},
+             "combo": {"kernel": eye(n_c, n_g), "bias": np.zeros(n_c)}}  # fmt: skip
+    hits = list(td.object_hits(feats, heads, rec, image.size, grid))
+    names = {k[2] for k, _ in hits}
+    assert names == {"glyph", "combo"} and all(h for _, h in hits)
+    roles = [k[0] for k, _ in hits]
+    assert roles.count("subject") == 2 and len(hits) == 2 * len(rec["objects"])
+    rolled = {k: {"kernel": np.roll(v["kernel"], 1, axis=1), "bias": v["bias"]}
+              for k, v in heads.items()}  # fmt: skip
+    assert not any(h for _, h in td.object_hits(feats, rolled, rec, image.size, grid))
+
+
+def test_probe_features_on_a_trained_run(tmp_path):
+    s = _settings(tmp_path / "run", steps=2, patch_loss_weight=1.0, pretrain_steps=1,
+                  pretrain_batch=2)  # fmt: skip
+    td.train(s)
+    out = td.probe_features(s, 3, sizes=(224,), chunk=2)
+    counted = {}
+    for i in range(3):
+        _, rec = syn.generate_item(1, i, split="test", glyphs=s.glyphs, sizes=(224,))
+        for k, o in enumerate(rec["objects"]):
+            role = "subject" if k == rec["subject_index"] else "distractor"
+            key = (role, syn.size_bucket((o["bbox"][2] - o["bbox"][0]) / 224))
+            counted[key] = counted.get(key, 0) + 1
+    got = {(r, b): v["n"] for r, buckets in out.items() for b, v in buckets.items()}
+    assert got == counted
+    assert all(0 <= v[k] <= 1 for b in out.values() for v in b.values() for k in ("glyph", "combo"))

@@ -37,8 +37,9 @@ def settings(model: str, n: int, out: str, batch_size: int = 32):
 
     data = DataSpec(synthetic_dir=os.path.join(out, "data"), synthetic_n=500, synthetic_seed=1,
                     synthetic_glyphs="letter", synthetic_sizes=SIZES)  # fmt: skip
+    run_dir = os.path.join(out, f"run_{n}_{weights_fingerprint(model)[:8]}")
     return Settings(model=model, task="synthetic", methods=METHODS, data=data,
-                    output_dir=os.path.join(out, f"run_{n}_{weights_fingerprint(model)[:8]}"), max_new_tokens=3,
+                    output_dir=run_dir, max_new_tokens=3,
                     limit=0 if n >= 500 else n, batch_size=batch_size,
                     map_question="full")  # fmt: skip
 
