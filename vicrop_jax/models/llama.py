@@ -18,7 +18,13 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from vicrop_jax.models.common import KVCache, RMSNorm, activation, config_from_dict
+from vicrop_jax.models.common import (
+    KVCache,
+    RMSNorm,
+    activation,
+    config_from_dict,
+    softmax_values,
+)
 
 Array = jax.Array
 
@@ -142,12 +148,11 @@ def explicit_attention(q: Array, k: Array, v: Array, mask: Array, want_full: boo
     last query's probabilities f32[B, N, K], and every query's f32[B, N, S, K] if want_full.
 
     Computed head-major ([B, G, R x S, H] queries against [B, G, K, H] keys, R = N / G query
-    heads a key/value head), with the normalisation after the value product (exp(logits -
-    max) times V, divided by the sum in float32; the rows are exp / sum, the same numbers as
-    jax.nn.softmax). On the CPU, at the demo model's prefix, tail and pair-tail shapes, the
-    head-major layout was 1.3-1.7x faster than jax.nn.dot_product_attention (whose default
-    is this same XLA einsum path, not a fused kernel) plus a separate last-query row, and
-    the late normalisation saves a pass over the [S, K] probabilities.
+    heads a key/value head), normalised after the value product (`common.softmax_values`;
+    the rows are exp / sum, the same numbers as jax.nn.softmax). On the CPU, at the demo
+    model's prefix, tail and pair-tail shapes, the head-major layout was 1.3-1.7x faster
+    than jax.nn.dot_product_attention (whose default is this same XLA einsum path, not a
+    fused kernel) plus a separate last-query row.
     """
     b, s, n, h = q.shape
     kl, g = k.shape[1], k.shape[2]
@@ -158,12 +163,9 @@ def explicit_attention(q: Array, k: Array, v: Array, mask: Array, want_full: boo
     logits = jnp.einsum("bgqh,bgkh->bgqk", qh, kh, preferred_element_type=f32)
     logits = logits.reshape(b, n, s, kl) / math.sqrt(h)
     logits = jnp.where(mask[:, None], logits, jnp.finfo(f32).min)
-    e = jnp.exp(logits - jnp.max(logits, axis=-1, keepdims=True))  # [B, N, S, K]
-    total = jnp.sum(e, axis=-1, keepdims=True)
-    eg = e.astype(v.dtype).reshape(b, g, r * s, kl)
-    out = jnp.einsum("bgqk,bgkh->bgqh", eg, vh, preferred_element_type=f32)
-    out = out / total.reshape(b, g, r * s, 1)
+    out, e, total = softmax_values(logits.reshape(b, g, r * s, kl), vh)
     out = out.astype(v.dtype).reshape(b, g, r, s, h).transpose(0, 3, 1, 2, 4).reshape(b, s, n, h)
+    e, total = e.reshape(b, n, s, kl), total.reshape(b, n, s, 1)
     rows = e[:, :, -1] / total[:, :, -1]
     return out, rows, (e / total if want_full else None)
 
