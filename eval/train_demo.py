@@ -77,6 +77,7 @@ from convert.llava import abstract_params, export_params
 from eval import synthetic as syn
 from eval.engine import peak_map
 from vicrop_jax import pipeline
+from vicrop_jax.demo import SIZES as DEMO_SIZES
 from vicrop_jax.importance import default_layer
 from vicrop_jax.loading import Model, module_for
 from vicrop_jax.models.llava import LlavaConfig
@@ -1447,17 +1448,20 @@ def object_hits(feats, aux, rec, size, grid: int):
                 yield (role, bucket, name), bool(guess == labels[row, cells[0]])
 
 
-def probe_features(settings: Settings, n_items: int, sizes=(224, 288, 336, 384),
+def probe_features(settings: Settings, n_items: int, sizes: Sequence[int] | None = None,
                    chunk: int = 32) -> dict[str, dict[str, dict[str, float]]]:  # fmt: skip
     """How well the latest checkpoint's image features name each object, by its size bucket.
 
-    On the first `n_items` questions of the demo's held-out set (seed 1, split "test", these
-    `sizes`), the training-only patch heads' logits are averaged over an object's cells (those
-    `patch_labels(every_cell=True)` gives it) and the best non-background class is taken:
+    On the first `n_items` questions of the demo's held-out set (seed 1, split "test", image
+    sizes `sizes`, default the demo's vicrop_jax.demo.SIZES), the training-only patch heads'
+    logits are averaged over an object's cells (those `patch_labels(every_cell=True)` gives
+    it) and the best non-background class is taken:
     "glyph" over the glyph's cells, "combo" (colour + shape) over the shape's. Returns
     {"subject" | "distractor": {bucket: {"glyph", "combo": accuracy, "n": objects}}}. It
     separates what the vision tower knows from what the decoder does with it.
     """
+    if sizes is None:
+        sizes = tuple(int(x) for x in DEMO_SIZES.split(","))
     processor, config, _, state = _latest(settings)
     module, grid = module_for(config), settings.dims.grid
     aux = jax.tree.map(np.asarray, state["aux"])
