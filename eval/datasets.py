@@ -494,13 +494,15 @@ def load_unified(
 
 
 def load_synthetic(
-    out_dir: str, n: int, seed: int, glyphs: str = "letter", sizes: str = ""
-) -> list[Example]:
+    out_dir: str, n: int, seed: int, glyphs: str = "letter", sizes: str = "",
+    distinct_colors: bool = False,
+) -> list[Example]:  # fmt: skip
     """The held-out synthetic benchmark (split "test"), written to out_dir on first use.
 
-    The items are a pure function of (n, seed, glyphs, sizes); `sizes` is a comma list of
-    image shorter sides ("" for eval.synthetic's default). out_dir/synthetic.json records
-    them and a directory written with other values is refused rather than silently mixed.
+    The items are a pure function of (n, seed, glyphs, sizes, distinct_colors); `sizes` is
+    a comma list of image shorter sides ("" for eval.synthetic's default), distinct_colors
+    gives every shape of an image its own colour. out_dir/synthetic.json records them and
+    a directory written with other values is refused rather than silently mixed.
     """
     from eval import synthetic
 
@@ -511,6 +513,8 @@ def load_synthetic(
     want = {"n": n, "seed": seed, "split": "test", "glyphs": glyphs}
     if sizes:
         want["sizes"] = list(side_list)
+    if distinct_colors:  # only when set: sets written before the option keep their stamp
+        want["distinct_colors"] = True
     stamp = os.path.join(out_dir, "synthetic.json")
     data_json = os.path.join(out_dir, "data.json")
     if os.path.isfile(stamp):
@@ -519,7 +523,8 @@ def load_synthetic(
             raise DatasetError(f"{out_dir} holds the synthetic set {have}, not {want}; "
                                "use another --synthetic_dir")  # fmt: skip
     if not (os.path.isfile(stamp) and os.path.isfile(data_json)):
-        synthetic.write_benchmark(out_dir, n, seed, "test", glyphs=glyphs, sizes=side_list)
+        synthetic.write_benchmark(out_dir, n, seed, "test", glyphs=glyphs, sizes=side_list,
+                                  distinct_colors=distinct_colors)  # fmt: skip
         with open(stamp, "w") as f:
             json.dump(want, f)
     return load_unified(data_json, out_dir, "synthetic")
@@ -562,6 +567,7 @@ class DataSpec:
     synthetic_seed: int = 1
     synthetic_glyphs: str = "letter"
     synthetic_sizes: str = ""  # comma list of image shorter sides; "" = the generator's
+    synthetic_distinct_colors: bool = False  # every shape of an image its own colour
 
 
 def _need(value: str | None, flag: str, task: str) -> str:
@@ -582,6 +588,7 @@ def load(task: str, spec: DataSpec) -> list[Example]:
         return load_synthetic(
             _need(spec.synthetic_dir, "synthetic_dir", task), spec.synthetic_n,
             spec.synthetic_seed, spec.synthetic_glyphs, spec.synthetic_sizes,
+            spec.synthetic_distinct_colors,
         )  # fmt: skip
     if task == "textvqa":
         return load_textvqa(_need(spec.textvqa_json, "textvqa_json", task), spec.image_root)

@@ -54,6 +54,11 @@ _SYNTH_GLYPHS = flags.DEFINE_enum(
     "synthetic_glyphs", "letter", ["letter", "word"], "task synthetic: printed letter or word"
 )
 
+_SYNTH_DISTINCT = flags.DEFINE_bool(
+    "synthetic_distinct_colors", False,
+    "task synthetic: every shape of an image a different colour (the demo set)",
+)
+
 # Method settings.
 _LAYER = flags.DEFINE_string(
     "layer",
@@ -135,6 +140,7 @@ def settings_from_flags():
         synthetic_seed=_SYNTH_SEED.value,
         synthetic_glyphs=_SYNTH_GLYPHS.value,
         synthetic_sizes=_SYNTH_SIZES.value,
+        synthetic_distinct_colors=_SYNTH_DISTINCT.value,
     )
     return Settings(
         model=_MODEL.value,

@@ -156,6 +156,8 @@ class SynthConfig:
       glyphs: "word" (a three or four letter word from WORDS on each shape) or "letter"
         (one capital from LETTERS, drawn larger: about 0.6 of the shape's side).
       clutter: draw background lines, outlines and faint letters.
+      distinct_colors: every shape of an image a different colour (shapes may repeat), so
+        the question's colour alone names the subject; at most len(COLORS) shapes.
       noise_std: (min, max) standard deviation of the additive brightness noise (grain,
         the same on the three channels). Noise dominates the PNG size: about 350 KB for a
         768 px image at the default, about 30 KB with (0, 0).
@@ -172,6 +174,7 @@ class SynthConfig:
     glyphs: str = "word"
     clutter: bool = True
     noise_std: tuple[float, float] = (1.0, 5.0)
+    distinct_colors: bool = False
 
     def __post_init__(self):
         lo, hi = self.rel_range
@@ -190,6 +193,9 @@ class SynthConfig:
         n_lo, n_hi = self.num_objects
         if not 1 <= n_lo <= n_hi <= len(COLORS) * len(SHAPES):
             raise ValueError(f"num_objects out of range: {self.num_objects}")
+        if self.distinct_colors and n_hi > len(COLORS):
+            raise ValueError(f"distinct_colors allows at most {len(COLORS)} shapes, "
+                             f"got num_objects {self.num_objects}")  # fmt: skip
         if not 0 <= self.noise_std[0] <= self.noise_std[1]:
             raise ValueError(f"noise_std must satisfy 0 <= min <= max, got {self.noise_std}")
         if self.glyphs not in GLYPH_KINDS:
@@ -398,7 +404,12 @@ def sample_layout(
 
     n_objects = int(rng.integers(cfg.num_objects[0], cfg.num_objects[1] + 1))
     combos = [(c, k) for c in COLORS for k in SHAPES]
-    picks = rng.permutation(len(combos))[:n_objects]
+    if cfg.distinct_colors:
+        colors = rng.permutation(len(COLORS))[:n_objects]
+        kinds = rng.integers(0, len(SHAPES), size=n_objects)
+        picks = [int(c) * len(SHAPES) + int(k) for c, k in zip(colors, kinds, strict=True)]
+    else:
+        picks = rng.permutation(len(combos))[:n_objects]
     glyphs = LETTERS if cfg.glyphs == "letter" else WORDS
     words = rng.permutation(len(glyphs))[:n_objects]
     margin = 2

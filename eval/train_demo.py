@@ -203,6 +203,16 @@ _COLOR_Q = flags.DEFINE_float("color_question_fraction", 0.0, "'What color ...' 
 _GLYPHS = flags.DEFINE_enum("glyphs", "word", ["word", "letter"], "Printed word or one letter.")
 _MIN_SUBJECT = flags.DEFINE_integer("min_subject_px", 20, "Smallest subject side (pixels).")
 _MAX_ASPECT = flags.DEFINE_float("max_aspect", 4 / 3, "Largest image aspect ratio.")
+_CONTRAST = flags.DEFINE_integer(
+    "contrast_questions", 0,
+    "Extra single-image rows per item, each asking about another readable shape of the same "
+    "image (its own answer): the same pixels with different answers, so reading the most "
+    "salient letter cannot pass for following the question.",
+)
+_DISTINCT = flags.DEFINE_bool(
+    "distinct_colors", False,
+    "Question images with every shape a different colour (eval.synthetic.SynthConfig).",
+)
 _LOG_EVERY = flags.DEFINE_integer("log_every", 25, "Steps between train log records.")
 _EVAL_EVERY = flags.DEFINE_integer("eval_every", 500, "Steps between held-out evals (0: none).")
 _EVAL_ITEMS = flags.DEFINE_integer("eval_items", 192, "Held-out items (split 'val').")
@@ -274,6 +284,8 @@ class Settings:
     glyphs: str = "word"
     min_subject_px: int = 20
     max_aspect: float = 4 / 3
+    distinct_colors: bool = False
+    contrast_questions: int = 0
     log_every: int = 25
     eval_every: int = 500
     eval_items: int = 192
@@ -302,7 +314,7 @@ class Settings:
     def pretrain_options(self) -> dict[str, Any]:
         """Pretraining images: small (fast to render), crowded, every glyph readable."""
         return {**self.synth_options(), "num_objects": (6, 10), "rel_range": (0.1, 0.45),
-                "sizes": (224, 256), "min_subject_px": 12}  # fmt: skip
+                "sizes": (224, 256), "min_subject_px": 12, "distinct_colors": False}  # fmt: skip
 
     def synth_options(self) -> dict[str, Any]:
         return {
@@ -310,6 +322,7 @@ class Settings:
             "glyphs": self.glyphs,
             "min_subject_px": self.min_subject_px,
             "max_aspect": self.max_aspect,
+            "distinct_colors": self.distinct_colors,
         }
 
     def identity(self) -> dict[str, Any]:
@@ -321,7 +334,8 @@ class Settings:
         # Fine-tuning fields, only when set: a run without them keeps its old identity.
         for k in ("random_crop_fraction", "distractor_fraction", "own_crop_fraction",
                   "general_loss_weight", "peak_loss_weight", "pair_attention_weight",
-                  "ratio_peak_weight", "init_from"):  # fmt: skip
+                  "ratio_peak_weight", "init_from", "distinct_colors",
+                  "contrast_questions"):  # fmt: skip
             if getattr(self, k):
                 out[k] = getattr(self, k)
         if self.large_distractor_fraction >= 0:
@@ -529,6 +543,21 @@ def distractor(rec, rng) -> dict | None:
     return pool[int(rng.integers(len(pool)))]
 
 
+def contrast_objects(rec, k: int, rng) -> list[dict]:
+    """k objects of the item to ask about besides its subject: the other shapes readable
+    without a crop (side >= LARGE_MIN of the image's shorter side; else >= SMALL_MAX), drawn
+    with replacement; the subject itself when no other is readable."""
+    short = min(rec["image_size"])
+    others = [o for i, o in enumerate(rec["objects"]) if i != rec["subject_index"]]
+    for least in (syn.LARGE_MIN, syn.SMALL_MAX):
+        pool = [o for o in others if (o["bbox"][2] - o["bbox"][0]) >= least * short]
+        if pool:
+            break
+    else:
+        pool = [rec["objects"][rec["subject_index"]]]
+    return [pool[int(j)] for j in rng.integers(len(pool), size=k)]
+
+
 def _contains_centre(box, bbox) -> bool:
     cx, cy = (bbox[0] + bbox[2]) / 2, (bbox[1] + bbox[3]) / 2
     return box[0] <= cx < box[2] and box[1] <= cy < box[3]
@@ -707,6 +736,15 @@ class Data:
             out["general_input_ids"] = general["input_ids"]
             out["general_attention_mask"] = general["attention_mask"]
         out.update({f"pair_{k}": v for k, v in pair.items()})
+        if self.s.contrast_questions:
+            rows = []
+            for i, (_, _, r, *_) in enumerate(items):
+                rng = np.random.default_rng([self.s.seed, step * b + i, 3])
+                for o in contrast_objects(r, self.s.contrast_questions, rng):
+                    q = syn.TEXT_QUESTION.format(color=o["color"], shape=o["shape"])
+                    rows.append((t.prompt(q, 1), t.answer(o["text"].lower())))
+            contrast = pack(rows, self.len1, t.pad)  # [B * k]: item-major
+            out.update({f"contrast_{k}": v for k, v in contrast.items()})
         key = "text_bbox" if self.s.attention_target == "glyph" else "bbox"
         subjects = [(im.size, r["objects"][r["subject_index"]]) for im, _, r, *_ in items]
         out["subject_cells"] = np.stack(
@@ -924,7 +962,9 @@ def loss_fn(module, params, batch, att_weight: float = 0.0, att_layer: int = 0,
     -log(share of the pair prompts' answer attention on those cells) at att_layer. When the
     batch holds att_row_weight [B] (`attention_buckets`), the attention term (share or
     target) is averaged over the rows it weighs. With ratio_weight > 0 (general_* rows in the
-    batch), adds ratio_weight * `ratio_peak_loss` at att_layer.
+    batch), adds ratio_weight * `ratio_peak_loss` at att_layer. When the batch holds
+    contrast_* rows (`contrast_questions`: k questions per image about its other shapes),
+    their answer loss counts as the single prompts' does.
     """
     apply = functools.partial(module.apply, {"params": params})
     feats, _ = apply(batch["pixel_values"], method=lambda m, p: m.image_features(p))  # [2B, T, D]
@@ -977,6 +1017,14 @@ def loss_fn(module, params, batch, att_weight: float = 0.0, att_layer: int = 0,
                 total = total + att_weight * _row_mean(ce, batch)
             elif att_weight:
                 total = total + att_weight * _row_mean(-jnp.log(share + 1e-6), batch)
+    if "contrast_input_ids" in batch:  # k rows per image, item-major (Data.batch)
+        ids = batch["contrast_input_ids"]
+        k = ids.shape[0] // b
+        out = apply(ids, None, batch["contrast_attention_mask"],
+                    image_features=jnp.repeat(feats[:b], k, axis=0))  # fmt: skip
+        loss, correct, _ = answer_loss(out.logits, ids, batch["contrast_loss_mask"])
+        total = total + loss / 2
+        metrics["loss_contrast"], metrics["acc_contrast"] = loss, jnp.mean(correct)
     if general_weight or ratio_weight:
         ids = batch["general_input_ids"]
         out = apply(ids, None, batch["general_attention_mask"], image_features=feats[:b],
@@ -1374,6 +1422,8 @@ def _record(window, m, buckets) -> None:
         "loss_peak",
         "att_subject_pair",
         "loss_ratio_peak",
+        "loss_contrast",
+        "acc_contrast",
     ):
         if k in m:
             window[k].append(float(m[k]))
@@ -1513,7 +1563,8 @@ def settings_from_flags() -> Settings:
         patch_loss_weight=_AUX_W.value, glyphs=_GLYPHS.value, pretrain_steps=_PRE_STEPS.value,
         pretrain_batch=_PRE_BATCH.value,
         color_question_fraction=_COLOR_Q.value, min_subject_px=_MIN_SUBJECT.value,
-        max_aspect=_MAX_ASPECT.value, log_every=_LOG_EVERY.value, eval_every=_EVAL_EVERY.value,
+        max_aspect=_MAX_ASPECT.value, distinct_colors=_DISTINCT.value,
+        contrast_questions=_CONTRAST.value, log_every=_LOG_EVERY.value, eval_every=_EVAL_EVERY.value,
         eval_items=_EVAL_ITEMS.value, checkpoint_every=_CKPT_EVERY.value,
     )  # fmt: skip
     if _SMOKE.value:

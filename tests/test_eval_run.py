@@ -680,6 +680,16 @@ def test_synthetic_task_writes_its_set_once_and_reports_by_subject_size(
         datasets.load("synthetic", dataclasses.replace(spec, synthetic_n=7))
     with pytest.raises(datasets.DatasetError, match="comma list"):
         datasets.load("synthetic", dataclasses.replace(spec, synthetic_sizes="224,big"))
+    with pytest.raises(datasets.DatasetError, match="synthetic set"):
+        datasets.load("synthetic", dataclasses.replace(spec, synthetic_distinct_colors=True))
+    distinct = dataclasses.replace(spec, synthetic_dir=str(tmp_path / "distinct"),
+                                   synthetic_distinct_colors=True)  # fmt: skip
+    examples = datasets.load("synthetic", distinct)
+    assert json.loads((tmp_path / "distinct" / "synthetic.json").read_text())[
+        "distinct_colors"] is True  # fmt: skip
+    for ex in examples:
+        colours = [o["color"] for o in ex.extra["objects"]]
+        assert len(set(colours)) == len(colours)
     report.make_report(str(tmp_path / "out"))
     with open(tmp_path / "out" / "report_buckets.csv") as f:
         rows = list(csv.DictReader(f))

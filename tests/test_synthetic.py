@@ -165,6 +165,22 @@ def test_color_questions_and_vocabularies():
     assert all(metrics.normalize_answer(a) == a for a in answers)
 
 
+def test_distinct_colors_gives_every_shape_its_own_colour():
+    shared = 0
+    for index in range(60):
+        plain = syn.sample_layout(3, index, split="test")
+        shared += len({o.color for o in plain.objects}) < len(plain.objects)
+        layout = syn.sample_layout(3, index, split="test",
+                                   config=syn.SynthConfig(distinct_colors=True))  # fmt: skip
+        colours = [o.color for o in layout.objects]
+        assert len(set(colours)) == len(colours) and 1 <= len(colours) <= 5
+    assert shared > 10  # the default repeats colours, so the option is what made them differ
+    # The default stream is unchanged by the option's existence (False is the default).
+    assert syn.generate_item(3, 0)[1] == syn.generate_item(3, 0, distinct_colors=False)[1]
+    with pytest.raises(ValueError, match="distinct_colors"):
+        syn.SynthConfig(distinct_colors=True, num_objects=(2, 8))
+
+
 def test_options_are_checked():
     with pytest.raises(TypeError):
         syn.generate_item(0, 0, no_such_option=1)

@@ -488,3 +488,50 @@ def test_probe_features_on_a_trained_run(tmp_path):
     got = {(r, b): v["n"] for r, buckets in out.items() for b, v in buckets.items()}
     assert got == counted
     assert all(0 <= v[k] <= 1 for b in out.values() for v in b.values() for k in ("glyph", "combo"))
+
+
+def test_contrast_objects_are_other_readable_shapes_or_the_subject():
+    rec = {"image_size": [300, 200], "subject_index": 0, "objects": [
+        {"bbox": [0, 0, 50, 50], "text": "K"},     # the subject
+        {"bbox": [60, 0, 110, 50], "text": "M"},   # 50 px: 0.25 of 200, readable
+        {"bbox": [120, 0, 130, 10], "text": "P"},  # 10 px: small
+    ]}  # fmt: skip
+    got = td.contrast_objects(rec, 6, np.random.default_rng(0))
+    assert [o["text"] for o in got] == ["M"] * 6
+    rec["objects"][1]["bbox"] = [60, 0, 80, 20]  # 0.1: only medium readable -> still M
+    assert {o["text"] for o in td.contrast_objects(rec, 4, np.random.default_rng(1))} == {"M"}
+    rec["objects"] = rec["objects"][:1] + rec["objects"][2:]  # no readable other shape
+    assert [o["text"] for o in td.contrast_objects(rec, 2, np.random.default_rng(2))] == ["K"] * 2
+
+
+def test_contrast_rows_ask_about_other_shapes_of_the_same_image(setup):
+    s, processor, config, _ = setup
+    s = dataclasses.replace(s, contrast_questions=2, glyphs="letter", distinct_colors=True)
+    data = td.Data(s, processor)
+    batch = data.batch(0)
+    b = s.batch_size
+    assert batch["contrast_input_ids"].shape == (2 * b, data.len1)
+    tok = processor.tokenizer
+    for i in range(b):
+        _, _, rec, *_ = data.item(i)
+        assert len({o["color"] for o in rec["objects"]}) == len(rec["objects"])
+        for j in range(2):
+            row = 2 * i + j
+            ids, lmask = batch["contrast_input_ids"][row], batch["contrast_loss_mask"][row]
+            answer = tok.decode(ids[lmask > 0][:-1]).strip()  # the answer tokens, not EOS
+            prompt = tok.decode(ids[lmask == 0])
+            asked = [o for o in rec["objects"]
+                     if f"the {o['color']} {o['shape']}?" in prompt]  # fmt: skip
+            assert len(asked) == 1 and asked[0]["text"].lower() == answer
+    # The rows enter the loss: a step on them reports it, and other answers change it.
+    step, tx, _ = td.compiled_step(config, s)
+    state = td.init_state(config, s, tx)
+    feed = {k: v for k, v in batch.items() if k != "bucket"}
+    loss_a = td.loss_fn(td.module_for(config), state["params"], feed)[1]["loss_contrast"]
+    other = dict(feed, contrast_input_ids=np.roll(feed["contrast_input_ids"], 1, axis=0),
+                 contrast_loss_mask=np.roll(feed["contrast_loss_mask"], 1, axis=0),
+                 contrast_attention_mask=np.roll(feed["contrast_attention_mask"], 1, axis=0))
+    loss_b = td.loss_fn(td.module_for(config), state["params"], other)[1]["loss_contrast"]
+    assert abs(float(loss_a) - float(loss_b)) > 1e-4
+    _, m = step(state, feed)
+    assert np.isfinite(float(m["loss_contrast"])) and 0 <= float(m["acc_contrast"]) <= 1
