@@ -64,6 +64,7 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
+import flax
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -209,6 +210,11 @@ _CONTRAST = flags.DEFINE_integer(
     "image (its own answer): the same pixels with different answers, so reading the most "
     "salient letter cannot pass for following the question.",
 )
+_EMBED_SCALE = flags.DEFINE_float(
+    "embed_scale", 1.0,
+    "With --init_from: multiply the start model's text embeddings by this (the projector's "
+    "image tokens are ~80x larger, which drowns a question word's identity after layer 0).",
+)
 _DISTINCT = flags.DEFINE_bool(
     "distinct_colors", False,
     "Question images with every shape a different colour (eval.synthetic.SynthConfig).",
@@ -286,6 +292,7 @@ class Settings:
     max_aspect: float = 4 / 3
     distinct_colors: bool = False
     contrast_questions: int = 0
+    embed_scale: float = 1.0
     log_every: int = 25
     eval_every: int = 500
     eval_items: int = 192
@@ -340,6 +347,8 @@ class Settings:
                 out[k] = getattr(self, k)
         if self.large_distractor_fraction >= 0:
             out["large_distractor_fraction"] = self.large_distractor_fraction
+        if self.embed_scale != 1.0:
+            out["embed_scale"] = self.embed_scale
         if self.attention_target != "subject":
             out["attention_target"] = self.attention_target
         if self.peak_loss_weight or self.ratio_peak_weight:
@@ -1443,6 +1452,17 @@ def _finish(settings, state, pool, manager, hf_cfg, processor):
     return state
 
 
+def scale_text_embeddings(params, factor: float):
+    """params with the decoder's token embedding table multiplied by `factor` (the LM head
+    is untied, so only the inputs change)."""
+    flat = flax.traverse_util.flatten_dict(params)
+    keys = [k for k in flat if "embed_tokens" in k]
+    if len(keys) != 1:
+        raise ValueError(f"expected one embed_tokens table in the params, found {keys}")
+    flat[keys[0]] = flat[keys[0]] * factor
+    return flax.traverse_util.unflatten_dict(flat)
+
+
 def init_from_run(settings: Settings, config, tx):
     """Step-0 state of a fine-tuning run: the params and patch-label heads of the latest
     checkpoint of the run in `settings.init_from` (same model dims), a fresh optimizer."""
@@ -1460,7 +1480,10 @@ def init_from_run(settings: Settings, config, tx):
     manager.close()
     if state is None:
         raise FileNotFoundError(f"--init_from={src}: no checkpoint under {src}/checkpoints")
-    trainable = {"params": state["params"], "aux": state["aux"]}
+    params = state["params"]
+    if settings.embed_scale != 1.0:
+        params = scale_text_embeddings(params, settings.embed_scale)
+    trainable = {"params": params, "aux": state["aux"]}
     return {**trainable, "opt_state": tx.init(trainable), "step": jnp.zeros((), jnp.int32)}
 
 
@@ -1564,7 +1587,7 @@ def settings_from_flags() -> Settings:
         pretrain_batch=_PRE_BATCH.value,
         color_question_fraction=_COLOR_Q.value, min_subject_px=_MIN_SUBJECT.value,
         max_aspect=_MAX_ASPECT.value, distinct_colors=_DISTINCT.value,
-        contrast_questions=_CONTRAST.value, log_every=_LOG_EVERY.value, eval_every=_EVAL_EVERY.value,
+        contrast_questions=_CONTRAST.value, embed_scale=_EMBED_SCALE.value, log_every=_LOG_EVERY.value, eval_every=_EVAL_EVERY.value,
         eval_items=_EVAL_ITEMS.value, checkpoint_every=_CKPT_EVERY.value,
     )  # fmt: skip
     if _SMOKE.value:

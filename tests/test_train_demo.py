@@ -535,3 +535,17 @@ def test_contrast_rows_ask_about_other_shapes_of_the_same_image(setup):
     assert abs(float(loss_a) - float(loss_b)) > 1e-4
     _, m = step(state, feed)
     assert np.isfinite(float(m["loss_contrast"])) and 0 <= float(m["acc_contrast"]) <= 1
+
+
+def test_scale_text_embeddings_scales_only_the_token_table(setup):
+    s, _, config, _ = setup
+    _, tx, _ = td.compiled_step(config, s)
+    params = td.init_state(config, s, tx)["params"]
+    scaled = td.scale_text_embeddings(params, 8.0)
+    flat = jax.tree_util.tree_flatten_with_path(params)[0]
+    flat_scaled = dict(jax.tree_util.tree_flatten_with_path(scaled)[0])
+    for path, leaf in flat:
+        name = jax.tree_util.keystr(path)
+        want = leaf * 8.0 if "embed_tokens" in name else leaf
+        np.testing.assert_array_equal(np.asarray(flat_scaled[path]), np.asarray(want), name)
+    assert any("embed_tokens" in jax.tree_util.keystr(p) for p, _ in flat)
