@@ -56,7 +56,7 @@ _SYNTH_GLYPHS = flags.DEFINE_enum(
 
 _SYNTH_DISTINCT = flags.DEFINE_bool(
     "synthetic_distinct_colors", False,
-    "task synthetic: every shape of an image a different colour (the demo set)",
+    "task synthetic: every shape of an image a different colour",
 )
 
 # Method settings.

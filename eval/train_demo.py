@@ -302,6 +302,8 @@ class Settings:
     progress: bool = True
 
     def __post_init__(self):
+        if self.embed_scale != 1.0 and not self.init_from:
+            raise ValueError("embed_scale applies to an --init_from model; set init_from")
         unknown = set(self.attention_buckets) - set(_BUCKETS)
         if unknown:
             raise ValueError(f"attention_buckets: unknown {sorted(unknown)}; use {_BUCKETS}")

@@ -549,3 +549,5 @@ def test_scale_text_embeddings_scales_only_the_token_table(setup):
         want = leaf * 8.0 if "embed_tokens" in name else leaf
         np.testing.assert_array_equal(np.asarray(flat_scaled[path]), np.asarray(want), name)
     assert any("embed_tokens" in jax.tree_util.keystr(p) for p, _ in flat)
+    with pytest.raises(ValueError, match="init_from"):
+        dataclasses.replace(s, embed_scale=8.0)  # nothing to scale without a start model
