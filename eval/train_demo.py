@@ -212,8 +212,10 @@ _CONTRAST = flags.DEFINE_integer(
 )
 _EMBED_SCALE = flags.DEFINE_float(
     "embed_scale", 1.0,
-    "With --init_from: multiply the start model's text embeddings by this (the projector's "
-    "image tokens are ~80x larger, which drowns a question word's identity after layer 0).",
+    "Multiply the text embeddings by this at the first question step (after --pretrain_steps, "
+    "or on the --init_from model); 0: by the ratio that gives them the mean norm of that "
+    "step's image tokens. The projector's image tokens grow ~80x larger than the text table "
+    "in vision pretraining, which drowns a question word's identity after layer 0.",
 )
 _DISTINCT = flags.DEFINE_bool(
     "distinct_colors", False,
@@ -302,8 +304,9 @@ class Settings:
     progress: bool = True
 
     def __post_init__(self):
-        if self.embed_scale != 1.0 and not self.init_from:
-            raise ValueError("embed_scale applies to an --init_from model; set init_from")
+        if self.embed_scale != 1.0 and not (self.init_from or self.pretrain_steps):
+            raise ValueError("embed_scale applies at the first question step after "
+                             "pretraining or to an init_from model; set one of them")
         unknown = set(self.attention_buckets) - set(_BUCKETS)
         if unknown:
             raise ValueError(f"attention_buckets: unknown {sorted(unknown)}; use {_BUCKETS}")
@@ -1373,6 +1376,14 @@ def train(settings: Settings) -> dict:
         batch = pending.result()
         if step + 1 < stop:
             pending = pool.submit(batch_fn, step + 1)
+        if settings.embed_scale != 1.0 and step == pre:
+            # The first question step (in the loop, so a run resumed at it scales once).
+            b = settings.batch_size
+            factor = embed_scale_for(module_for(config), state["params"],
+                                     batch["pixel_values"][:b], settings.embed_scale)
+            state = {**state, "params": scale_text_embeddings(state["params"], factor)}
+            log.write({"kind": "embed_scale", "step": step, "factor": round(factor, 4)})
+            tqdm.write(f"text embeddings x {factor:.3g} at step {step}")
         if step < pre:
             state, m = pretrain_step(state, batch)
             m = jax.device_get(m)
@@ -1465,6 +1476,18 @@ def scale_text_embeddings(params, factor: float):
     return flax.traverse_util.unflatten_dict(flat)
 
 
+def embed_scale_for(module, params, pixel_values, scale: float) -> float:
+    """`scale`, or for 0 the ratio of the mean norm of these images' tokens (the projector's
+    output) to the mean row norm of the text embedding table."""
+    if scale:
+        return scale
+    feats, _ = module.apply({"params": params}, pixel_values,
+                            method=lambda m, p: m.image_features(p))  # fmt: skip
+    table = params["language_model"]["embed_tokens"]["embedding"]
+    image = jnp.mean(jnp.linalg.norm(feats.astype(jnp.float32), axis=-1))
+    return float(image / jnp.mean(jnp.linalg.norm(table.astype(jnp.float32), axis=-1)))
+
+
 def init_from_run(settings: Settings, config, tx):
     """Step-0 state of a fine-tuning run: the params and patch-label heads of the latest
     checkpoint of the run in `settings.init_from` (same model dims), a fresh optimizer."""
@@ -1482,10 +1505,7 @@ def init_from_run(settings: Settings, config, tx):
     manager.close()
     if state is None:
         raise FileNotFoundError(f"--init_from={src}: no checkpoint under {src}/checkpoints")
-    params = state["params"]
-    if settings.embed_scale != 1.0:
-        params = scale_text_embeddings(params, settings.embed_scale)
-    trainable = {"params": params, "aux": state["aux"]}
+    trainable = {"params": state["params"], "aux": state["aux"]}
     return {**trainable, "opt_state": tx.init(trainable), "step": jnp.zeros((), jnp.int32)}
 
 

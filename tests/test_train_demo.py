@@ -550,4 +550,23 @@ def test_scale_text_embeddings_scales_only_the_token_table(setup):
         np.testing.assert_array_equal(np.asarray(flat_scaled[path]), np.asarray(want), name)
     assert any("embed_tokens" in jax.tree_util.keystr(p) for p, _ in flat)
     with pytest.raises(ValueError, match="init_from"):
-        dataclasses.replace(s, embed_scale=8.0)  # nothing to scale without a start model
+        dataclasses.replace(s, embed_scale=8.0)  # no question step follows a start model
+    # 0: the factor that gives the table the image tokens' mean norm.
+    pixels = td.Data(s, td.setup(s)[0]).batch(0)["pixel_values"][: s.batch_size]
+    module = td.module_for(config)
+    factor = td.embed_scale_for(module, params, pixels, 0.0)
+    feats, _ = module.apply({"params": params}, pixels, method=lambda m, p: m.image_features(p))
+    table = td.scale_text_embeddings(params, factor)["language_model"]["embed_tokens"]
+    np.testing.assert_allclose(np.linalg.norm(table["embedding"], axis=-1).mean(),
+                               np.linalg.norm(feats, axis=-1).mean(), rtol=1e-4)  # fmt: skip
+    assert td.embed_scale_for(module, params, pixels, 3.0) == 3.0
+
+
+def test_embed_scale_applies_once_at_the_first_question_step(tmp_path):
+    s = _settings(tmp_path / "run", steps=3, pretrain_steps=1, pretrain_batch=2,
+                  embed_scale=3.0, glyphs="letter", checkpoint_every=1)  # fmt: skip
+    td.train(dataclasses.replace(s, stop_at=2))  # stopped after the first question step
+    td.train(s)  # resumed at step 2: no second scaling
+    recs = [json.loads(line) for line in open(tmp_path / "run" / "log.jsonl")]
+    assert [(r["step"], r["factor"]) for r in recs if r["kind"] == "embed_scale"] == [(1, 3.0)]
+    assert json.load(open(tmp_path / "run" / "settings.json"))["embed_scale"] == 3.0
