@@ -96,6 +96,14 @@ _PROBE = flags.DEFINE_integer(
     "If > 0: print how well the latest checkpoint's image features name "
     "each object (patch heads, by size bucket) on this many demo questions, and exit.",
 )
+_PROBE_Q = flags.DEFINE_integer(
+    "probe_questions",
+    0,
+    "If > 0: on the demo questions among the first N whose image holds >= 2 large shapes, "
+    "ask the latest checkpoint about each of those shapes (no crop) and print the accuracy "
+    "and the share of images where every question got one answer (the question ignored); "
+    "then exit.",
+)
 _SMOKE = flags.DEFINE_bool("smoke", False, "A few steps on a tiny model, to check the script.")
 _SEED = flags.DEFINE_integer("seed", 0, "Seed of the init and of the training stream.")
 _STEPS = flags.DEFINE_integer("steps", 9000, "Optimizer steps (the schedule's length).")
@@ -1580,6 +1588,55 @@ def probe_features(settings: Settings, n_items: int, sizes: Sequence[int] | None
     return out
 
 
+def question_probe_items(n_items: int, glyphs: str, sizes: Sequence[int] | None = None):
+    """[(image, [(question, answer), ...])] for the first `n_items` demo questions (seed 1,
+    split "test") whose image holds >= 2 shapes of side >= LARGE_MIN of its shorter side:
+    one "What is written on the {color} {shape}?" per such shape."""
+    if sizes is None:
+        sizes = tuple(int(x) for x in DEMO_SIZES.split(","))
+    out = []
+    for i in range(n_items):
+        image, rec = syn.generate_item(1, i, split="test", glyphs=glyphs, sizes=sizes)
+        short = min(image.size)
+        big = [o for o in rec["objects"] if o["bbox"][2] - o["bbox"][0] >= syn.LARGE_MIN * short]
+        if len(big) >= 2:
+            out.append((image, [(syn.TEXT_QUESTION.format(color=o["color"], shape=o["shape"]),
+                                 o["text"].lower()) for o in big]))  # fmt: skip
+    return out
+
+
+def answer_agreement(answers: Sequence[Sequence[str]], truths: Sequence[Sequence[str]]):
+    """{"images", "questions", "accuracy", "one_answer_images"}: per image, the answers to
+    questions about its different shapes and their true answers; "one_answer_images" is the
+    share of images where all answers are the same (a model that ignores which shape the
+    question names)."""
+    flat = [(a.strip().lower(), t) for aa, tt in zip(answers, truths, strict=True)
+            for a, t in zip(aa, tt, strict=True)]  # fmt: skip
+    same = [len({a.strip().lower() for a in aa}) == 1 for aa in answers]
+    return {"images": len(answers), "questions": len(flat),
+            "accuracy": round(float(np.mean([a == t for a, t in flat])), 4) if flat else 0.0,
+            "one_answer_images": round(float(np.mean(same)), 4) if same else 0.0}  # fmt: skip
+
+
+def probe_questions(settings: Settings, n_items: int, chunk: int = 32) -> dict[str, Any]:
+    """`answer_agreement` of the latest checkpoint on `question_probe_items(n_items)`,
+    answered through vicrop_jax.pipeline (greedy, no crop)."""
+    processor, config, hf_cfg, state = _latest(settings)
+    model = Model(config=config, params=state["params"], processor=processor, hf_config=hf_cfg)
+    items = question_probe_items(n_items, settings.glyphs)
+    texts = [llava_prompt(q, 1) for _, qa in items for q, _ in qa]
+    images = [im for im, qa in items for _ in qa]
+    flat: list[str] = []
+    for at in range(0, len(texts), chunk):
+        flat += pipeline.generate_answers(model, texts[at : at + chunk],
+                                          images[at : at + chunk], 3)  # fmt: skip
+    answers, at = [], 0
+    for _, qa in items:
+        answers.append(flat[at : at + len(qa)])
+        at += len(qa)
+    return answer_agreement(answers, [[a for _, a in qa] for _, qa in items])
+
+
 SMOKE_DIMS = ModelDims(image_size=32, patch_size=8, vision_hidden=32, vision_layers=2,
                        vision_heads=2, vision_mlp=64, text_hidden=48, text_layers=2,
                        text_heads=4, text_kv_heads=2, text_mlp=96)  # fmt: skip
@@ -1631,6 +1688,9 @@ def main(argv):
         return
     if _PROBE.value:
         print(json.dumps(probe_features(settings, _PROBE.value), indent=1))
+        return
+    if _PROBE_Q.value:
+        print(json.dumps(probe_questions(settings, _PROBE_Q.value), indent=1))
         return
     state = train(settings)
     print(f"finished at step {int(state['step'])}; log: {settings.workdir}/log.jsonl")

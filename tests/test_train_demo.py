@@ -490,6 +490,26 @@ def test_probe_features_on_a_trained_run(tmp_path):
     assert all(0 <= v[k] <= 1 for b in out.values() for v in b.values() for k in ("glyph", "combo"))
 
 
+def test_answer_agreement_counts_images_answered_alike():
+    got = td.answer_agreement([["k", "K "], ["m", "p"], ["x", "x", "z"]],
+                              [["k", "m"], ["m", "p"], ["x", "y", "z"]])  # fmt: skip
+    assert got == {"images": 3, "questions": 7, "accuracy": round(5 / 7, 4),
+                   "one_answer_images": round(1 / 3, 4)}  # fmt: skip
+
+
+def test_question_probe_asks_about_each_large_shape_of_a_run(tmp_path):
+    items = td.question_probe_items(40, "letter")
+    assert items  # some of the first 40 demo images hold two large shapes
+    for image, qa in items:
+        assert len(qa) >= 2 and len({q for q, _ in qa}) == len(qa)
+        assert all(q.startswith("What is written on the ") and len(a) == 1 for q, a in qa)
+    s = _settings(tmp_path / "run", steps=1, glyphs="letter")
+    td.train(s)
+    out = td.probe_questions(s, 40, chunk=8)
+    assert out["images"] == len(items) and out["questions"] == sum(len(qa) for _, qa in items)
+    assert 0 <= out["accuracy"] <= 1 and 0 <= out["one_answer_images"] <= 1
+
+
 def test_contrast_objects_are_other_readable_shapes_or_the_subject():
     rec = {"image_size": [300, 200], "subject_index": 0, "objects": [
         {"bbox": [0, 0, 50, 50], "text": "K"},     # the subject
