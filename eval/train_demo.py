@@ -225,6 +225,12 @@ _EMBED_SCALE = flags.DEFINE_float(
     "step's image tokens. The projector's image tokens grow ~80x larger than the text table "
     "in vision pretraining, which drowns a question word's identity after layer 0.",
 )
+_ANSWER_ATT = flags.DEFINE_float(
+    "answer_attention_weight", 0.0,
+    "Weight of the attention loss (-log subject share of the answer query's image attention) "
+    "at every decoder layer besides the rel-att one, averaged over those layers: the answer "
+    "then has to read the subject, not the image's most salient letter.",
+)
 _DISTINCT = flags.DEFINE_bool(
     "distinct_colors", False,
     "Question images with every shape a different colour (eval.synthetic.SynthConfig).",
@@ -303,6 +309,7 @@ class Settings:
     distinct_colors: bool = False
     contrast_questions: int = 0
     embed_scale: float = 1.0
+    answer_attention_weight: float = 0.0
     log_every: int = 25
     eval_every: int = 500
     eval_items: int = 192
@@ -355,7 +362,7 @@ class Settings:
         for k in ("random_crop_fraction", "distractor_fraction", "own_crop_fraction",
                   "general_loss_weight", "peak_loss_weight", "pair_attention_weight",
                   "ratio_peak_weight", "init_from", "distinct_colors",
-                  "contrast_questions"):  # fmt: skip
+                  "contrast_questions", "answer_attention_weight"):  # fmt: skip
             if getattr(self, k):
                 out[k] = getattr(self, k)
         if self.large_distractor_fraction >= 0:
@@ -969,7 +976,8 @@ def patch_loss(aux, feats, labels, background_weight: float = 0.1):
 def loss_fn(module, params, batch, att_weight: float = 0.0, att_layer: int = 0,
             aux=None, patch_weight: float = 0.0, general_weight: float = 0.0,
             peak_weight: float = 0.0, peak_margin: float = 0.5,
-            pair_weight: float = 0.0, ratio_weight: float = 0.0):  # fmt: skip
+            pair_weight: float = 0.0, ratio_weight: float = 0.0,
+            answer_att_weight: float = 0.0):  # fmt: skip
     """Both prompt kinds of a batch; the vision tower runs once per image.
 
     With att_weight > 0, adds att_weight * -log(subject share of the attention) of the single
@@ -986,7 +994,9 @@ def loss_fn(module, params, batch, att_weight: float = 0.0, att_layer: int = 0,
     target) is averaged over the rows it weighs. With ratio_weight > 0 (general_* rows in the
     batch), adds ratio_weight * `ratio_peak_loss` at att_layer. When the batch holds
     contrast_* rows (`contrast_questions`: k questions per image about its other shapes),
-    their answer loss counts as the single prompts' does.
+    their answer loss counts as the single prompts' does. With answer_att_weight > 0, adds
+    answer_att_weight * the mean over the other decoder layers of -log(subject share) of
+    the single prompts (as at att_layer, see `subject_attention`).
     """
     apply = functools.partial(module.apply, {"params": params})
     feats, _ = apply(batch["pixel_values"], method=lambda m, p: m.image_features(p))  # [2B, T, D]
@@ -1022,6 +1032,14 @@ def loss_fn(module, params, batch, att_weight: float = 0.0, att_layer: int = 0,
                 module.config.image_token_index,
             )  # fmt: skip
             metrics["att_subject"] = jnp.mean(share)
+            others = [i for i in range(len(out.full_attentions)) if i != att_layer]
+            if answer_att_weight and others:
+                shares = jnp.stack([subject_attention(
+                    out.full_attentions[i], ids, lmask, batch["subject_cells"],
+                    module.config.image_token_index) for i in others])  # [L-1, B]; fmt: skip
+                metrics["att_subject_others"] = jnp.mean(shares)
+                losses = jnp.stack([_row_mean(-jnp.log(x + 1e-6), batch) for x in shares])
+                total = total + answer_att_weight * jnp.mean(losses)
             if peak_weight:
                 peak, hit = peak_margin_loss(
                     single_probs, ids, lmask, batch["subject_cells"],
@@ -1104,7 +1122,8 @@ def _update(tx, state, loss):
 def make_train_step(module, tx, att_weight: float = 0.0, att_layer: int = 0,
                     patch_weight: float = 0.0, general_weight: float = 0.0,
                     peak_weight: float = 0.0, peak_margin: float = 0.5,
-                    pair_weight: float = 0.0, ratio_weight: float = 0.0):  # fmt: skip
+                    pair_weight: float = 0.0, ratio_weight: float = 0.0,
+                    answer_att_weight: float = 0.0):  # fmt: skip
     """A jitted (state, batch) -> (state, metrics); state = {params, aux, opt_state, step}
     (aux: the patch-label heads; the optimizer updates {"params", "aux"})."""
 
@@ -1112,7 +1131,8 @@ def make_train_step(module, tx, att_weight: float = 0.0, att_layer: int = 0,
         def f(trainable):
             return loss_fn(module, trainable["params"], batch, att_weight, att_layer,
                            trainable["aux"], patch_weight, general_weight, peak_weight,
-                           peak_margin, pair_weight, ratio_weight)  # fmt: skip
+                           peak_margin, pair_weight, ratio_weight,
+                           answer_att_weight)  # fmt: skip
 
         state, loss, metrics, grad_norm = _update(tx, state, f)
         return state, {**metrics, "loss": loss, "grad_norm": grad_norm}
@@ -1152,7 +1172,7 @@ def _step_settings(settings: Settings) -> Settings:
 _STEP_FIELDS = ("learning_rate", "warmup_steps", "weight_decay", "grad_clip", "steps",
                 "attention_loss_weight", "patch_loss_weight", "general_loss_weight",
                 "peak_loss_weight", "peak_margin", "pair_attention_weight",
-                "ratio_peak_weight")  # fmt: skip
+                "ratio_peak_weight", "answer_attention_weight")  # fmt: skip
 
 
 @functools.cache
@@ -1164,7 +1184,8 @@ def _compiled(config: LlavaConfig, opt_settings: Settings):
                            opt_settings.general_loss_weight, opt_settings.peak_loss_weight,
                            opt_settings.peak_margin,
                            opt_settings.pair_attention_weight,
-                           opt_settings.ratio_peak_weight)  # fmt: skip
+                           opt_settings.ratio_peak_weight,
+                           opt_settings.answer_attention_weight)  # fmt: skip
     return step, tx, schedule
 
 
@@ -1454,6 +1475,7 @@ def _record(window, m, buckets) -> None:
         "loss_ratio_peak",
         "loss_contrast",
         "acc_contrast",
+        "att_subject_others",
     ):
         if k in m:
             window[k].append(float(m[k]))
@@ -1666,7 +1688,8 @@ def settings_from_flags() -> Settings:
         pretrain_batch=_PRE_BATCH.value,
         color_question_fraction=_COLOR_Q.value, min_subject_px=_MIN_SUBJECT.value,
         max_aspect=_MAX_ASPECT.value, distinct_colors=_DISTINCT.value,
-        contrast_questions=_CONTRAST.value, embed_scale=_EMBED_SCALE.value, log_every=_LOG_EVERY.value, eval_every=_EVAL_EVERY.value,
+        contrast_questions=_CONTRAST.value, embed_scale=_EMBED_SCALE.value,
+        answer_attention_weight=_ANSWER_ATT.value, log_every=_LOG_EVERY.value, eval_every=_EVAL_EVERY.value,
         eval_items=_EVAL_ITEMS.value, checkpoint_every=_CKPT_EVERY.value,
     )  # fmt: skip
     if _SMOKE.value:

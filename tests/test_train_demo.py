@@ -590,3 +590,25 @@ def test_embed_scale_applies_once_at_the_first_question_step(tmp_path):
     recs = [json.loads(line) for line in open(tmp_path / "run" / "log.jsonl")]
     assert [(r["step"], r["factor"]) for r in recs if r["kind"] == "embed_scale"] == [(1, 3.0)]
     assert json.load(open(tmp_path / "run" / "settings.json"))["embed_scale"] == 3.0
+
+
+def test_answer_attention_loss_covers_the_other_layers(tmp_path):
+    dims = dataclasses.replace(DIMS, text_layers=3)
+    s = _settings(tmp_path, dims=dims, glyphs="letter", attention_loss_weight=1.0)
+    processor, config, _ = td.setup(s)
+    _, tx, _ = td.compiled_step(config, s)
+    params = td.init_state(config, s, tx)["params"]
+    batch = {k: v for k, v in td.Data(s, processor).batch(0).items() if k != "bucket"}
+    module = td.module_for(config)
+    layer = td.default_layer("llava", 3)
+    base, _ = td.loss_fn(module, params, batch, 1.0, layer)
+    with_others, m = td.loss_fn(module, params, batch, 1.0, layer, answer_att_weight=2.0)
+    out = module.apply({"params": params}, batch["single_input_ids"],
+                       batch["pixel_values"][: s.batch_size], batch["single_attention_mask"],
+                       output_full_attentions=True)  # fmt: skip
+    want = np.mean([np.mean(-np.log(np.asarray(td.subject_attention(
+        out.full_attentions[i], batch["single_input_ids"], batch["single_loss_mask"],
+        batch["subject_cells"], config.image_token_index)) + 1e-6))
+        for i in range(3) if i != layer])  # fmt: skip
+    np.testing.assert_allclose(float(with_others - base), 2.0 * want, rtol=2e-4)
+    assert 0 < float(m["att_subject_others"]) < 1
