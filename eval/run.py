@@ -55,7 +55,8 @@ _SYNTH_GLYPHS = flags.DEFINE_enum(
 )
 
 _SYNTH_DISTINCT = flags.DEFINE_bool(
-    "synthetic_distinct_colors", False,
+    "synthetic_distinct_colors",
+    False,
     "task synthetic: every shape of an image a different colour",
 )
 

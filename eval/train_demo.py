@@ -213,26 +213,30 @@ _GLYPHS = flags.DEFINE_enum("glyphs", "word", ["word", "letter"], "Printed word 
 _MIN_SUBJECT = flags.DEFINE_integer("min_subject_px", 20, "Smallest subject side (pixels).")
 _MAX_ASPECT = flags.DEFINE_float("max_aspect", 4 / 3, "Largest image aspect ratio.")
 _CONTRAST = flags.DEFINE_integer(
-    "contrast_questions", 0,
+    "contrast_questions",
+    0,
     "Extra single-image rows per item, each asking about another readable shape of the same "
     "image (its own answer): the same pixels with different answers, so reading the most "
     "salient letter cannot pass for following the question.",
 )
 _EMBED_SCALE = flags.DEFINE_float(
-    "embed_scale", 1.0,
+    "embed_scale",
+    1.0,
     "Multiply the text embeddings by this at the first question step (after --pretrain_steps, "
     "or on the --init_from model); 0: by the ratio that gives them the mean norm of that "
     "step's image tokens. The projector's image tokens grow ~80x larger than the text table "
     "in vision pretraining, which drowns a question word's identity after layer 0.",
 )
 _ANSWER_ATT = flags.DEFINE_float(
-    "answer_attention_weight", 0.0,
+    "answer_attention_weight",
+    0.0,
     "Weight of the attention loss (-log subject share of the answer query's image attention) "
     "at every decoder layer besides the rel-att one, averaged over those layers: the answer "
     "then has to read the subject, not the image's most salient letter.",
 )
 _DISTINCT = flags.DEFINE_bool(
-    "distinct_colors", False,
+    "distinct_colors",
+    False,
     "Question images with every shape a different colour (eval.synthetic.SynthConfig).",
 )
 _LOG_EVERY = flags.DEFINE_integer("log_every", 25, "Steps between train log records.")
@@ -320,8 +324,10 @@ class Settings:
 
     def __post_init__(self):
         if self.embed_scale != 1.0 and not (self.init_from or self.pretrain_steps):
-            raise ValueError("embed_scale applies at the first question step after "
-                             "pretraining or to an init_from model; set one of them")
+            raise ValueError(
+                "embed_scale applies at the first question step after "
+                "pretraining or to an init_from model; set one of them"
+            )
         unknown = set(self.attention_buckets) - set(_BUCKETS)
         if unknown:
             raise ValueError(f"attention_buckets: unknown {sorted(unknown)}; use {_BUCKETS}")
@@ -1034,9 +1040,18 @@ def loss_fn(module, params, batch, att_weight: float = 0.0, att_layer: int = 0,
             metrics["att_subject"] = jnp.mean(share)
             others = [i for i in range(len(out.full_attentions)) if i != att_layer]
             if answer_att_weight and others:
-                shares = jnp.stack([subject_attention(
-                    out.full_attentions[i], ids, lmask, batch["subject_cells"],
-                    module.config.image_token_index) for i in others])  # [L-1, B]; fmt: skip
+                shares = jnp.stack(
+                    [
+                        subject_attention(
+                            out.full_attentions[i],
+                            ids,
+                            lmask,
+                            batch["subject_cells"],
+                            module.config.image_token_index,
+                        )
+                        for i in others
+                    ]
+                )  # [L-1, B]; fmt: skip
                 metrics["att_subject_others"] = jnp.mean(shares)
                 losses = jnp.stack([_row_mean(-jnp.log(x + 1e-6), batch) for x in shares])
                 total = total + answer_att_weight * jnp.mean(losses)
@@ -1408,8 +1423,9 @@ def train(settings: Settings) -> dict:
         if settings.embed_scale != 1.0 and step == pre:
             # The first question step (in the loop, so a run resumed at it scales once).
             b = settings.batch_size
-            factor = embed_scale_for(module_for(config), state["params"],
-                                     batch["pixel_values"][:b], settings.embed_scale)
+            factor = embed_scale_for(
+                module_for(config), state["params"], batch["pixel_values"][:b], settings.embed_scale
+            )
             state = {**state, "params": scale_text_embeddings(state["params"], factor)}
             log.write({"kind": "embed_scale", "step": step, "factor": round(factor, 4)})
             tqdm.write(f"text embeddings x {factor:.3g} at step {step}")
@@ -1689,7 +1705,8 @@ def settings_from_flags() -> Settings:
         color_question_fraction=_COLOR_Q.value, min_subject_px=_MIN_SUBJECT.value,
         max_aspect=_MAX_ASPECT.value, distinct_colors=_DISTINCT.value,
         contrast_questions=_CONTRAST.value, embed_scale=_EMBED_SCALE.value,
-        answer_attention_weight=_ANSWER_ATT.value, log_every=_LOG_EVERY.value, eval_every=_EVAL_EVERY.value,
+        answer_attention_weight=_ANSWER_ATT.value, log_every=_LOG_EVERY.value,
+        eval_every=_EVAL_EVERY.value,
         eval_items=_EVAL_ITEMS.value, checkpoint_every=_CKPT_EVERY.value,
     )  # fmt: skip
     if _SMOKE.value:

@@ -500,7 +500,7 @@ def test_answer_agreement_counts_images_answered_alike():
 def test_question_probe_asks_about_each_large_shape_of_a_run(tmp_path):
     items = td.question_probe_items(40, "letter")
     assert items  # some of the first 40 demo images hold two large shapes
-    for image, qa in items:
+    for _, qa in items:
         assert len(qa) >= 2 and len({q for q, _ in qa}) == len(qa)
         assert all(q.startswith("What is written on the ") and len(a) == 1 for q, a in qa)
     s = _settings(tmp_path / "run", steps=1, glyphs="letter")
@@ -548,9 +548,12 @@ def test_contrast_rows_ask_about_other_shapes_of_the_same_image(setup):
     state = td.init_state(config, s, tx)
     feed = {k: v for k, v in batch.items() if k != "bucket"}
     loss_a = td.loss_fn(td.module_for(config), state["params"], feed)[1]["loss_contrast"]
-    other = dict(feed, contrast_input_ids=np.roll(feed["contrast_input_ids"], 1, axis=0),
-                 contrast_loss_mask=np.roll(feed["contrast_loss_mask"], 1, axis=0),
-                 contrast_attention_mask=np.roll(feed["contrast_attention_mask"], 1, axis=0))
+    other = dict(
+        feed,
+        contrast_input_ids=np.roll(feed["contrast_input_ids"], 1, axis=0),
+        contrast_loss_mask=np.roll(feed["contrast_loss_mask"], 1, axis=0),
+        contrast_attention_mask=np.roll(feed["contrast_attention_mask"], 1, axis=0),
+    )
     loss_b = td.loss_fn(td.module_for(config), state["params"], other)[1]["loss_contrast"]
     assert abs(float(loss_a) - float(loss_b)) > 1e-4
     _, m = step(state, feed)
