@@ -234,6 +234,18 @@ _ANSWER_ATT = flags.DEFINE_float(
     "at every decoder layer besides the rel-att one, averaged over those layers: the answer "
     "then has to read the subject, not the image's most salient letter.",
 )
+_Q_OBJECTS = flags.DEFINE_list(
+    "question_num_objects",
+    [],
+    "min,max shapes per question image ([]: eval.synthetic's default, 2,5); e.g. 2,2 for a "
+    "binding curriculum where salient-letter reading scores half with --contrast_questions=1.",
+)
+_Q_REL = flags.DEFINE_list(
+    "question_rel_range",
+    [],
+    "min,max side of the question images' shapes / the image's shorter side ([]: the "
+    "generator's default, 0.03,0.5).",
+)
 _DISTINCT = flags.DEFINE_bool(
     "distinct_colors",
     False,
@@ -314,6 +326,8 @@ class Settings:
     contrast_questions: int = 0
     embed_scale: float = 1.0
     answer_attention_weight: float = 0.0
+    question_num_objects: tuple[int, int] | None = None
+    question_rel_range: tuple[float, float] | None = None
     log_every: int = 25
     eval_every: int = 500
     eval_items: int = 192
@@ -328,6 +342,7 @@ class Settings:
                 "embed_scale applies at the first question step after "
                 "pretraining or to an init_from model; set one of them"
             )
+        syn.SynthConfig(**self.synth_options())  # a bad generator option fails here, named
         unknown = set(self.attention_buckets) - set(_BUCKETS)
         if unknown:
             raise ValueError(f"attention_buckets: unknown {sorted(unknown)}; use {_BUCKETS}")
@@ -356,7 +371,10 @@ class Settings:
             "min_subject_px": self.min_subject_px,
             "max_aspect": self.max_aspect,
             "distinct_colors": self.distinct_colors,
-        }
+            **({"num_objects": tuple(self.question_num_objects)}
+               if self.question_num_objects else {}),
+            **({"rel_range": tuple(self.question_rel_range)} if self.question_rel_range else {}),
+        }  # fmt: skip
 
     def identity(self) -> dict[str, Any]:
         keys = ("seed", "steps", "batch_size", "learning_rate", "warmup_steps", "weight_decay",
@@ -375,6 +393,9 @@ class Settings:
             out["large_distractor_fraction"] = self.large_distractor_fraction
         if self.embed_scale != 1.0:
             out["embed_scale"] = self.embed_scale
+        for k in ("question_num_objects", "question_rel_range"):
+            if getattr(self, k):
+                out[k] = list(getattr(self, k))
         if self.attention_target != "subject":
             out["attention_target"] = self.attention_target
         if self.peak_loss_weight or self.ratio_peak_weight:
@@ -1680,6 +1701,15 @@ SMOKE_DIMS = ModelDims(image_size=32, patch_size=8, vision_hidden=32, vision_lay
                        text_heads=4, text_kv_heads=2, text_mlp=96)  # fmt: skip
 
 
+def _pair(flag, kind):
+    """A two-item list flag as (min, max) of `kind`, None when unset."""
+    if not flag.value:
+        return None
+    if len(flag.value) != 2:
+        raise app.UsageError(f"--{flag.name} takes min,max, got {','.join(flag.value)!r}")
+    return tuple(kind(v) for v in flag.value)
+
+
 def settings_from_flags() -> Settings:
     dims = ModelDims(
         image_size=_IMAGE_SIZE.value, patch_size=_PATCH.value, vision_hidden=_V_HIDDEN.value,
@@ -1705,7 +1735,9 @@ def settings_from_flags() -> Settings:
         color_question_fraction=_COLOR_Q.value, min_subject_px=_MIN_SUBJECT.value,
         max_aspect=_MAX_ASPECT.value, distinct_colors=_DISTINCT.value,
         contrast_questions=_CONTRAST.value, embed_scale=_EMBED_SCALE.value,
-        answer_attention_weight=_ANSWER_ATT.value, log_every=_LOG_EVERY.value,
+        answer_attention_weight=_ANSWER_ATT.value,
+        question_num_objects=_pair(_Q_OBJECTS, int),
+        question_rel_range=_pair(_Q_REL, float), log_every=_LOG_EVERY.value,
         eval_every=_EVAL_EVERY.value,
         eval_items=_EVAL_ITEMS.value, checkpoint_every=_CKPT_EVERY.value,
     )  # fmt: skip

@@ -615,3 +615,22 @@ def test_answer_attention_loss_covers_the_other_layers(tmp_path):
         for i in range(3) if i != layer])  # fmt: skip
     np.testing.assert_allclose(float(with_others - base), 2.0 * want, rtol=2e-4)
     assert 0 < float(m["att_subject_others"]) < 1
+
+
+def test_question_images_can_be_a_two_shape_curriculum():
+    s = td.Settings(workdir="", dims=DIMS, glyphs="letter", distinct_colors=True,
+                    question_num_objects=(2, 2), question_rel_range=(0.2, 0.4))  # fmt: skip
+    data = td.Data.__new__(td.Data)
+    data.s, data.own = s, {}
+    for i in range(12):
+        image, _, rec, *_ = data.item(i)
+        assert len(rec["objects"]) == 2 and rec["size_bucket"] == "large"
+        assert 0.2 <= rec["rel_size"] <= 0.4
+        assert len({o["color"] for o in rec["objects"]}) == 2
+    ident = s.identity()
+    assert ident["question_num_objects"] == [2, 2] and ident["question_rel_range"] == [0.2, 0.4]
+    assert "question_num_objects" not in td.Settings(workdir="", dims=DIMS).identity()
+    # Pretraining images keep their own crowd (6-10 shapes, any colours).
+    assert s.pretrain_options()["num_objects"] == (6, 10)
+    with pytest.raises(ValueError, match="num_objects"):
+        td.Settings(workdir="", dims=DIMS, question_num_objects=(3, 2))
