@@ -64,7 +64,6 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-import flax
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -823,6 +822,7 @@ class Data:
 
 
 _BUCKETS = ("small", "medium", "large")
+_DEMO_SIDES = tuple(int(x) for x in DEMO_SIZES.split(","))  # the demo set's shorter sides
 _COMBOS = tuple((c, k) for c in syn.COLORS for k in syn.SHAPES)
 _GLYPHS_ALL = tuple(w.upper() for w in syn.WORDS) + syn.LETTERS
 
@@ -1535,12 +1535,9 @@ def _finish(settings, state, pool, manager, hf_cfg, processor):
 def scale_text_embeddings(params, factor: float):
     """params with the decoder's token embedding table multiplied by `factor` (the LM head
     is untied, so only the inputs change)."""
-    flat = flax.traverse_util.flatten_dict(params)
-    keys = [k for k in flat if "embed_tokens" in k]
-    if len(keys) != 1:
-        raise ValueError(f"expected one embed_tokens table in the params, found {keys}")
-    flat[keys[0]] = flat[keys[0]] * factor
-    return flax.traverse_util.unflatten_dict(flat)
+    lm = params["language_model"]
+    table = {"embedding": lm["embed_tokens"]["embedding"] * factor}
+    return {**params, "language_model": {**lm, "embed_tokens": table}}
 
 
 def embed_scale_for(module, params, pixel_values, scale: float) -> float:
@@ -1622,8 +1619,7 @@ def probe_features(settings: Settings, n_items: int, sizes: Sequence[int] | None
     {"subject" | "distractor": {bucket: {"glyph", "combo": accuracy, "n": objects}}}. It
     separates what the vision tower knows from what the decoder does with it.
     """
-    if sizes is None:
-        sizes = tuple(int(x) for x in DEMO_SIZES.split(","))
+    sizes = _DEMO_SIDES if sizes is None else sizes
     processor, config, _, state = _latest(settings)
     module, grid = module_for(config), settings.dims.grid
     aux = jax.tree.map(np.asarray, state["aux"])
@@ -1651,8 +1647,7 @@ def question_probe_items(n_items: int, glyphs: str, sizes: Sequence[int] | None 
     """[(image, [(question, answer), ...])] for the first `n_items` demo questions (seed 1,
     split "test") whose image holds >= 2 shapes of side >= LARGE_MIN of its shorter side:
     one "What is written on the {color} {shape}?" per such shape."""
-    if sizes is None:
-        sizes = tuple(int(x) for x in DEMO_SIZES.split(","))
+    sizes = _DEMO_SIDES if sizes is None else sizes
     out = []
     for i in range(n_items):
         image, rec = syn.generate_item(1, i, split="test", glyphs=glyphs, sizes=sizes)
