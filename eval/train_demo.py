@@ -250,6 +250,14 @@ _DISTINCT = flags.DEFINE_bool(
     False,
     "Question images with every shape a different colour (eval.synthetic.SynthConfig).",
 )
+_REINIT = flags.DEFINE_list(
+    "reinit",
+    [],
+    "Top-level param subtrees of the --init_from model to initialise afresh (seeded), e.g. "
+    "language_model: keep its vision tower and projector, start the decoder again. A decoder "
+    "that learned to answer with the image's most salient letter does not unlearn it; a fresh "
+    "one on the binding curriculum learns to follow the question (BUILD_NOTES).",
+)
 _LOG_EVERY = flags.DEFINE_integer("log_every", 25, "Steps between train log records.")
 _EVAL_EVERY = flags.DEFINE_integer("eval_every", 500, "Steps between held-out evals (0: none).")
 _EVAL_ITEMS = flags.DEFINE_integer("eval_items", 192, "Held-out items (split 'val').")
@@ -257,6 +265,8 @@ _CKPT_EVERY = flags.DEFINE_integer("checkpoint_every", 250, "Steps between check
 
 IMAGE_TOKEN = "<image>"
 _SPLIT, _EVAL_SPLIT = "train", "val"
+# The demo model's top-level param subtrees (vicrop_jax.models.llava; lm_head: untied).
+_PARAM_TREES = ("vision_tower", "multi_modal_projector", "language_model", "lm_head")
 
 
 # ---------------------------------------------------------------------------------------
@@ -313,6 +323,7 @@ class Settings:
     ratio_peak_weight: float = 0.0
     attention_buckets: tuple[str, ...] = ()
     init_from: str = ""
+    reinit: tuple[str, ...] = ()
     patch_loss_weight: float = 0.0
     patch_label_cells: str = "centre"
     pretrain_steps: int = 0
@@ -341,6 +352,11 @@ class Settings:
                 "embed_scale applies at the first question step after "
                 "pretraining or to an init_from model; set one of them"
             )
+        if self.reinit and not self.init_from:
+            raise ValueError("reinit re-initialises parts of an --init_from model; set init_from")
+        unknown = set(self.reinit) - set(_PARAM_TREES)
+        if unknown:
+            raise ValueError(f"reinit: unknown {sorted(unknown)}; use some of {_PARAM_TREES}")
         syn.SynthConfig(**self.synth_options())  # a bad generator option fails here, named
         unknown = set(self.attention_buckets) - set(_BUCKETS)
         if unknown:
@@ -392,7 +408,7 @@ class Settings:
             out["large_distractor_fraction"] = self.large_distractor_fraction
         if self.embed_scale != 1.0:
             out["embed_scale"] = self.embed_scale
-        for k in ("question_num_objects", "question_rel_range"):
+        for k in ("question_num_objects", "question_rel_range", "reinit"):
             if getattr(self, k):
                 out[k] = list(getattr(self, k))
         if self.attention_target != "subject":
@@ -1569,7 +1585,11 @@ def init_from_run(settings: Settings, config, tx):
     manager.close()
     if state is None:
         raise FileNotFoundError(f"--init_from={src}: no checkpoint under {src}/checkpoints")
-    trainable = {"params": state["params"], "aux": state["aux"]}
+    params = state["params"]
+    if settings.reinit:
+        fresh = _init_fn(config)(jax.random.key(settings.seed))
+        params = {**params, **{k: fresh[k] for k in settings.reinit}}
+    trainable = {"params": params, "aux": state["aux"]}
     return {**trainable, "opt_state": tx.init(trainable), "step": jnp.zeros((), jnp.int32)}
 
 
@@ -1724,7 +1744,8 @@ def settings_from_flags() -> Settings:
         peak_loss_weight=_PEAK_W.value, peak_margin=_PEAK_MARGIN.value,
         pair_attention_weight=_PAIR_W.value, ratio_peak_weight=_RATIO_W.value,
         attention_buckets=tuple(_ATT_BUCKETS.value),
-        init_from=_INIT_FROM.value, eval_sizes=tuple(int(x) for x in _EVAL_SIZES.value),
+        init_from=_INIT_FROM.value, reinit=tuple(_REINIT.value),
+        eval_sizes=tuple(int(x) for x in _EVAL_SIZES.value),
         patch_loss_weight=_AUX_W.value, glyphs=_GLYPHS.value, pretrain_steps=_PRE_STEPS.value,
         pretrain_batch=_PRE_BATCH.value,
         color_question_fraction=_COLOR_Q.value, min_subject_px=_MIN_SUBJECT.value,
