@@ -2,6 +2,7 @@
 
 python -m eval.analysis --flagfile=eval/flags/textvqa_llava.flags --analysis=attention_ratio
 python -m eval.analysis --flagfile=... --analysis=layer_sweep --sweep_layers=10,12,14,16
+python -m eval.analysis --flagfile=eval/flags/demo.flags --analysis=crop_contents
 
 Takes the same flags as eval.run (model, task, data, batch size, ...) and writes
 analysis_<kind>.json and .md into --output_dir.
@@ -16,6 +17,14 @@ Layer sweep: the questions are split by a hash of their id into a held-out part 
 part; each candidate layer's crop accuracy is measured on the held-out part, the best layer
 (first on ties) is chosen there, and its accuracy, with the no-crop baseline, is reported on
 the test part only.
+
+Crop contents (synthetic task; reads the finished eval.run records in --output_dir and the
+benchmark's data.json, no model): for each method and size bucket, the crops split by what
+they hold: the subject's printed text (>= 80% of its box inside the crop), another
+object's text and not the subject's, or neither; per group the crop accuracy, the no-crop
+accuracy on the same questions, and how many crop answers are that other object's text.
+A method that loses to no crop on a bucket shows here whether its boxes miss the subject or
+the model reads whatever the crop shows.
 """
 
 from __future__ import annotations
@@ -153,6 +162,76 @@ def layer_sweep(
     return out
 
 
+CROP_GROUPS = ("subject_text", "other_text", "neither")
+
+
+def _share_inside(box: Sequence[float], inner: Sequence[float]) -> float:
+    w = max(0.0, min(box[2], inner[2]) - max(box[0], inner[0]))
+    h = max(0.0, min(box[3], inner[3]) - max(box[1], inner[1]))
+    area = (inner[2] - inner[0]) * (inner[3] - inner[1])
+    return w * h / area if area > 0 else 0.0
+
+
+def crop_contents(records: Sequence[dict], synthetic: Sequence[dict], inside: float = 0.8) -> dict:
+    """{method: {bucket: {group: {n, crop_accuracy, no_crop_accuracy, answered_other}}}}
+    over eval.run `records` of the synthetic benchmark whose data.json items (with their
+    objects' text boxes) are `synthetic`; groups as in the module docstring."""
+    by_id = {d["id"]: d for d in synthetic}
+    missing = [r["id"] for r in records if r["id"] not in by_id]
+    if missing:
+        raise ValueError(f"records not in the synthetic data.json: {missing[:3]} (other set?)")
+    acc: dict = {}
+    for r in records:
+        item = by_id[r["id"]]
+        subject = item["objects"][item["subject_index"]]
+        rec = {"question": r["question"], "labels": r["labels"]}
+        no_crop = report.score("synthetic", r["original_answer"], rec)
+        for method, m in r["methods"].items():
+            if m.get("error") or m.get("bbox") is None:
+                continue
+            others = [o["text"] for k, o in enumerate(item["objects"])
+                      if k != item["subject_index"]
+                      and _share_inside(m["bbox"], o["text_bbox"]) >= inside]  # fmt: skip
+            if _share_inside(m["bbox"], subject["text_bbox"]) >= inside:
+                group = "subject_text"
+            else:
+                group = "other_text" if others else "neither"
+            answer = (m.get("crop_answer") or "").strip().lower()
+            cell = acc.setdefault(method, {}).setdefault(item["size_bucket"], {})
+            g = cell.setdefault(group, {"n": 0, "crop": 0.0, "no_crop": 0.0, "other": 0})
+            g["n"] += 1
+            g["crop"] += report.score("synthetic", m.get("crop_answer"), rec)
+            g["no_crop"] += no_crop
+            g["other"] += int(answer in {t.lower() for t in others})
+    return {
+        method: {
+            bucket: {
+                group: {
+                    "n": g["n"],
+                    "crop_accuracy": round(g["crop"] / g["n"], 2),
+                    "no_crop_accuracy": round(g["no_crop"] / g["n"], 2),
+                    "answered_other": g["other"],
+                }  # fmt: skip
+                for group, g in sorted(groups.items(), key=lambda kv: CROP_GROUPS.index(kv[0]))
+            }
+            for bucket, groups in buckets.items()
+        }
+        for method, buckets in acc.items()
+    }
+
+
+def crop_contents_lines(result: dict) -> list[str]:
+    lines = ["| method | bucket | crop holds | questions | crop acc | no-crop acc | "
+             "answered the other text |", "|---|---|---|---|---|---|---|"]  # fmt: skip
+    for method, buckets in result.items():
+        for bucket in ("small", "medium", "large"):
+            for group, g in buckets.get(bucket, {}).items():
+                lines.append(f"| {method} | {bucket} | {group} | {g['n']} | "
+                             f"{g['crop_accuracy']:.1f} | {g['no_crop_accuracy']:.1f} | "
+                             f"{g['answered_other']} |")  # fmt: skip
+    return lines
+
+
 # ---------------------------------------------------------------------------------------
 # Command line (the eval.run flags plus a few).
 
@@ -186,6 +265,9 @@ def main(argv):
 
     f = flags.FLAGS
     s = run_flags.settings_from_flags()
+    if f.analysis == "crop_contents":
+        _write(s, f.analysis, *_crop_contents_from_run(s))
+        return
     model = load_model(s.model, dtype=jnp.bfloat16 if s.dtype == "bfloat16" else jnp.float32)
     n = s.limit or f.analysis_examples
     if f.analysis == "attention_ratio":
@@ -220,11 +302,31 @@ def main(argv):
             f"test ({result['test_n']}): {result['test_accuracy']} with {method}, "
             f"{result['test_no_crop']} no crop"
         )
+    _write(s, f.analysis, result, lines)
+
+
+def _crop_contents_from_run(s) -> tuple[dict, list[str]]:
+    from eval import records
+
+    if s.task != "synthetic":
+        raise ValueError(f"--analysis=crop_contents needs --task=synthetic (got {s.task!r})")
+    path = os.path.join(s.data.synthetic_dir, "data.json")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"--synthetic_dir: no data.json at {path}; run eval.run first")
+    recs = records.merged_records(s.output_dir)
+    if not recs:
+        raise FileNotFoundError(f"--output_dir={s.output_dir}: no eval.run records to read")
+    with open(path) as fh:
+        result = crop_contents(recs, json.load(fh))
+    return result, crop_contents_lines(result)
+
+
+def _write(s, kind: str, result: dict, lines: list[str]) -> None:
     os.makedirs(s.output_dir, exist_ok=True)
-    base = os.path.join(s.output_dir, f"analysis_{f.analysis}")
+    base = os.path.join(s.output_dir, f"analysis_{kind}")
     with open(base + ".json", "w") as fh:
         json.dump(result, fh, indent=2)
-    text = f"# {f.analysis} ({s.task}, {os.path.basename(s.model)})\n\n" + "\n".join(lines)
+    text = f"# {kind} ({s.task}, {os.path.basename(s.model)})\n\n" + "\n".join(lines)
     with open(base + ".md", "w") as fh:
         fh.write(text + "\n")
     print(text)
@@ -235,7 +337,9 @@ if __name__ == "__main__":
 
     import eval.run  # noqa: F401 - defines the shared flags
 
-    flags.DEFINE_enum("analysis", "attention_ratio", ["attention_ratio", "layer_sweep"], "")
+    flags.DEFINE_enum(
+        "analysis", "attention_ratio", ["attention_ratio", "layer_sweep", "crop_contents"], ""
+    )
     flags.DEFINE_integer("analysis_examples", 200, "questions used (when --limit is 0)")
     flags.DEFINE_list("sweep_layers", None, "layers to try (default all)")
     flags.DEFINE_float("holdout_fraction", 0.5, "share of questions that choose the layer")

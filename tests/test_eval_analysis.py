@@ -63,3 +63,33 @@ def test_layer_sweep_chooses_on_held_out_and_reports_on_the_rest(tiny_llava, tmp
         assert 0 <= out["test_accuracy"] <= 100 and 0 <= out["test_no_crop"] <= 100
     with pytest.raises(ValueError, match="no layers"):
         analysis.layer_sweep(model, items, "gqa", [])
+
+
+def test_crop_contents_groups_crops_by_what_they_show():
+    # One large-subject image: the subject's text at (100-140, 100-140), another object's
+    # at (10-30, 10-30). Three questions, each with one rel_att crop: on the subject (read
+    # right), on the other object (answered with its text), on neither (wrong).
+    objects = [{"text": "k", "text_bbox": [100, 100, 140, 140]},
+               {"text": "p", "text_bbox": [10, 10, 30, 30]}]  # fmt: skip
+    synthetic = [{"id": f"q{i}", "objects": objects, "subject_index": 0,
+                  "size_bucket": "large"} for i in range(3)]  # fmt: skip
+    boxes, answers = ([90, 90, 150, 150], [0, 0, 40, 40], [200, 200, 260, 260]), ("k", "p", "z")
+    records = [{"id": f"q{i}", "question": "What is written on the red circle?",
+                "labels": ["k"] * 10, "original_answer": "k" if i < 2 else "x",
+                "methods": {"rel_att": {"bbox": b, "crop_answer": a, "error": None}}}
+               for i, (b, a) in enumerate(zip(boxes, answers, strict=True))]  # fmt: skip
+    out = analysis.crop_contents(records, synthetic)["rel_att"]["large"]
+    assert list(out) == ["subject_text", "other_text", "neither"]
+    assert out["subject_text"] == {"n": 1, "crop_accuracy": 100.0, "no_crop_accuracy": 100.0,
+                                   "answered_other": 0}  # fmt: skip
+    assert out["other_text"] == {"n": 1, "crop_accuracy": 0.0, "no_crop_accuracy": 100.0,
+                                 "answered_other": 1}  # fmt: skip
+    assert out["neither"]["n"] == 1 and out["neither"]["no_crop_accuracy"] == 0.0
+    # A crop holding only 3/4 of the subject's text is not "subject_text" at 0.8.
+    records[0]["methods"]["rel_att"]["bbox"] = [90, 90, 130, 150]
+    assert "subject_text" not in analysis.crop_contents(records, synthetic)["rel_att"]["large"]
+    assert "rel_att | large | other_text | 1 | 0.0 | 100.0 | 1" in "\n".join(
+        analysis.crop_contents_lines(analysis.crop_contents(records, synthetic))
+    )
+    with pytest.raises(ValueError, match="q0"):
+        analysis.crop_contents(records, synthetic[1:])
