@@ -388,8 +388,12 @@ def test_crop_mix_gives_random_and_lookalike_crops():
     assert lookalike > 0
 
 
-def test_the_two_shipped_flagfiles_chain(tmp_path):
-    # Stage 2 starts from stage 1's workdir with the same model, and only stage 2 exports.
+_CHAIN = ("train_demo", "train_demo_bind", "train_demo_questions", "train_demo_finetune")
+
+
+def test_the_shipped_flagfiles_chain(tmp_path):
+    # Each stage starts from the previous stage's workdir with the same model, stage 1b
+    # re-initialises the decoder, and only the last stage exports.
     import subprocess
     import sys
 
@@ -399,18 +403,21 @@ def test_the_two_shipped_flagfiles_chain(tmp_path):
         "for f in sys.argv[1:]:\n"
         "    flags.FLAGS.unparse_flags(); flags.FLAGS(['x', '--flagfile=' + f])\n"
         "    s = td.settings_from_flags()\n"
-        "    out.append([s.workdir, s.init_from, s.export_dir, s.identity()['dims']])\n"
+        "    out.append([s.workdir, s.init_from, s.export_dir, s.identity()['dims'],\n"
+        "                list(s.reinit)])\n"
         "print(json.dumps(out))\n"
     )
-    r = subprocess.run([sys.executable, "-c", code, "eval/flags/train_demo.flags",
-                        "eval/flags/train_demo_finetune.flags"],
+    files = [f"eval/flags/{name}.flags" for name in _CHAIN]
+    r = subprocess.run([sys.executable, "-c", code, *files],
                        capture_output=True, text=True, timeout=120,
                        cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # fmt: skip
     assert r.returncode == 0, r.stderr[-2000:]
-    (w1, init1, export1, dims1), (w2, init2, export2, dims2) = json.loads(r.stdout)
-    assert init1 == "" and export1 == ""
-    assert init2 == w1 and w2 != w1 and export2 == "vicrop_jax/assets/demo"
-    assert dims1 == dims2
+    stages = json.loads(r.stdout)
+    assert stages[0][1] == ""  # stage 1 starts from scratch
+    for prev, cur in zip(stages[:-1], stages[1:], strict=True):
+        assert cur[1] == prev[0] and cur[0] != prev[0] and cur[3] == prev[3]
+    assert [s[2] for s in stages] == ["", "", "", "vicrop_jax/assets/demo"]
+    assert [s[4] for s in stages] == [[], ["language_model"], [], []]
 
 
 def _check_own_crops(s, processor, config, start_params):
