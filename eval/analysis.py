@@ -211,7 +211,7 @@ def crop_contents(records: Sequence[dict], synthetic: Sequence[dict], inside: fl
                     "crop_accuracy": round(g["crop"] / g["n"], 2),
                     "no_crop_accuracy": round(g["no_crop"] / g["n"], 2),
                     "answered_other": g["other"],
-                }  # fmt: skip
+                }
                 for group, g in sorted(groups.items(), key=lambda kv: CROP_GROUPS.index(kv[0]))
             }
             for bucket, groups in buckets.items()
