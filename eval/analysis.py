@@ -39,7 +39,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from eval import report
-from eval.engine import Engine, Item, box_cells
+from eval.engine import Engine, Item, box_cells, coverage
 from vicrop_jax.importance import image_rows
 from vicrop_jax.loading import Model, forward
 from vicrop_jax.processing import encode, llava_prompt
@@ -165,13 +165,6 @@ def layer_sweep(
 CROP_GROUPS = ("subject_text", "other_text", "neither")
 
 
-def _share_inside(box: Sequence[float], inner: Sequence[float]) -> float:
-    w = max(0.0, min(box[2], inner[2]) - max(box[0], inner[0]))
-    h = max(0.0, min(box[3], inner[3]) - max(box[1], inner[1]))
-    area = (inner[2] - inner[0]) * (inner[3] - inner[1])
-    return w * h / area if area > 0 else 0.0
-
-
 def crop_contents(records: Sequence[dict], synthetic: Sequence[dict], inside: float = 0.8) -> dict:
     """{method: {bucket: {group: {n, crop_accuracy, no_crop_accuracy, answered_other}}}}
     over eval.run `records` of the synthetic benchmark whose data.json items (with their
@@ -191,8 +184,8 @@ def crop_contents(records: Sequence[dict], synthetic: Sequence[dict], inside: fl
                 continue
             others = [o["text"] for k, o in enumerate(item["objects"])
                       if k != item["subject_index"]
-                      and _share_inside(m["bbox"], o["text_bbox"]) >= inside]  # fmt: skip
-            if _share_inside(m["bbox"], subject["text_bbox"]) >= inside:
+                      and coverage(m["bbox"], o["text_bbox"]) >= inside]  # fmt: skip
+            if coverage(m["bbox"], subject["text_bbox"]) >= inside:
                 group = "subject_text"
             else:
                 group = "other_text" if others else "neither"
