@@ -218,6 +218,14 @@ _CONTRAST = flags.DEFINE_integer(
     "image (its own answer): the same pixels with different answers, so reading the most "
     "salient letter cannot pass for following the question.",
 )
+_PAIR_CONTRAST = flags.DEFINE_integer(
+    "pair_contrast_questions",
+    0,
+    "1: an extra [image, crop] row per item on the same two images, asking about another "
+    "shape whose glyph the crop shows (else another readable shape, see "
+    "--contrast_questions): a crop showing another object's letter is then the answer to one "
+    "question and not to the other, so the model has to match the crop to the question.",
+)
 _EMBED_SCALE = flags.DEFINE_float(
     "embed_scale",
     1.0,
@@ -334,6 +342,7 @@ class Settings:
     max_aspect: float = 4 / 3
     distinct_colors: bool = False
     contrast_questions: int = 0
+    pair_contrast_questions: int = 0
     embed_scale: float = 1.0
     answer_attention_weight: float = 0.0
     question_num_objects: tuple[int, int] | None = None
@@ -352,6 +361,8 @@ class Settings:
                 "embed_scale applies at the first question step after "
                 "pretraining or to an init_from model; set one of them"
             )
+        if self.pair_contrast_questions not in (0, 1):
+            raise ValueError(f"pair_contrast_questions: {self.pair_contrast_questions}, use 0 or 1")
         if self.reinit and not self.init_from:
             raise ValueError("reinit re-initialises parts of an --init_from model; set init_from")
         unknown = set(self.reinit) - set(_PARAM_TREES)
@@ -401,7 +412,8 @@ class Settings:
         for k in ("random_crop_fraction", "distractor_fraction", "own_crop_fraction",
                   "general_loss_weight", "peak_loss_weight", "pair_attention_weight",
                   "ratio_peak_weight", "init_from", "distinct_colors",
-                  "contrast_questions", "answer_attention_weight"):  # fmt: skip
+                  "contrast_questions", "answer_attention_weight",
+                  "pair_contrast_questions"):  # fmt: skip
             if getattr(self, k):
                 out[k] = getattr(self, k)
         if self.large_distractor_fraction >= 0:
@@ -629,6 +641,17 @@ def contrast_objects(rec, k: int, rng) -> list[dict]:
     return [pool[int(j)] for j in rng.integers(len(pool), size=k)]
 
 
+def crop_object(rec, crop, rng) -> dict:
+    """The shape a pair-contrast row asks about on [image, crop]: another shape whose glyph
+    centre the crop holds (the letter a wrong crop tempts the model to read), else one of
+    `contrast_objects` (readable in the image)."""
+    inside = [o for i, o in enumerate(rec["objects"])
+              if i != rec["subject_index"] and _contains_centre(crop, o["text_bbox"])]  # fmt: skip
+    if inside:
+        return inside[int(rng.integers(len(inside)))]
+    return contrast_objects(rec, 1, rng)[0]
+
+
 def _contains_centre(box, bbox) -> bool:
     cx, cy = (bbox[0] + bbox[2]) / 2, (bbox[1] + bbox[3]) / 2
     return box[0] <= cx < box[2] and box[1] <= cy < box[3]
@@ -816,6 +839,14 @@ class Data:
                     rows.append((t.prompt(q, 1), t.answer(o["text"].lower())))
             contrast = pack(rows, self.len1, t.pad)  # [B * k]: item-major
             out.update({f"contrast_{k}": v for k, v in contrast.items()})
+        if self.s.pair_contrast_questions:
+            rows = []
+            for i, (_, _, r, _, box) in enumerate(items):
+                o = crop_object(r, box, np.random.default_rng([self.s.seed, step * b + i, 4]))
+                q = syn.TEXT_QUESTION.format(color=o["color"], shape=o["shape"])
+                rows.append((t.prompt(q, 2), t.answer(o["text"].lower())))
+            rows = pack(rows, self.len2, t.pad)
+            out.update({f"pair_contrast_{k}": v for k, v in rows.items()})
         key = "text_bbox" if self.s.attention_target == "glyph" else "bbox"
         subjects = [(im.size, r["objects"][r["subject_index"]]) for im, _, r, *_ in items]
         out["subject_cells"] = np.stack(
@@ -831,6 +862,7 @@ class Data:
                 [pair_cells(o, sz, it[4], g) for (sz, o), it in zip(subjects, items, strict=True)]
             )  # [B, 2T]
         out["bucket"] = np.array([_BUCKETS.index(r["size_bucket"]) for _, _, r, *_ in items])
+        out["crop_hit"] = np.array([hit for _, _, _, hit, _ in items])
         if self.s.attention_buckets:
             keep = [_BUCKETS.index(b) for b in self.s.attention_buckets]
             out["att_row_weight"] = np.isin(out["bucket"], keep).astype(np.float32)
@@ -838,6 +870,7 @@ class Data:
 
 
 _BUCKETS = ("small", "medium", "large")
+_LOG_ONLY = ("bucket", "crop_hit")  # batch entries for the log, not the step
 _DEMO_SIDES = tuple(int(x) for x in DEMO_SIZES.split(","))  # the demo set's shorter sides
 _COMBOS = tuple((c, k) for c in syn.COLORS for k in syn.SHAPES)
 _GLYPHS_ALL = tuple(w.upper() for w in syn.WORDS) + syn.LETTERS
@@ -1117,6 +1150,13 @@ def loss_fn(module, params, batch, att_weight: float = 0.0, att_layer: int = 0,
         loss, correct, _ = answer_loss(out.logits, ids, batch["contrast_loss_mask"])
         total = total + loss / 2
         metrics["loss_contrast"], metrics["acc_contrast"] = loss, jnp.mean(correct)
+    if "pair_contrast_input_ids" in batch:  # one row per item, on the item's [image, crop]
+        ids = batch["pair_contrast_input_ids"]
+        out = apply(ids, None, batch["pair_contrast_attention_mask"], image_features=pair_feats)
+        loss, correct, _ = answer_loss(out.logits, ids, batch["pair_contrast_loss_mask"])
+        total = total + loss / 2
+        metrics["loss_pair_contrast"] = loss
+        metrics["acc_pair_contrast"] = jnp.mean(correct)
     if general_weight or ratio_weight:
         ids = batch["general_input_ids"]
         out = apply(ids, None, batch["general_attention_mask"], image_features=feats[:b],
@@ -1476,9 +1516,9 @@ def train(settings: Settings) -> dict:
             bar.set_postfix(pretrain_loss=f"{np.mean(window['loss'][-50:]):.3f}",
                             glyph=f"{np.mean(window['acc_patch_glyph'][-50:]):.2f}")  # fmt: skip
         else:
-            m = train_step(state, {k: v for k, v in batch.items() if k != "bucket"})
+            m = train_step(state, {k: v for k, v in batch.items() if k not in _LOG_ONLY})
             state, m = m[0], jax.device_get(m[1])
-            _record(window, m, batch["bucket"])
+            _record(window, m, batch["bucket"], batch["crop_hit"])
             bar.update(1)
             bar.set_postfix(loss=f"{np.mean(window['loss'][-50:]):.3f}",
                             acc1=f"{np.mean(window['acc_single'][-400:]):.2f}",
@@ -1507,14 +1547,18 @@ def train(settings: Settings) -> dict:
     return _finish(settings, state, pool, manager, hf_cfg, processor)
 
 
-def _record(window, m, buckets) -> None:
-    """Adds one train step's metrics to the logging window."""
+def _record(window, m, buckets, crop_hit) -> None:
+    """Adds one train step's metrics to the logging window (acc_pair_miss_<bucket>: the pair
+    prompts whose crop does not hold the subject)."""
     window["loss"].append(float(m["loss"]))
     for name in ("single", "pair"):
         window[f"loss_{name}"].append(float(m[f"loss_{name}"]))
         for b, ok in zip(buckets, m[f"correct_{name}"], strict=True):
             window[f"acc_{name}_{_BUCKETS[b]}"].append(float(ok))
         window[f"acc_{name}"].extend(float(x) for x in m[f"correct_{name}"])
+    for b, ok, hit in zip(buckets, m["correct_pair"], crop_hit, strict=True):
+        if not hit:
+            window[f"acc_pair_miss_{_BUCKETS[b]}"].append(float(ok))
     for k in (
         "grad_norm",
         "att_subject",
@@ -1528,6 +1572,8 @@ def _record(window, m, buckets) -> None:
         "loss_ratio_peak",
         "loss_contrast",
         "acc_contrast",
+        "loss_pair_contrast",
+        "acc_pair_contrast",
         "att_subject_others",
     ):
         if k in m:
@@ -1750,7 +1796,8 @@ def settings_from_flags() -> Settings:
         pretrain_batch=_PRE_BATCH.value,
         color_question_fraction=_COLOR_Q.value, min_subject_px=_MIN_SUBJECT.value,
         max_aspect=_MAX_ASPECT.value, distinct_colors=_DISTINCT.value,
-        contrast_questions=_CONTRAST.value, embed_scale=_EMBED_SCALE.value,
+        contrast_questions=_CONTRAST.value, pair_contrast_questions=_PAIR_CONTRAST.value,
+        embed_scale=_EMBED_SCALE.value,
         answer_attention_weight=_ANSWER_ATT.value,
         question_num_objects=_pair(_Q_OBJECTS, int),
         question_rel_range=_pair(_Q_REL, float), log_every=_LOG_EVERY.value,

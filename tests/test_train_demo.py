@@ -1,5 +1,6 @@
 """The demo-model trainer (eval/train_demo.py): loss mask, learning, resume, export."""
 
+import collections
 import dataclasses
 import json
 import os
@@ -100,7 +101,7 @@ def test_a_few_steps_lower_the_loss_on_a_fixed_batch(setup):
     s, processor, config, _ = setup
     step, tx, _ = td.compiled_step(config, s)
     state = td.init_state(config, s, tx)
-    batch = {k: v for k, v in td.Data(s, processor).batch(0).items() if k != "bucket"}
+    batch = {k: v for k, v in td.Data(s, processor).batch(0).items() if k not in td._LOG_ONLY}
     losses = []
     for _ in range(3):
         state, m = step(state, batch)
@@ -545,40 +546,63 @@ def test_contrast_objects_are_other_readable_shapes_or_the_subject():
     assert [o["text"] for o in td.contrast_objects(rec, 2, np.random.default_rng(2))] == ["K"] * 2
 
 
+def _asked(tok, ids, lmask, objects):
+    """(the objects a row's question names, its answer text)."""
+    prompt = tok.decode(ids[lmask == 0])
+    asked = [o for o in objects if f"the {o['color']} {o['shape']}?" in prompt]
+    return asked, tok.decode(ids[lmask > 0][:-1]).strip()  # the answer tokens, not EOS
+
+
 def test_contrast_rows_ask_about_other_shapes_of_the_same_image(setup):
     s, processor, config, _ = setup
-    s = dataclasses.replace(s, contrast_questions=2, glyphs="letter", distinct_colors=True)
+    s = dataclasses.replace(s, contrast_questions=2, pair_contrast_questions=1, glyphs="letter",
+                            distinct_colors=True, random_crop_fraction=0.5,
+                            distractor_fraction=0.4, batch_size=6)  # fmt: skip
     data = td.Data(s, processor)
     batch = data.batch(0)
     b = s.batch_size
     assert batch["contrast_input_ids"].shape == (2 * b, data.len1)
+    assert batch["pair_contrast_input_ids"].shape == (b, data.len2)
     tok = processor.tokenizer
+    in_crop = 0
     for i in range(b):
-        _, _, rec, *_ = data.item(i)
+        _, _, rec, hit, box = data.item(i)
+        assert bool(batch["crop_hit"][i]) == hit
         assert len({o["color"] for o in rec["objects"]}) == len(rec["objects"])
         for j in range(2):
             row = 2 * i + j
-            ids, lmask = batch["contrast_input_ids"][row], batch["contrast_loss_mask"][row]
-            answer = tok.decode(ids[lmask > 0][:-1]).strip()  # the answer tokens, not EOS
-            prompt = tok.decode(ids[lmask == 0])
-            asked = [o for o in rec["objects"]
-                     if f"the {o['color']} {o['shape']}?" in prompt]  # fmt: skip
+            asked, answer = _asked(tok, batch["contrast_input_ids"][row],
+                                   batch["contrast_loss_mask"][row], rec["objects"])  # fmt: skip
             assert len(asked) == 1 and asked[0]["text"].lower() == answer
+        # The pair row: on the item's own [image, crop], about another shape, the one whose
+        # glyph the crop shows when there is one.
+        ids, lmask = batch["pair_contrast_input_ids"][i], batch["pair_contrast_loss_mask"][i]
+        assert (ids == config.image_token_index).sum() == 2 * config.num_image_tokens
+        (o,), answer = _asked(tok, ids, lmask, rec["objects"])
+        assert o["text"].lower() == answer
+        others = [x for k, x in enumerate(rec["objects"]) if k != rec["subject_index"]]
+        shown = [x for x in others if td._contains_centre(box, x["text_bbox"])]
+        short = min(rec["image_size"])
+        readable = [x for x in others if x["bbox"][2] - x["bbox"][0] >= syn.SMALL_MAX * short]
+        assert o in (shown or readable or [rec["objects"][rec["subject_index"]]])
+        in_crop += bool(shown)
+    assert in_crop  # some crop shows another shape's letter (the case the rows are for)
+    with pytest.raises(ValueError, match="pair_contrast_questions"):
+        dataclasses.replace(s, pair_contrast_questions=2)
     # The rows enter the loss: a step on them reports it, and other answers change it.
     step, tx, _ = td.compiled_step(config, s)
     state = td.init_state(config, s, tx)
-    feed = {k: v for k, v in batch.items() if k != "bucket"}
-    loss_a = td.loss_fn(td.module_for(config), state["params"], feed)[1]["loss_contrast"]
-    other = dict(
-        feed,
-        contrast_input_ids=np.roll(feed["contrast_input_ids"], 1, axis=0),
-        contrast_loss_mask=np.roll(feed["contrast_loss_mask"], 1, axis=0),
-        contrast_attention_mask=np.roll(feed["contrast_attention_mask"], 1, axis=0),
-    )
-    loss_b = td.loss_fn(td.module_for(config), state["params"], other)[1]["loss_contrast"]
-    assert abs(float(loss_a) - float(loss_b)) > 1e-4
+    feed = {k: v for k, v in batch.items() if k not in td._LOG_ONLY}
+    m_a = td.loss_fn(td.module_for(config), state["params"], feed)[1]
+    rolled = {f"{p}_{k}": np.roll(feed[f"{p}_{k}"], 1, axis=0)
+              for p in ("contrast", "pair_contrast")
+              for k in ("input_ids", "loss_mask", "attention_mask")}  # fmt: skip
+    m_b = td.loss_fn(td.module_for(config), state["params"], {**feed, **rolled})[1]
+    for k in ("loss_contrast", "loss_pair_contrast"):
+        assert abs(float(m_a[k]) - float(m_b[k])) > 1e-4, k
     _, m = step(state, feed)
-    assert np.isfinite(float(m["loss_contrast"])) and 0 <= float(m["acc_contrast"]) <= 1
+    for k in ("contrast", "pair_contrast"):
+        assert np.isfinite(float(m[f"loss_{k}"])) and 0 <= float(m[f"acc_{k}"]) <= 1
 
 
 def test_scale_text_embeddings_scales_only_the_token_table(setup):
@@ -622,7 +646,7 @@ def test_answer_attention_loss_covers_the_other_layers(tmp_path):
     processor, config, _ = td.setup(s)
     _, tx, _ = td.compiled_step(config, s)
     params = td.init_state(config, s, tx)["params"]
-    batch = {k: v for k, v in td.Data(s, processor).batch(0).items() if k != "bucket"}
+    batch = {k: v for k, v in td.Data(s, processor).batch(0).items() if k not in td._LOG_ONLY}
     module = td.module_for(config)
     layer = td.default_layer("llava", 3)
     base, _ = td.loss_fn(module, params, batch, 1.0, layer)
@@ -655,3 +679,14 @@ def test_question_images_can_be_a_two_shape_curriculum():
     assert s.pretrain_options()["num_objects"] == (6, 10)
     with pytest.raises(ValueError, match="num_objects"):
         td.Settings(workdir="", dims=DIMS, question_num_objects=(3, 2))
+
+
+def test_record_logs_each_prompt_once_and_the_missed_crops_apart():
+    window = collections.defaultdict(list)
+    yes_no, no_yes = np.array([True, False]), np.array([False, True])
+    m = {"loss": 1.0, "loss_single": 0.5, "loss_pair": 0.25, "correct_single": yes_no,
+         "correct_pair": no_yes}  # fmt: skip
+    td._record(window, m, buckets=np.array([2, 0]), crop_hit=np.array([False, True]))
+    assert window["acc_single"] == [1.0, 0.0] and window["acc_pair"] == [0.0, 1.0]
+    assert window["acc_single_large"] == [1.0] and window["acc_pair_small"] == [1.0]
+    assert window["acc_pair_miss_large"] == [0.0] and "acc_pair_miss_small" not in window
