@@ -1121,7 +1121,7 @@ def loss_fn(module, params, batch, att_weight: float = 0.0, att_layer: int = 0,
                         )
                         for i in others
                     ]
-                )  # [L-1, B]; fmt: skip
+                )  # [L-1, B]
                 metrics["att_subject_others"] = jnp.mean(shares)
                 losses = jnp.stack([_row_mean(-jnp.log(x + 1e-6), batch) for x in shares])
                 total = total + answer_att_weight * jnp.mean(losses)
