@@ -845,8 +845,8 @@ class Data:
                 o = crop_object(r, box, np.random.default_rng([self.s.seed, step * b + i, 4]))
                 q = syn.TEXT_QUESTION.format(color=o["color"], shape=o["shape"])
                 rows.append((t.prompt(q, 2), t.answer(o["text"].lower())))
-            rows = pack(rows, self.len2, t.pad)
-            out.update({f"pair_contrast_{k}": v for k, v in rows.items()})
+            packed = pack(rows, self.len2, t.pad)  # [B]
+            out.update({f"pair_contrast_{k}": v for k, v in packed.items()})
         key = "text_bbox" if self.s.attention_target == "glyph" else "bbox"
         subjects = [(im.size, r["objects"][r["subject_index"]]) for im, _, r, *_ in items]
         out["subject_cells"] = np.stack(
@@ -1070,7 +1070,9 @@ def loss_fn(module, params, batch, att_weight: float = 0.0, att_layer: int = 0,
     target) is averaged over the rows it weighs. With ratio_weight > 0 (general_* rows in the
     batch), adds ratio_weight * `ratio_peak_loss` at att_layer. When the batch holds
     contrast_* rows (`contrast_questions`: k questions per image about its other shapes),
-    their answer loss counts as the single prompts' does. With answer_att_weight > 0, adds
+    their answer loss counts as the single prompts' does; pair_contrast_* rows
+    (`pair_contrast_questions`: one more question per [image, crop]) likewise, on the pair
+    prompts' image features. With answer_att_weight > 0, adds
     answer_att_weight * the mean over the other decoder layers of -log(subject share) of
     the single prompts (as at att_layer, see `subject_attention`).
     """
