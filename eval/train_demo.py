@@ -536,6 +536,11 @@ class Tokens:
             raise ValueError(f"answer {answer!r} is not in the tokenizer's vocabulary")
         return [*ids, self.eos]
 
+    def about(self, obj: dict, n_images: int) -> tuple[list[int], list[int]]:
+        """(prompt, answer) of the text question about object `obj` (its own letter)."""
+        q = syn.TEXT_QUESTION.format(color=obj["color"], shape=obj["shape"])
+        return self.prompt(q, n_images), self.answer(obj["text"].lower())
+
     def max_length(self, n_images: int) -> int:
         """Longest prompt + answer + EOS of the task (fixed padded length, one compile)."""
         qs = [syn.TEXT_QUESTION.format(color=c, shape=s) for c in syn.COLORS for s in syn.SHAPES]
@@ -834,17 +839,13 @@ class Data:
             rows = []
             for i, (_, _, r, *_) in enumerate(items):
                 rng = np.random.default_rng([self.s.seed, step * b + i, 3])
-                for o in contrast_objects(r, self.s.contrast_questions, rng):
-                    q = syn.TEXT_QUESTION.format(color=o["color"], shape=o["shape"])
-                    rows.append((t.prompt(q, 1), t.answer(o["text"].lower())))
+                rows += [t.about(o, 1) for o in contrast_objects(r, self.s.contrast_questions, rng)]
             contrast = pack(rows, self.len1, t.pad)  # [B * k]: item-major
             out.update({f"contrast_{k}": v for k, v in contrast.items()})
         if self.s.pair_contrast_questions:
-            rows = []
-            for i, (_, _, r, _, box) in enumerate(items):
-                o = crop_object(r, box, np.random.default_rng([self.s.seed, step * b + i, 4]))
-                q = syn.TEXT_QUESTION.format(color=o["color"], shape=o["shape"])
-                rows.append((t.prompt(q, 2), t.answer(o["text"].lower())))
+            rngs = [np.random.default_rng([self.s.seed, step * b + i, 4]) for i in range(b)]
+            rows = [t.about(crop_object(r, box, rng), 2)
+                    for (_, _, r, _, box), rng in zip(items, rngs, strict=True)]  # fmt: skip
             packed = pack(rows, self.len2, t.pad)  # [B]
             out.update({f"pair_contrast_{k}": v for k, v in packed.items()})
         key = "text_bbox" if self.s.attention_target == "glyph" else "bbox"
@@ -1144,21 +1145,20 @@ def loss_fn(module, params, batch, att_weight: float = 0.0, att_layer: int = 0,
                 total = total + att_weight * _row_mean(ce, batch)
             elif att_weight:
                 total = total + att_weight * _row_mean(-jnp.log(share + 1e-6), batch)
+
+    def question_rows(name, image_features):
+        """Answer loss of the batch's extra question rows `name`_*, logged as loss_/acc_name."""
+        ids = batch[f"{name}_input_ids"]
+        out = apply(ids, None, batch[f"{name}_attention_mask"], image_features=image_features)
+        loss, correct, _ = answer_loss(out.logits, ids, batch[f"{name}_loss_mask"])
+        metrics[f"loss_{name}"], metrics[f"acc_{name}"] = loss, jnp.mean(correct)
+        return loss / 2
+
     if "contrast_input_ids" in batch:  # k rows per image, item-major (Data.batch)
-        ids = batch["contrast_input_ids"]
-        k = ids.shape[0] // b
-        out = apply(ids, None, batch["contrast_attention_mask"],
-                    image_features=jnp.repeat(feats[:b], k, axis=0))  # fmt: skip
-        loss, correct, _ = answer_loss(out.logits, ids, batch["contrast_loss_mask"])
-        total = total + loss / 2
-        metrics["loss_contrast"], metrics["acc_contrast"] = loss, jnp.mean(correct)
+        k = batch["contrast_input_ids"].shape[0] // b
+        total = total + question_rows("contrast", jnp.repeat(feats[:b], k, axis=0))
     if "pair_contrast_input_ids" in batch:  # one row per item, on the item's [image, crop]
-        ids = batch["pair_contrast_input_ids"]
-        out = apply(ids, None, batch["pair_contrast_attention_mask"], image_features=pair_feats)
-        loss, correct, _ = answer_loss(out.logits, ids, batch["pair_contrast_loss_mask"])
-        total = total + loss / 2
-        metrics["loss_pair_contrast"] = loss
-        metrics["acc_pair_contrast"] = jnp.mean(correct)
+        total = total + question_rows("pair_contrast", pair_feats)
     if general_weight or ratio_weight:
         ids = batch["general_input_ids"]
         out = apply(ids, None, batch["general_attention_mask"], image_features=feats[:b],
