@@ -266,6 +266,13 @@ _REINIT = flags.DEFINE_list(
     "that learned to answer with the image's most salient letter does not unlearn it; a fresh "
     "one on the binding curriculum learns to follow the question (BUILD_NOTES).",
 )
+_FREEZE = flags.DEFINE_list(
+    "freeze",
+    [],
+    "Top-level param subtrees to keep fixed (no update, no weight decay), e.g. "
+    "vision_tower,multi_modal_projector: a decoder trained with attention losses then "
+    "cannot reach its goal by reshaping the image features.",
+)
 _LOG_EVERY = flags.DEFINE_integer("log_every", 25, "Steps between train log records.")
 _EVAL_EVERY = flags.DEFINE_integer("eval_every", 500, "Steps between held-out evals (0: none).")
 _EVAL_ITEMS = flags.DEFINE_integer("eval_items", 192, "Held-out items (split 'val').")
@@ -332,6 +339,7 @@ class Settings:
     attention_buckets: tuple[str, ...] = ()
     init_from: str = ""
     reinit: tuple[str, ...] = ()
+    freeze: tuple[str, ...] = ()
     patch_loss_weight: float = 0.0
     patch_label_cells: str = "centre"
     pretrain_steps: int = 0
@@ -365,9 +373,10 @@ class Settings:
             raise ValueError(f"pair_contrast_questions: {self.pair_contrast_questions}, use 0 or 1")
         if self.reinit and not self.init_from:
             raise ValueError("reinit re-initialises parts of an --init_from model; set init_from")
-        unknown = set(self.reinit) - set(_PARAM_TREES)
-        if unknown:
-            raise ValueError(f"reinit: unknown {sorted(unknown)}; use some of {_PARAM_TREES}")
+        for name in ("reinit", "freeze"):
+            unknown = set(getattr(self, name)) - set(_PARAM_TREES)
+            if unknown:
+                raise ValueError(f"{name}: unknown {sorted(unknown)}; use some of {_PARAM_TREES}")
         syn.SynthConfig(**self.synth_options())  # a bad generator option fails here, named
         unknown = set(self.attention_buckets) - set(_BUCKETS)
         if unknown:
@@ -420,7 +429,7 @@ class Settings:
             out["large_distractor_fraction"] = self.large_distractor_fraction
         if self.embed_scale != 1.0:
             out["embed_scale"] = self.embed_scale
-        for k in ("question_num_objects", "question_rel_range", "reinit"):
+        for k in ("question_num_objects", "question_rel_range", "reinit", "freeze"):
             if getattr(self, k):
                 out[k] = list(getattr(self, k))
         if self.attention_target != "subject":
@@ -1199,6 +1208,18 @@ def make_optimizer(settings: Settings):
         optax.adamw(schedule, b1=0.9, b2=0.98, weight_decay=settings.weight_decay,
                     mask=decay_mask),
     )  # fmt: skip
+    if settings.freeze:
+        frozen = set(settings.freeze)
+
+        def labels(trainable):
+            out = {"aux": jax.tree.map(lambda _: "train", trainable["aux"])}
+            out["params"] = {
+                k: jax.tree.map(lambda _, k=k: "frozen" if k in frozen else "train", v)
+                for k, v in trainable["params"].items()
+            }
+            return out
+
+        tx = optax.multi_transform({"train": tx, "frozen": optax.set_to_zero()}, labels)
     return tx, schedule
 
 
@@ -1266,7 +1287,7 @@ def _step_settings(settings: Settings) -> Settings:
 _STEP_FIELDS = ("learning_rate", "warmup_steps", "weight_decay", "grad_clip", "steps",
                 "attention_loss_weight", "patch_loss_weight", "general_loss_weight",
                 "peak_loss_weight", "peak_margin", "pair_attention_weight",
-                "ratio_peak_weight", "answer_attention_weight")  # fmt: skip
+                "ratio_peak_weight", "answer_attention_weight", "freeze")  # fmt: skip
 
 
 @functools.cache
@@ -1616,6 +1637,12 @@ def embed_scale_for(module, params, pixel_values, scale: float) -> float:
     return float(image / jnp.mean(jnp.linalg.norm(table.astype(jnp.float32), axis=-1)))
 
 
+def _source_freeze(src: str) -> list[str]:
+    """The --freeze of the training run in workdir `src` (its settings.json identity)."""
+    with open(os.path.join(src, "settings.json")) as f:
+        return json.load(f).get("freeze", [])
+
+
 def init_from_run(settings: Settings, config, tx):
     """Step-0 state of a fine-tuning run: the params and patch-label heads of the latest
     checkpoint of the run in `settings.init_from` (same model dims), a fresh optimizer."""
@@ -1628,8 +1655,10 @@ def init_from_run(settings: Settings, config, tx):
     if dims != dataclasses.asdict(settings.dims):
         raise ValueError(f"--init_from={src} holds a model of other dims: {dims}")
     manager = checkpoint_manager(src)
-    # The source's optimizer state has the same structure (same optimizer chain).
-    state = restore_latest(manager, abstract_state(config, tx))
+    # The source's optimizer state has the structure of the plain chain (or of its own
+    # frozen subtrees', which only `freeze` changes).
+    src_tx, _ = make_optimizer(dataclasses.replace(settings, freeze=tuple(_source_freeze(src))))
+    state = restore_latest(manager, abstract_state(config, src_tx))
     manager.close()
     if state is None:
         raise FileNotFoundError(f"--init_from={src}: no checkpoint under {src}/checkpoints")
@@ -1792,7 +1821,7 @@ def settings_from_flags() -> Settings:
         peak_loss_weight=_PEAK_W.value, peak_margin=_PEAK_MARGIN.value,
         pair_attention_weight=_PAIR_W.value, ratio_peak_weight=_RATIO_W.value,
         attention_buckets=tuple(_ATT_BUCKETS.value),
-        init_from=_INIT_FROM.value, reinit=tuple(_REINIT.value),
+        init_from=_INIT_FROM.value, reinit=tuple(_REINIT.value), freeze=tuple(_FREEZE.value),
         eval_sizes=tuple(int(x) for x in _EVAL_SIZES.value),
         patch_loss_weight=_AUX_W.value, glyphs=_GLYPHS.value, pretrain_steps=_PRE_STEPS.value,
         pretrain_batch=_PRE_BATCH.value,

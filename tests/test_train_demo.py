@@ -352,6 +352,31 @@ def test_finetune_from_a_run_restarts_the_schedule_and_trains_the_map_losses(tmp
         _settings(tmp_path / "q", reinit=("language_model",))
 
 
+def test_freeze_keeps_the_named_subtrees_fixed(tmp_path):
+    # A fine-tune with the vision tower and projector frozen: they stay bitwise the base's
+    # (no update, no weight decay), the decoder moves; a run from that frozen run restores
+    # its checkpoint (another optimizer structure) and trains everything again.
+    base = td.train(_settings(tmp_path / "base", steps=2, patch_loss_weight=1.0))
+    frozen = ("vision_tower", "multi_modal_projector")
+    kw = dict(steps=2, init_from=str(tmp_path / "base"), attention_loss_weight=1.0,
+              patch_loss_weight=1.0, weight_decay=0.5)  # fmt: skip
+    tuned = td.train(_settings(tmp_path / "ft", freeze=frozen, **kw))
+    for name in frozen:
+        jax.tree.map(np.testing.assert_array_equal, tuned["params"][name], base["params"][name])
+    moved = jax.tree.leaves(jax.tree.map(lambda a, b: bool(np.any(np.asarray(a) != b)),
+                                         tuned["params"]["language_model"],
+                                         base["params"]["language_model"]))  # fmt: skip
+    assert all(moved)
+    assert json.load(open(tmp_path / "ft" / "settings.json"))["freeze"] == list(frozen)
+    again = td.train(_settings(tmp_path / "ft2", **{**kw, "init_from": str(tmp_path / "ft")}))
+    moved = jax.tree.leaves(jax.tree.map(lambda a, b: bool(np.any(np.asarray(a) != b)),
+                                         again["params"]["vision_tower"],
+                                         tuned["params"]["vision_tower"]))  # fmt: skip
+    assert any(moved)
+    with pytest.raises(ValueError, match="vision_towr"):
+        _settings(tmp_path / "q", freeze=("vision_towr",))
+
+
 def test_row_mean_averages_only_the_weighted_rows():
     x = jnp.array([1.0, 2.0, 4.0])
     assert float(td._row_mean(x, {})) == pytest.approx(7 / 3)
