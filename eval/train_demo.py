@@ -1655,8 +1655,7 @@ def init_from_run(settings: Settings, config, tx):
     if dims != dataclasses.asdict(settings.dims):
         raise ValueError(f"--init_from={src} holds a model of other dims: {dims}")
     manager = checkpoint_manager(src)
-    # The source's optimizer state has the structure of the plain chain (or of its own
-    # frozen subtrees', which only `freeze` changes).
+    # Restored with the source run's own optimizer structure (a --freeze run's differs).
     src_tx, _ = make_optimizer(dataclasses.replace(settings, freeze=tuple(_source_freeze(src))))
     state = restore_latest(manager, abstract_state(config, src_tx))
     manager.close()

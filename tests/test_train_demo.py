@@ -430,7 +430,7 @@ def test_the_shipped_flagfiles_chain(tmp_path):
         "    flags.FLAGS.unparse_flags(); flags.FLAGS(['x', '--flagfile=' + f])\n"
         "    s = td.settings_from_flags()\n"
         "    out.append([s.workdir, s.init_from, s.export_dir, s.identity()['dims'],\n"
-        "                list(s.reinit)])\n"
+        "                list(s.reinit), list(s.freeze)])\n"
         "print(json.dumps(out))\n"
     )
     files = [f"eval/flags/{name}.flags" for name in _CHAIN]
@@ -443,6 +443,9 @@ def test_the_shipped_flagfiles_chain(tmp_path):
     for prev, cur in zip(stages[:-1], stages[1:], strict=True):
         assert cur[1] == prev[0] and cur[0] != prev[0] and cur[3] == prev[3]
     assert [s[2] for s in stages] == ["", "", "", "vicrop_jax/assets/demo"]
+    # The vision tower and projector stage 1 trained stay fixed from stage 1b on.
+    frozen = ["vision_tower", "multi_modal_projector"]
+    assert [s[5] for s in stages] == [[], frozen, frozen, frozen]
     assert [s[4] for s in stages] == [[], ["language_model"], [], []]
 
 
