@@ -1637,12 +1637,6 @@ def embed_scale_for(module, params, pixel_values, scale: float) -> float:
     return float(image / jnp.mean(jnp.linalg.norm(table.astype(jnp.float32), axis=-1)))
 
 
-def _source_freeze(src: str) -> list[str]:
-    """The --freeze of the training run in workdir `src` (its settings.json identity)."""
-    with open(os.path.join(src, "settings.json")) as f:
-        return json.load(f).get("freeze", [])
-
-
 def init_from_run(settings: Settings, config, tx):
     """Step-0 state of a fine-tuning run: the params and patch-label heads of the latest
     checkpoint of the run in `settings.init_from` (same model dims), a fresh optimizer."""
@@ -1651,12 +1645,15 @@ def init_from_run(settings: Settings, config, tx):
     if not os.path.isfile(path):
         raise FileNotFoundError(f"--init_from={src}: no settings.json (not a training workdir)")
     with open(path) as f:
-        dims = json.load(f)["dims"]
+        source = json.load(f)  # the source run's identity
+    dims = source["dims"]
     if dims != dataclasses.asdict(settings.dims):
         raise ValueError(f"--init_from={src} holds a model of other dims: {dims}")
     manager = checkpoint_manager(src)
     # Restored with the source run's own optimizer structure (a --freeze run's differs).
-    src_tx, _ = make_optimizer(dataclasses.replace(settings, freeze=tuple(_source_freeze(src))))
+    src_tx, _ = make_optimizer(
+        dataclasses.replace(settings, freeze=tuple(source.get("freeze", ())))
+    )
     state = restore_latest(manager, abstract_state(config, src_tx))
     manager.close()
     if state is None:

@@ -31,6 +31,11 @@ def _settings(workdir, **kw) -> td.Settings:
     return td.Settings(**{**base, **kw})
 
 
+def _differs(a, b) -> list[bool]:
+    """Per leaf of two same-structure param trees: does any element differ?"""
+    return jax.tree.leaves(jax.tree.map(lambda x, y: bool(np.any(np.asarray(x) != y)), a, b))
+
+
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     s = _settings(tmp_path_factory.mktemp("td_setup"))
@@ -342,10 +347,8 @@ def test_finetune_from_a_run_restarts_the_schedule_and_trains_the_map_losses(tmp
     for name, tree in re["params"].items():
         want = fresh[name] if name == "language_model" else base["params"][name]
         jax.tree.map(np.testing.assert_array_equal, tree, want)
-    trained = jax.tree.leaves(jax.tree.map(lambda a, b: bool(np.any(np.asarray(a) != b)),
-                                           fresh["language_model"],
-                                           base["params"]["language_model"]))  # fmt: skip
-    assert any(trained)  # the base's decoder moved, so the check above can tell them apart
+    # The base's decoder moved, so the check above can tell them apart.
+    assert any(_differs(fresh["language_model"], base["params"]["language_model"]))
     with pytest.raises(ValueError, match="lm_haed"):
         _settings(tmp_path / "q", reinit=("lm_haed",), **kw)
     with pytest.raises(ValueError, match="init_from"):
@@ -363,16 +366,10 @@ def test_freeze_keeps_the_named_subtrees_fixed(tmp_path):
     tuned = td.train(_settings(tmp_path / "ft", freeze=frozen, **kw))
     for name in frozen:
         jax.tree.map(np.testing.assert_array_equal, tuned["params"][name], base["params"][name])
-    moved = jax.tree.leaves(jax.tree.map(lambda a, b: bool(np.any(np.asarray(a) != b)),
-                                         tuned["params"]["language_model"],
-                                         base["params"]["language_model"]))  # fmt: skip
-    assert all(moved)
+    assert all(_differs(tuned["params"]["language_model"], base["params"]["language_model"]))
     assert json.load(open(tmp_path / "ft" / "settings.json"))["freeze"] == list(frozen)
     again = td.train(_settings(tmp_path / "ft2", **{**kw, "init_from": str(tmp_path / "ft")}))
-    moved = jax.tree.leaves(jax.tree.map(lambda a, b: bool(np.any(np.asarray(a) != b)),
-                                         again["params"]["vision_tower"],
-                                         tuned["params"]["vision_tower"]))  # fmt: skip
-    assert any(moved)
+    assert any(_differs(again["params"]["vision_tower"], tuned["params"]["vision_tower"]))
     with pytest.raises(ValueError, match="vision_towr"):
         _settings(tmp_path / "q", freeze=("vision_towr",))
 
