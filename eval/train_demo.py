@@ -137,6 +137,14 @@ _DISTRACT_LARGE = flags.DEFINE_float(
     "every item's): there the original shows the subject's letter, so a crop of another "
     "object teaches the model to answer from the original rather than read the crop.",
 )
+_PARTIAL_LARGE = flags.DEFINE_float(
+    "large_partial_fraction",
+    0.0,
+    "Pairs of items whose subject is in the large bucket whose crop is the official search's "
+    "size (the model's input side) somewhere on the subject's shape, holding under 80% of its "
+    "glyph (what a map spread over a large shape picks): the answer is the subject's, so the "
+    "model learns to read it from the original.",
+)
 _OWN = flags.DEFINE_float(
     "own_crop_fraction",
     0.0,
@@ -158,7 +166,10 @@ _ATT_TARGET = flags.DEFINE_enum(
     "(cross-entropy), so the box search's window lands on the glyph, not a corner of the shape.",
 )
 _INIT_FROM = flags.DEFINE_string(
-    "init_from", "", "Workdir of a finished run to fine-tune from (its latest checkpoint)."
+    "init_from",
+    "",
+    "Model to fine-tune from: the workdir of a finished run (its latest "
+    "checkpoint) or an exported HF directory (e.g. vicrop_jax/assets/demo; fresh patch heads).",
 )
 _EVAL_SIZES = flags.DEFINE_list("eval_sizes", [], "Shorter sides of held-out images ([]: default).")
 _ATT_W = flags.DEFINE_float(
@@ -328,6 +339,7 @@ class Settings:
     random_crop_fraction: float = 0.0
     distractor_fraction: float = 0.0
     large_distractor_fraction: float = -1.0  # < 0: distractor_fraction
+    large_partial_fraction: float = 0.0
     own_crop_fraction: float = 0.0
     attention_loss_weight: float = 0.0
     general_loss_weight: float = 0.0
@@ -387,6 +399,11 @@ class Settings:
                 raise ValueError(
                     f"negative_fraction + random_crop_fraction + {name} = {total:g} > 1"
                 )
+        total = (self.negative_fraction + self.random_crop_fraction
+                 + self.distractor_share("large") + self.large_partial_fraction)  # fmt: skip
+        if total > 1 + 1e-9:
+            raise ValueError(f"negative_fraction + random_crop_fraction + the large distractor "
+                             f"share + large_partial_fraction = {total:g} > 1")  # fmt: skip
 
     def distractor_share(self, bucket: str) -> float:
         """The distractor-crop fraction of an item whose subject is in `bucket`."""
@@ -422,7 +439,7 @@ class Settings:
                   "general_loss_weight", "peak_loss_weight", "pair_attention_weight",
                   "ratio_peak_weight", "init_from", "distinct_colors",
                   "contrast_questions", "answer_attention_weight",
-                  "pair_contrast_questions"):  # fmt: skip
+                  "pair_contrast_questions", "large_partial_fraction"):  # fmt: skip
             if getattr(self, k):
                 out[k] = getattr(self, k)
         if self.large_distractor_fraction >= 0:
@@ -620,6 +637,26 @@ def miss_crop(bbox, size, base: int, rng, tries: int = 20) -> tuple[int, int, in
     return None
 
 
+def partial_crop(bbox, text_bbox, size, base: int, rng, tries: int = 20, inside: float = 0.8):
+    """A base x base crop (the side the official box search always returns) centred inside
+    the shape's box `bbox` that holds less than `inside` of its glyph's box `text_bbox` (part
+    of the shape, part of the letter or none of it: what a map spread over a large subject
+    gives), or None if none was found."""
+    x1, y1, x2, y2 = bbox
+    for _ in range(tries):
+        box = fit_box(rng.uniform(x1, x2), rng.uniform(y1, y2), base, size)
+        if _coverage(box, text_bbox) < inside:
+            return box
+    return None
+
+
+def _coverage(box, bbox) -> float:
+    """The share of `bbox`'s area inside `box`."""
+    w = max(0, min(box[2], bbox[2]) - max(box[0], bbox[0]))
+    h = max(0, min(box[3], bbox[3]) - max(box[1], bbox[1]))
+    return w * h / max(1e-9, (bbox[2] - bbox[0]) * (bbox[3] - bbox[1]))
+
+
 def random_crop(size, base: int, rng) -> tuple[int, int, int, int]:
     """A base-to-2x-base square anywhere in the image (it may hold all, part or none of the
     subject): what a box search that looked in the wrong place, or eval's random_crop, gives."""
@@ -798,6 +835,14 @@ class Data:
             if other is not None:
                 box = subject_crop(other["bbox"], image.size, s.dims.image_size, rng)
                 hit = _contains_centre(box, rec["bbox"])
+        elif rec["size_bucket"] == "large" and u < (
+            s.negative_fraction + s.random_crop_fraction + s.distractor_share("large")
+            + s.large_partial_fraction
+        ):  # fmt: skip
+            subject = rec["objects"][rec["subject_index"]]
+            box = partial_crop(subject["bbox"], subject["text_bbox"], image.size,
+                               s.dims.image_size, rng)  # fmt: skip
+            hit = box is None or _contains_centre(box, rec["bbox"])
         if box is None:
             box = subject_crop(rec["bbox"], image.size, s.dims.image_size, rng)
         if index in self.own:  # drawn apart (own_crop_indices): the other items are as before
@@ -1637,13 +1682,53 @@ def embed_scale_for(module, params, pixel_values, scale: float) -> float:
     return float(image / jnp.mean(jnp.linalg.norm(table.astype(jnp.float32), axis=-1)))
 
 
+_CONFIG_DIMS = {
+    "vision_config": ("hidden_size", "intermediate_size", "num_hidden_layers",
+                      "num_attention_heads", "image_size", "patch_size"),
+    "text_config": ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                    "num_attention_heads", "num_key_value_heads"),
+}  # fmt: skip
+
+
+def _config_dims(cfg: dict) -> dict:
+    """The model-shape fields of a (dataclasses.asdict) LlavaConfig (what an export must
+    share with the run)."""
+    return {f"{part}.{k}": cfg.get(part, {}).get(k) for part, keys in _CONFIG_DIMS.items()
+            for k in keys}  # fmt: skip
+
+
+def _init_from_export(settings: Settings, config) -> tuple[dict, dict]:
+    """(params, fresh patch-label heads) of an exported model (config.json +
+    model.safetensors, e.g. vicrop_jax/assets/demo), read through the same converter as
+    llava-1.5-7b-hf. The export carries no patch heads: they start afresh (seeded)."""
+    from convert.checkpoint import read_config
+    from convert.llava import load_params
+
+    src = settings.init_from
+    have = _config_dims(dataclasses.asdict(LlavaConfig.from_dict(read_config(src))))
+    want = _config_dims(dataclasses.asdict(config))
+    if have != want:
+        diff = {k: (have[k], want[k]) for k in have if have[k] != want[k]}
+        raise ValueError(f"--init_from={src} holds a model of other dims (its, ours): {diff}")
+    params = load_params(src, config, jnp.float32)
+    aux = init_aux(jax.random.key(settings.seed + 1), config.text_config.hidden_size)
+    return params, aux
+
+
 def init_from_run(settings: Settings, config, tx):
-    """Step-0 state of a fine-tuning run: the params and patch-label heads of the latest
-    checkpoint of the run in `settings.init_from` (same model dims), a fresh optimizer."""
+    """Step-0 state of a fine-tuning run, a fresh optimizer and the model of
+    `settings.init_from` (same dims): either a training workdir (the params and patch-label
+    heads of its latest checkpoint) or an exported HF directory (`_init_from_export`)."""
     src = settings.init_from
     path = os.path.join(src, "settings.json")
+    if not os.path.isfile(path) and os.path.isfile(os.path.join(src, "config.json")):
+        params, aux = _init_from_export(settings, config)
+        return _fine_tune_state(settings, config, tx, params, aux)
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"--init_from={src}: no settings.json (not a training workdir)")
+        raise FileNotFoundError(
+            f"--init_from={src}: neither a training workdir (settings.json) nor an exported "
+            "model (config.json)"
+        )
     with open(path) as f:
         source = json.load(f)  # the source run's identity
     dims = source["dims"]
@@ -1658,11 +1743,15 @@ def init_from_run(settings: Settings, config, tx):
     manager.close()
     if state is None:
         raise FileNotFoundError(f"--init_from={src}: no checkpoint under {src}/checkpoints")
-    params = state["params"]
+    return _fine_tune_state(settings, config, tx, state["params"], state["aux"])
+
+
+def _fine_tune_state(settings: Settings, config, tx, params, aux) -> dict:
+    """Step-0 state from given params and heads: --reinit subtrees afresh, a new optimizer."""
     if settings.reinit:
         fresh = _init_fn(config)(jax.random.key(settings.seed))
         params = {**params, **{k: fresh[k] for k in settings.reinit}}
-    trainable = {"params": params, "aux": state["aux"]}
+    trainable = {"params": params, "aux": aux}
     return {**trainable, "opt_state": tx.init(trainable), "step": jnp.zeros((), jnp.int32)}
 
 
@@ -1812,6 +1901,7 @@ def settings_from_flags() -> Settings:
         grad_clip=_CLIP.value, negative_fraction=_NEG.value, attention_loss_weight=_ATT_W.value,
         random_crop_fraction=_RAND_CROP.value, distractor_fraction=_DISTRACT.value,
         large_distractor_fraction=_DISTRACT_LARGE.value,
+        large_partial_fraction=_PARTIAL_LARGE.value,
         own_crop_fraction=_OWN.value, patch_label_cells=_PATCH_CELLS.value,
         general_loss_weight=_GEN_W.value, attention_target=_ATT_TARGET.value,
         peak_loss_weight=_PEAK_W.value, peak_margin=_PEAK_MARGIN.value,

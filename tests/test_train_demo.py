@@ -374,6 +374,34 @@ def test_freeze_keeps_the_named_subtrees_fixed(tmp_path):
         _settings(tmp_path / "q", freeze=("vision_towr",))
 
 
+def test_finetune_from_an_export_reads_it_through_the_converter(tmp_path):
+    # A fine-tune whose --init_from is an exported HF directory (as vicrop_jax/assets/demo):
+    # the params are the exported ones, the patch heads start afresh (seeded), it trains; an
+    # export of other dims and a directory that is neither a workdir nor an export refuse.
+    base = td.train(_settings(tmp_path / "base", steps=2, patch_loss_weight=1.0,
+                              export_dir=str(tmp_path / "export")))  # fmt: skip
+    kw = dict(steps=2, init_from=str(tmp_path / "export"), attention_loss_weight=1.0,
+              patch_loss_weight=1.0, freeze=("vision_tower",))  # fmt: skip
+    s = _settings(tmp_path / "ft", **kw)
+    _, config, _ = td.setup(s)
+    _, tx, _ = td.compiled_step(config, s)
+    start = td.init_from_run(s, config, tx)
+    jax.tree.map(np.testing.assert_array_equal, start["params"], base["params"])
+    fresh = td.init_state(config, s, tx)["aux"]
+    jax.tree.map(np.testing.assert_array_equal, start["aux"], fresh)
+    assert any(_differs(fresh, base["aux"]))  # so the check above can tell them apart
+    tuned = td.train(s)
+    assert int(tuned["step"]) == 2
+    assert any(_differs(tuned["params"]["language_model"], base["params"]["language_model"]))
+    other = dataclasses.replace(DIMS, vision_heads=7)  # the same param shapes
+    so = _settings(tmp_path / "x", dims=other, **kw)
+    _, config_o, _ = td.setup(so)
+    with pytest.raises(ValueError, match="num_attention_heads"):
+        td.init_from_run(so, config_o, tx)
+    with pytest.raises(FileNotFoundError, match="neither a training workdir"):
+        td.init_from_run(_settings(tmp_path / "y", init_from=str(tmp_path)), config, tx)
+
+
 def test_row_mean_averages_only_the_weighted_rows():
     x = jnp.array([1.0, 2.0, 4.0])
     assert float(td._row_mean(x, {})) == pytest.approx(7 / 3)
@@ -494,6 +522,38 @@ def test_large_subjects_get_their_own_distractor_share():
     assert {"small", "large"} <= seen
     with pytest.raises(ValueError, match="large_distractor_fraction"):
         td.Settings(**kw, random_crop_fraction=0.5, large_distractor_fraction=0.6)
+
+
+def test_large_partial_crops_show_the_shape_but_not_its_glyph():
+    """large_partial_fraction=1 with no other crop kinds: every large item's crop is a
+    base x base box centred on the subject's shape holding under 80% of its glyph (so the
+    whole letter is only in the original); the other items keep their subject crops, the same
+    draws as without the option."""
+    kw = dict(workdir="", dims=DIMS, negative_fraction=0.0, glyphs="letter")
+    base, part = td.Settings(**kw), td.Settings(**kw, large_partial_fraction=1.0)
+    assert part.identity()["large_partial_fraction"] == 1.0
+    assert "large_partial_fraction" not in base.identity()
+    partial = 0
+    for i in range(60):
+        a, b = td.Data.__new__(td.Data), td.Data.__new__(td.Data)
+        a.s, a.own, b.s, b.own = base, {}, part, {}
+        _, _, rec, _, box_a = a.item(i)
+        _, _, _, hit_b, box_b = b.item(i)
+        if rec["size_bucket"] != "large":
+            assert box_b == box_a
+            continue
+        subject = rec["objects"][rec["subject_index"]]
+        overlaps = lambda box, bb: box[0] < bb[2] and bb[0] < box[2] and box[1] < bb[3] and (
+            bb[1] < box[3])  # fmt: skip
+        if box_b != box_a:  # a partial crop (else none was found: the subject's own crop)
+            partial += 1
+            assert box_b[2] - box_b[0] == box_b[3] - box_b[1] == DIMS.image_size
+            assert overlaps(box_b, subject["bbox"])
+            assert td._coverage(box_b, subject["text_bbox"]) < 0.8
+            assert hit_b == td._contains_centre(box_b, rec["bbox"])
+    assert partial >= 3
+    with pytest.raises(ValueError, match="large_partial_fraction"):
+        td.Settings(**kw, random_crop_fraction=0.5, large_partial_fraction=0.6)
 
 
 def test_object_hits_read_the_patch_heads_per_object():
