@@ -733,12 +733,13 @@ def subject_cells(bbox, size, grid: int) -> np.ndarray:
 def pair_cells(subject, size, crop, grid: int) -> np.ndarray:
     """float32[2 * grid * grid]: the [image, crop] prompt's subject cells, the image's
     (`subject_cells`) then the crop's (the subject's box clipped to the crop, on the crop's
-    grid), the crop's only when it holds the glyph's centre (else zeros: the crop shows
-    another object, or a piece of the subject without its letter). `subject` is the subject's
-    object record (bbox, text_bbox), `crop` the crop's [x1, y1, x2, y2] in the image."""
+    grid), the crop's only when it holds 80% of the glyph's box (else zeros: the crop shows
+    another object, or a piece of the subject without its whole letter). `subject` is the
+    subject's object record (bbox, text_bbox), `crop` the crop's [x1, y1, x2, y2] in the
+    image."""
     own = subject_cells(subject["bbox"], size, grid).reshape(-1)
     inner = np.zeros(grid * grid, np.float32)
-    if _contains_centre(crop, subject["text_bbox"]):
+    if _coverage(crop, subject["text_bbox"]) >= 0.8:
         x1, y1, x2, y2 = crop
         bx1, by1, bx2, by2 = subject["bbox"]
         box = (max(bx1, x1) - x1, max(by1, y1) - y1, min(bx2, x2) - x1, min(by2, y2) - y1)

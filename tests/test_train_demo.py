@@ -197,6 +197,10 @@ def test_pair_cells_mark_the_subject_in_the_image_and_in_a_crop_holding_its_glyp
     corner = td.pair_cells(subject, size, (20, 0, 54, 12), grid)
     np.testing.assert_array_equal(corner[:16], own)
     assert not corner[16:].any()
+    # A crop through the glyph (its centre inside, 4 of its 6 columns): the image's only.
+    cut = td.pair_cells(subject, size, (54, 0, 94, 40), grid)
+    np.testing.assert_array_equal(cut[:16], own)
+    assert not cut[16:].any() and td._contains_centre((54, 0, 94, 40), subject["text_bbox"])
     # The share runs over both images' tokens: [bos, img x2, img x2, q, answer, eos] with
     # 1 x 2 grids per image; the answer's query attends 0.2 to image 1's cell 1 and 0.6 to
     # the crop's cell 0, 0.2 to text.
@@ -400,6 +404,13 @@ def test_finetune_from_an_export_reads_it_through_the_converter(tmp_path):
         td.init_from_run(so, config_o, tx)
     with pytest.raises(FileNotFoundError, match="neither a training workdir"):
         td.init_from_run(_settings(tmp_path / "y", init_from=str(tmp_path)), config, tx)
+    # Without the patch loss the heads take no part: a fine-tune from the export and one from
+    # the exporting run's workdir (its trained heads) end with the same params, bitwise.
+    kw0 = {**kw, "patch_loss_weight": 0.0, "pair_attention_weight": 1.0,
+           "large_partial_fraction": 0.5}  # fmt: skip
+    from_export = td.train(_settings(tmp_path / "e0", **kw0))
+    from_run = td.train(_settings(tmp_path / "w0", **{**kw0, "init_from": str(tmp_path / "base")}))
+    jax.tree.map(np.testing.assert_array_equal, from_export["params"], from_run["params"])
 
 
 def test_row_mean_averages_only_the_weighted_rows():
@@ -439,7 +450,8 @@ def test_crop_mix_gives_random_and_lookalike_crops():
     assert lookalike > 0
 
 
-_CHAIN = ("train_demo", "train_demo_bind", "train_demo_questions", "train_demo_finetune")
+_CHAIN = ("train_demo", "train_demo_bind", "train_demo_questions", "train_demo_finetune",
+          "train_demo_crops")
 
 
 def test_the_shipped_flagfiles_chain(tmp_path):
@@ -467,11 +479,11 @@ def test_the_shipped_flagfiles_chain(tmp_path):
     assert stages[0][1] == ""  # stage 1 starts from scratch
     for prev, cur in zip(stages[:-1], stages[1:], strict=True):
         assert cur[1] == prev[0] and cur[0] != prev[0] and cur[3] == prev[3]
-    assert [s[2] for s in stages] == ["", "", "", "vicrop_jax/assets/demo"]
+    assert [s[2] for s in stages] == ["", "", "", "", "vicrop_jax/assets/demo"]
     # The vision tower and projector stage 1 trained stay fixed from stage 1b on.
     frozen = ["vision_tower", "multi_modal_projector"]
-    assert [s[5] for s in stages] == [[], frozen, frozen, frozen]
-    assert [s[4] for s in stages] == [[], ["language_model"], [], []]
+    assert [s[5] for s in stages] == [[], frozen, frozen, frozen, frozen]
+    assert [s[4] for s in stages] == [[], ["language_model"], [], [], []]
 
 
 def _check_own_crops(s, processor, config, start_params):
