@@ -450,8 +450,13 @@ def test_crop_mix_gives_random_and_lookalike_crops():
     assert lookalike > 0
 
 
-_CHAIN = ("train_demo", "train_demo_bind", "train_demo_questions", "train_demo_finetune",
-          "train_demo_crops")
+_CHAIN = (
+    "train_demo",
+    "train_demo_bind",
+    "train_demo_questions",
+    "train_demo_finetune",
+    "train_demo_crops",
+)
 
 
 def test_the_shipped_flagfiles_chain(tmp_path):
