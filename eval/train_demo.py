@@ -1,8 +1,9 @@
 """Trains the shipped demo model: a small LLaVA on the synthetic small-detail benchmark.
 
 python -m eval.train_demo --flagfile=eval/flags/train_demo.flags           # stage 1
-python -m eval.train_demo --flagfile=eval/flags/train_demo_finetune.flags  # stage 2, exports
-python -m eval.train_demo --flagfile=eval/flags/train_demo_finetune.flags --export_only
+(then train_demo_bind, train_demo_questions and train_demo_finetune.flags: stages 1b-2)
+python -m eval.train_demo --flagfile=eval/flags/train_demo_crops.flags     # stage 3, exports
+python -m eval.train_demo --flagfile=eval/flags/train_demo_crops.flags --export_only
 
 The model is this project's own Flax LLaVA (CLIP-style ViT, MLP projector, Llama decoder)
 with a WordLevel tokenizer (tokenizers library) and an HF LlavaProcessor, exported in HF
@@ -37,7 +38,9 @@ Stage 2 (`init_from`, eval/flags/train_demo_finetune.flags) fine-tunes a finishe
 over the image pulled toward uniform, so rel-att's ratio keeps the question's peak) and a crop
 mix with `random_crop_fraction` (boxes anywhere) and `distractor_fraction` (boxes around a
 look-alike object): the answer is always the subject's, so the model learns to fall back on
-the first image when the crop does not show the subject.
+the first image when the crop does not show the subject. Stage 3 (train_demo_crops.flags)
+adds `large_partial_fraction` (crops of the search's size that cut a large subject's letter)
+and `pair_attention_weight` (the [image, crop] answer's attention on the subject).
 
 Determinism: item i of the stream is `eval.synthetic.generate_item(seed, i, split="train")`
 and its crop is drawn from a generator seeded with (seed, i); step s uses items
