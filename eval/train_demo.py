@@ -75,10 +75,10 @@ import orbax.checkpoint as ocp
 from absl import app, flags, logging
 from tqdm import tqdm
 
-from convert.checkpoint import save_safetensors
-from convert.llava import abstract_params, export_params
+from convert.checkpoint import read_config, save_safetensors
+from convert.llava import abstract_params, export_params, load_params
 from eval import synthetic as syn
-from eval.engine import peak_map
+from eval.engine import coverage, peak_map
 from vicrop_jax import pipeline
 from vicrop_jax.demo import SIZES as DEMO_SIZES
 from vicrop_jax.importance import default_layer
@@ -648,16 +648,9 @@ def partial_crop(bbox, text_bbox, size, base: int, rng, tries: int = 20, inside:
     x1, y1, x2, y2 = bbox
     for _ in range(tries):
         box = fit_box(rng.uniform(x1, x2), rng.uniform(y1, y2), base, size)
-        if _coverage(box, text_bbox) < inside:
+        if coverage(box, text_bbox) < inside:
             return box
     return None
-
-
-def _coverage(box, bbox) -> float:
-    """The share of `bbox`'s area inside `box`."""
-    w = max(0, min(box[2], bbox[2]) - max(box[0], bbox[0]))
-    h = max(0, min(box[3], bbox[3]) - max(box[1], bbox[1]))
-    return w * h / max(1e-9, (bbox[2] - bbox[0]) * (bbox[3] - bbox[1]))
 
 
 def random_crop(size, base: int, rng) -> tuple[int, int, int, int]:
@@ -742,7 +735,7 @@ def pair_cells(subject, size, crop, grid: int) -> np.ndarray:
     image."""
     own = subject_cells(subject["bbox"], size, grid).reshape(-1)
     inner = np.zeros(grid * grid, np.float32)
-    if _coverage(crop, subject["text_bbox"]) >= 0.8:
+    if coverage(crop, subject["text_bbox"]) >= 0.8:
         x1, y1, x2, y2 = crop
         bx1, by1, bx2, by2 = subject["bbox"]
         box = (max(bx1, x1) - x1, max(by1, y1) - y1, min(bx2, x2) - x1, min(by2, y2) - y1)
@@ -1705,9 +1698,6 @@ def _init_from_export(settings: Settings, config) -> tuple[dict, dict]:
     """(params, fresh patch-label heads) of an exported model (config.json +
     model.safetensors, e.g. vicrop_jax/assets/demo), read through the same converter as
     llava-1.5-7b-hf. The export carries no patch heads: they start afresh (seeded)."""
-    from convert.checkpoint import read_config
-    from convert.llava import load_params
-
     src = settings.init_from
     have = _config_dims(dataclasses.asdict(LlavaConfig.from_dict(read_config(src))))
     want = _config_dims(dataclasses.asdict(config))

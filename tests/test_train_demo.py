@@ -566,7 +566,7 @@ def test_large_partial_crops_show_the_shape_but_not_its_glyph():
             partial += 1
             assert box_b[2] - box_b[0] == box_b[3] - box_b[1] == DIMS.image_size
             assert overlaps(box_b, subject["bbox"])
-            assert td._coverage(box_b, subject["text_bbox"]) < 0.8
+            assert td.coverage(box_b, subject["text_bbox"]) < 0.8
             assert hit_b == td._contains_centre(box_b, rec["bbox"])
     assert partial >= 3
     with pytest.raises(ValueError, match="large_partial_fraction"):
