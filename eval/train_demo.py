@@ -396,17 +396,20 @@ class Settings:
         unknown = set(self.attention_buckets) - set(_BUCKETS)
         if unknown:
             raise ValueError(f"attention_buckets: unknown {sorted(unknown)}; use {_BUCKETS}")
-        for name in ("distractor_fraction", "large_distractor_fraction"):
-            total = self.negative_fraction + self.random_crop_fraction + getattr(self, name)
-            if total > 1 + 1e-9:
-                raise ValueError(
-                    f"negative_fraction + random_crop_fraction + {name} = {total:g} > 1"
-                )
+        total = self.negative_fraction + self.random_crop_fraction + self.distractor_fraction
+        if total > 1 + 1e-9:
+            raise ValueError(
+                f"negative_fraction + random_crop_fraction + distractor_fraction = {total:g} > 1"
+            )
+        # Large subjects: their distractor share (large_distractor_fraction when set) and the
+        # partial crops come on top.
         total = (self.negative_fraction + self.random_crop_fraction
                  + self.distractor_share("large") + self.large_partial_fraction)  # fmt: skip
         if total > 1 + 1e-9:
-            raise ValueError(f"negative_fraction + random_crop_fraction + the large distractor "
-                             f"share + large_partial_fraction = {total:g} > 1")  # fmt: skip
+            raise ValueError(
+                "negative_fraction + random_crop_fraction + large_distractor_fraction + "
+                f"large_partial_fraction = {total:g} > 1 on large subjects"
+            )
 
     def distractor_share(self, bucket: str) -> float:
         """The distractor-crop fraction of an item whose subject is in `bucket`."""
@@ -640,7 +643,13 @@ def miss_crop(bbox, size, base: int, rng, tries: int = 20) -> tuple[int, int, in
     return None
 
 
-def partial_crop(bbox, text_bbox, size, base: int, rng, tries: int = 20, inside: float = 0.8):
+# A crop "holds" a letter when this share of the letter's box lies inside it (the rule of
+# eval.analysis's crop_contents).
+HOLDS_LETTER = 0.8
+
+
+def partial_crop(bbox, text_bbox, size, base: int, rng, tries: int = 20,
+                 inside: float = HOLDS_LETTER):  # fmt: skip
     """A base x base crop (the side the official box search always returns) centred inside
     the shape's box `bbox` that holds less than `inside` of its glyph's box `text_bbox` (part
     of the shape, part of the letter or none of it: what a map spread over a large subject
@@ -735,7 +744,7 @@ def pair_cells(subject, size, crop, grid: int) -> np.ndarray:
     image."""
     own = subject_cells(subject["bbox"], size, grid).reshape(-1)
     inner = np.zeros(grid * grid, np.float32)
-    if coverage(crop, subject["text_bbox"]) >= 0.8:
+    if coverage(crop, subject["text_bbox"]) >= HOLDS_LETTER:
         x1, y1, x2, y2 = crop
         bx1, by1, bx2, by2 = subject["bbox"]
         box = (max(bx1, x1) - x1, max(by1, y1) - y1, min(bx2, x2) - x1, min(by2, y2) - y1)
@@ -1442,10 +1451,15 @@ def _init_fn(config: LlavaConfig):
     return jax.jit(lambda key: module_for(config).init(key, ids, pixels)["params"])
 
 
+def fresh_aux(config, settings: Settings) -> dict:
+    """The run's freshly initialised patch-label heads (seeded from settings.seed)."""
+    return init_aux(jax.random.key(settings.seed + 1), config.text_config.hidden_size)
+
+
 def init_state(config, settings: Settings, tx):
     """Fresh state: random params (seeded), optimizer state, step 0."""
     params = _init_fn(config)(jax.random.key(settings.seed))
-    aux = init_aux(jax.random.key(settings.seed + 1), config.text_config.hidden_size)
+    aux = fresh_aux(config, settings)
     return {"params": params, "aux": aux, "opt_state": tx.init({"params": params, "aux": aux}),
             "step": jnp.zeros((), jnp.int32)}  # fmt: skip
 
@@ -1704,9 +1718,7 @@ def _init_from_export(settings: Settings, config) -> tuple[dict, dict]:
     if have != want:
         diff = {k: (have[k], want[k]) for k in have if have[k] != want[k]}
         raise ValueError(f"--init_from={src} holds a model of other dims (its, ours): {diff}")
-    params = load_params(src, config, jnp.float32)
-    aux = init_aux(jax.random.key(settings.seed + 1), config.text_config.hidden_size)
-    return params, aux
+    return load_params(src, config, jnp.float32), fresh_aux(config, settings)
 
 
 def init_from_run(settings: Settings, config, tx):
