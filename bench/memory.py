@@ -59,7 +59,7 @@ def pass_plans(config, batch: int, dtype, *, text_tokens: int, max_new_tokens: i
                layer: int) -> dict:  # fmt: skip
     """{pass name: plan} for one batch size, with abstract params of `config`."""
     from convert.llava import abstract_params
-    from vicrop_jax import prefix
+    from vicrop_jax import prompt_cache
     from vicrop_jax.generate import init_cache
     from vicrop_jax.loading import module_for
 
@@ -76,18 +76,20 @@ def pass_plans(config, batch: int, dtype, *, text_tokens: int, max_new_tokens: i
     common = dict(max_new_tokens=max_new_tokens, eos_ids=(2,), pad_id=0)
     out = {}
     t0 = time.perf_counter()
-    c = prefix.start_pass.lower(module, params, s((p,), jnp.int32), pixels, ids(2 * batch, l1),
-                                ids(2 * batch, l1), layers=(layer,), image_start=1,
-                                **common).compile()  # fmt: skip
+    c = prompt_cache.start_pass.lower(
+        module, params, s((p,), jnp.int32), pixels, ids(2 * batch, l1), ids(2 * batch, l1),
+        layers=(layer,), image_start=1, **common,
+    ).compile()  # fmt: skip
     out["start_pass"] = {**plan(c), "compile_s": time.perf_counter() - t0}
     t0 = time.perf_counter()
-    c = prefix.answer_pass.lower(module, params, s((p,), jnp.int32), pixels, ids(batch, l1),
+    c = prompt_cache.answer_pass.lower(module, params, s((p,), jnp.int32), pixels, ids(batch, l1),
                                  ids(batch, l1), **common).compile()  # fmt: skip
     out["answer_pass"] = {**plan(c), "compile_s": time.perf_counter() - t0}
     cache = jax.eval_shape(lambda: init_cache(config, batch, p, dtype))
     t0 = time.perf_counter()
-    c = prefix.finish_pass.lower(module, params, cache, pixels, ids(batch, l2), ids(batch, l2),
-                                 **common).compile()  # fmt: skip
+    c = prompt_cache.finish_pass.lower(
+        module, params, cache, pixels, ids(batch, l2), ids(batch, l2), **common
+    ).compile()  # fmt: skip
     out["finish_pass"] = {**plan(c), "compile_s": time.perf_counter() - t0}
     return out
 

@@ -191,18 +191,18 @@ def matmul_tflops(dtype: str, n: int | None = None, reps: int = 10) -> float:
 
 
 def prefill_stats(model, images, questions, layer, reps: int) -> dict:
-    """The shared-prefix prefill alone (`prefix.start_pass` with one answer token: vision
+    """The shared-prefix prefill alone (`prompt_cache.start_pass` with one answer token: vision
     tower, prefix, question and general tails, the map): XLA's FLOP count of the compiled
     program, seconds per call, and the TFLOP/s reached. XLA counts a loop body once, so the
     count includes one decode step (one token a row; the prefill has ~90-640)."""
-    from vicrop_jax import prefix
+    from vicrop_jax import prompt_cache
 
-    _, args, kwargs = prefix.start_inputs(model, images, questions, max_new_tokens=1,
+    _, args, kwargs = prompt_cache.start_inputs(model, images, questions, max_new_tokens=1,
                                           layer=layer)  # fmt: skip
-    cost = prefix.start_pass.lower(*args, **kwargs).compile().cost_analysis()
+    cost = prompt_cache.start_pass.lower(*args, **kwargs).compile().cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
     flops = float(cost.get("flops", 0.0))
-    seconds = _timed_calls(lambda: prefix.start_pass(*args, **kwargs), reps)
+    seconds = _timed_calls(lambda: prompt_cache.start_pass(*args, **kwargs), reps)
     return {"flops": flops, "seconds": seconds, "tflops_per_s": flops / seconds / 1e12}
 
 

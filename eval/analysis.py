@@ -40,8 +40,8 @@ import numpy as np
 
 from eval import report
 from eval.engine import Engine, Item, box_cells, coverage
-from vicrop_jax.importance import image_rows
 from vicrop_jax.loading import Model, forward
+from vicrop_jax.maps import image_rows
 from vicrop_jax.processing import encode, llava_prompt
 
 

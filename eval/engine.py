@@ -3,7 +3,7 @@
 For a batch of questions the engine generates the baseline answer once, then for each method
 computes its map, its box and the answer with [original, crop]. Methods:
 
-  rel_att, grad_att, pure_grad   the paper's maps (vicrop_jax.importance.llava_maps)
+  rel_att, grad_att, pure_grad   the paper's maps (vicrop_jax.importance, the family's cores)
   <method>_high                  the high-resolution variant: per-tile maps, merged
   gt_crop                        the ground-truth box, grown to at least the base size
                                  around its centre (the box search never returns less)
@@ -18,13 +18,9 @@ call runs a full batch (short batches are padded by repeating their last item; t
 rows are dropped) and prompts are left-padded to a multiple of LENGTH_BUCKET tokens. Neither
 changes a result: rows are independent and RoPE positions count real tokens only.
 
-LLaVA on one device: the prompts start with BOS + the original image, the same for the
-baseline and every [original, crop] prompt, so the baseline's pass keeps that prefix's KV
-cache and each method's crop answer runs only the crop's vision pass and the rest of the
-prompt over it (vicrop_jax.prefix.start_answers / finish; same answers as the separate
-passes, tested). rel_att's map comes from that same pass (prefix.start: the question and
-general-prompt tails over the prefix) when every map question of the batch is the answered
-question; other maps, and rel_att with V*'s short questions, keep their own passes.
+The orchestration of a batch (baseline, maps, boxes, crop answers, the shared-prompt cache
+where the family allows it) is the library's, `vicrop_jax.pipeline.answer_batch`; the engine
+adds the control boxes, the batching and placement, and the records' fields.
 
 With several local devices, batches are data-parallel: the batch axis of every input is
 sharded over a 1-D mesh ("data") and the params are replicated; the batch size is rounded up
@@ -33,37 +29,26 @@ to a multiple of the device count.
 
 from __future__ import annotations
 
-import collections
 import dataclasses
 import hashlib
 import math
-import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from PIL import Image
 
 from eval.datasets import Example
 from vicrop_jax import bbox as bbox_lib
-from vicrop_jax import prefix as prefix_lib
-from vicrop_jax.generate import pad_id
-from vicrop_jax.importance import default_layer, maps_for_images, resolve_layers
+from vicrop_jax.families import family_of
 from vicrop_jax.loading import Model
-from vicrop_jax.pipeline import generate_answers
-from vicrop_jax.processing import check_question, prompt_for
+from vicrop_jax.pipeline import Executor, StageTimer, answer_batch, split_method
+from vicrop_jax.processing import check_question
 
 ATTENTION_METHODS = ("rel_att", "grad_att", "pure_grad")
 CONTROL_METHODS = ("gt_crop", "random_crop", "center_crop", "gt_map")
 LENGTH_BUCKET = 32
-
-
-def split_method(name: str) -> tuple[str, bool]:
-    """'rel_att_high' -> ('rel_att', True)."""
-    base = name.removesuffix("_high")
-    return base, base != name
 
 
 def parse_methods(spec: str | Sequence[str], high_res: bool = False) -> tuple[str, ...]:
@@ -216,7 +201,7 @@ class Engine:
     """Runs the baseline and every method over batches of Items on one model.
 
     Args:
-      model: a loaded Model (LLaVA or InstructBLIP) with its processor.
+      model: a loaded Model (any family of vicrop_jax.families) with its processor.
       batch_size: questions per device call (rounded up to a multiple of the device count).
       max_new_tokens: the most answer tokens (official: 20).
       layer: LM layer(s) for the attention maps (int, list, "all"); None: the paper's.
@@ -239,45 +224,32 @@ class Engine:
         if batch_size < 1 or max_new_tokens < 1:
             raise ValueError("batch_size and max_new_tokens must be positive")
         self.model, self.mesh, self.seed = model, mesh, seed
+        self.family = family_of(model)
         self.max_new_tokens = max_new_tokens
         n_dev = 1 if mesh is None else mesh.devices.size
         self.batch_size = -(-batch_size // n_dev) * n_dev
-        cfg = model.config
-        self.base = cfg.vision_config.image_size
-        nl = cfg.text_config.num_hidden_layers
-        self.layers = resolve_layers(
-            default_layer(model.family, nl) if layer is None else layer, nl
-        )
+        self.base = self.family.base_size(model.config)
         self.tokenizer = model.processor.tokenizer
-        self.pad_id = pad_id(self.tokenizer)
-        if mesh is None:
-            self.params = model.params
-        else:
-            self.params = jax.device_put(model.params, NamedSharding(mesh, PartitionSpec()))
-
-    # -- inputs ----------------------------------------------------------------------------
+        params = model.params
+        if mesh is not None:
+            params = jax.device_put(params, NamedSharding(mesh, PartitionSpec()))
+        self.executor = Executor(
+            model, params, layer=layer, max_new_tokens=max_new_tokens,
+            batch_size=self.batch_size, pad_to_multiple_of=LENGTH_BUCKET,
+            place=None if mesh is None else self._place,
+        )  # fmt: skip
+        self.layers, self.params = self.executor.layers, self.executor.params
 
     def _place(self, x: np.ndarray) -> jax.Array:
-        if self.mesh is None:
-            return jnp.asarray(x)
         spec = PartitionSpec("data", *([None] * (x.ndim - 1)))
         return jax.device_put(np.asarray(x), NamedSharding(self.mesh, spec))
 
-    def _chunks(self, n: int):
-        """Index lists of full batches over n items (the last padded with its last index)."""
-        for start in range(0, n, self.batch_size):
-            idx = list(range(start, min(start + self.batch_size, n)))
-            yield idx, idx + [idx[-1]] * (self.batch_size - len(idx))
-
     def prompt(self, question: str, n_images: int = 1) -> str:
-        return prompt_for(self.model.family, question, n_images)
+        return self.family.prompt(question, n_images)
 
     def prompt_tokens(self, question: str, n_images: int = 2) -> int:
-        """Prompt length in tokens with the image placeholders expanded."""
-        prompt = self.prompt(question, n_images)
-        ids = self.tokenizer(prompt)["input_ids"]
-        placeholders = prompt.count("<image>")  # LLaVA: one token each, expanded by the processor
-        return len(ids) - placeholders + n_images * self.model.config.num_image_tokens
+        """Prompt length in tokens with every image's tokens in place."""
+        return self.family.prompt_tokens(self.tokenizer, self.model.config, question, n_images)
 
     def check_question(self, example: Example) -> None:
         """Raises ValueError for an empty or too long question (too long for the model too)."""
@@ -292,73 +264,24 @@ class Engine:
                 f"{self.max_new_tokens} new tokens exceeds the model's {limit} positions"
             )
 
-    # -- model calls ---------------------------------------------------------------------
-
     def generate(self, texts: list[str], images: list[list[Image.Image]]) -> list[str]:
         """Greedy answers; images[i] are the images of texts[i], in prompt order."""
-        answers: list[str] = []
-        for real, idx in self._chunks(len(texts)):
-            answers += generate_answers(
-                self.model, [texts[i] for i in idx], [im for i in idx for im in images[i]],
-                self.max_new_tokens, self.params, pad_to_multiple_of=LENGTH_BUCKET,
-                place=self._place,
-            )[: len(real)]  # fmt: skip
-        return answers
+        return self.executor.generate(texts, images)
 
     def maps(self, images: list[Image.Image], questions: list[str], method: str) -> np.ndarray:
         """Importance maps float32[n, N, N] of (image, question) pairs, full batches at a time."""
-        out = []
-        for real, idx in self._chunks(len(images)):
-            m = maps_for_images(
-                self.model, [images[i] for i in idx], [questions[i] for i in idx],
-                method=method, layer=self.layers, params=self.params,
-                pad_to_multiple_of=LENGTH_BUCKET, place=self._place,
-            )  # fmt: skip
-            out.append(np.asarray(m)[: len(real)])
-        return np.concatenate(out)
+        return self.executor.maps(images, questions, method)
 
-    # -- the shared prefix (vicrop_jax.prefix) ---------------------------------------------
+    # -- control boxes ---------------------------------------------------------------------
 
-    def _shares_prefix(self, n: int) -> bool:
-        """LLaVA prompts start with BOS + the original image, the same for the baseline and
-        every [original, crop] prompt; on one device and for at most one batch (one prefix
-        cache held at a time) that prefix runs once per question."""
-        return self.model.family == "llava" and self.mesh is None and n <= self.batch_size
-
-    def _padded(self, seq: list) -> list:
-        """A full batch: the last entry repeated (one compiled shape per batch size)."""
-        return seq + [seq[-1]] * (self.batch_size - len(seq))
-
-    def _start(self, items: list[Item], with_map: bool = False):
-        """The baseline answers and the prefix cache; with_map, also rel_att's maps from the
-        same pass (prefix.start; else prefix.start_answers, maps None)."""
-        images = self._padded([it.image for it in items])
-        questions = self._padded([it.example.question for it in items])
-        kw = dict(max_new_tokens=self.max_new_tokens, params=self.params)
-        if with_map:
-            return prefix_lib.start(self.model, images, questions, layer=self.layers, **kw)
-        return prefix_lib.start_answers(self.model, images, questions, **kw)
-
-    def _finish(self, started, items: list[Item], boxes: list) -> list[str]:
-        """[original, crop] answers for every item over the baseline's prefix cache; an item
-        without a box gets its whole image as the crop (its answer is dropped)."""
-        crops = [
-            it.image if b is None else it.image.crop(b) for it, b in zip(items, boxes, strict=True)
-        ]
-        return prefix_lib.finish(self.model, started, self._padded(crops))[: len(items)]
-
-    # -- one batch ---------------------------------------------------------------------
-
-    def _boxes(self, method: str, items: list[Item], map_qs: list[str], timed: Callable,
-               prefix_maps=None):  # fmt: skip
-        """Boxes and maps (None for controls) of one method for every item; prefix_maps:
-        rel_att's maps [>= n, N, N] already computed by the baseline's pass, or None."""
+    def _control(self, method: str, items: list[Item]):
+        """The box source of a control method over items (see the module docstring)."""
         sizes = [it.image.size for it in items]
-        if method == "gt_map":
-            grid = self.base // self.model.config.vision_config.patch_size
+
+        def gt_map(timed):
+            grid = self.family.map_grid(self.model.config)
             has = [i for i, it in enumerate(items) if it.example.gt_bbox is not None]
-            maps = [None] * len(items)
-            boxes = [None] * len(items)
+            maps, boxes = [None] * len(items), [None] * len(items)
             for i in has:
                 maps[i] = peak_map(items[i].example.gt_bbox, sizes[i], grid)
             if has:
@@ -367,7 +290,9 @@ class Engine:
                 for i, b in zip(has, np.asarray(found), strict=True):
                     boxes[i] = tuple(int(v) for v in b)
             return boxes, maps
-        if method in CONTROL_METHODS:
+
+        def fixed(timed):
+            del timed
             boxes = []
             for it, size in zip(items, sizes, strict=True):
                 ex = it.example
@@ -379,32 +304,10 @@ class Engine:
                 else:
                     boxes.append(base_box((size[0] / 2, size[1] / 2), size, self.base))
             return boxes, [None] * len(items)
-        base, high = split_method(method)
-        if not high:
-            if method == "rel_att" and prefix_maps is not None:
-                maps = np.asarray(prefix_maps)[: len(items)]
-            else:
-                maps = timed("map", self.maps, [it.image for it in items], map_qs, base)
-            boxes = timed("box", bbox_lib.select_bboxes, maps, np.array(sizes), self.base)
-            return [tuple(int(v) for v in b) for b in np.asarray(boxes)], list(maps)
-        grids = [bbox_lib.high_res_grid(s)[:2] for s in sizes]
-        crops, qs = [], []
-        for it, q in zip(items, map_qs, strict=True):
-            tiles = bbox_lib.high_res_tiles(it.image.size)
-            crops += [it.image.crop(tuple(int(c) for c in t)) for t in tiles]
-            qs += [q] * len(tiles)
-        tile_maps = timed("map", self.maps, crops, qs, base)
-        maps, boxes, start = [], [], 0
-        t0 = time.perf_counter()
-        for (rows, cols), size in zip(grids, sizes, strict=True):
-            tiles = tile_maps[start : start + rows * cols]
-            start += rows * cols
-            merged = np.asarray(bbox_lib.merge_tile_maps(tiles, rows, cols))
-            box = np.asarray(bbox_lib.select_bbox(merged, size, self.base))
-            maps.append(merged)
-            boxes.append(tuple(int(v) for v in box))
-        timed.add("box", time.perf_counter() - t0)
-        return boxes, maps
+
+        return gt_map if method == "gt_map" else fixed
+
+    # -- one batch ---------------------------------------------------------------------
 
     def answer(
         self, items: list[Item], methods: Sequence[str], baseline: bool = True
@@ -420,72 +323,26 @@ class Engine:
           One dict per item: original_answer, methods {name: {crop_answer, bbox, map_stats,
           gt_coverage, error}}, timings {stage: seconds per question of this batch}.
         """
-        timer = _Timer()
-        questions = [it.example.question for it in items]
-        map_qs = [it.example.short_question or it.example.question for it in items]
-        answers = [None] * len(items)
-        # LLaVA, one device, one batch: the baseline's prefix pass (BOS + the original image)
-        # is kept and every method's [original, crop] answer continues from it; rel_att's map
-        # comes from that pass too when it is asked with the answered question (its time is
-        # then part of baseline_answer's).
-        started = None
-        if baseline and self._shares_prefix(len(items)):
-            with_map = "rel_att" in methods and map_qs == questions
-            started = timer("baseline_answer", self._start, items, with_map)
-            answers = started.answers[: len(items)]
-        elif baseline:
-            answers = timer(
-                "baseline_answer",
-                self.generate,
-                [self.prompt(q) for q in questions],
-                [[it.image] for it in items],
-            )
+        timer = StageTimer()
+        controls = {m: self._control(m, items) for m in methods if m in CONTROL_METHODS}
+        answers, by_method = answer_batch(
+            self.executor, [it.image for it in items], [it.example.question for it in items],
+            methods, map_questions=[it.example.short_question or it.example.question
+                                    for it in items],
+            controls=controls, baseline=baseline, timer=timer,
+        )  # fmt: skip
         results = [{"original_answer": a, "methods": {}} for a in answers]
-        prefix_maps = None if started is None else started.maps
-        for method in methods:
-            timed = timer.scoped(method)
-            boxes, maps = self._boxes(method, items, map_qs, timed, prefix_maps)
-            todo = [i for i, b in enumerate(boxes) if b is not None]
-            if started is not None and todo:
-                answers = timed("crop_answer", self._finish, started, items, boxes)
-                answers = [answers[i] for i in todo]
-            elif todo:
-                texts = [self.prompt(questions[i], n_images=2) for i in todo]
-                pairs = [[items[i].image, items[i].image.crop(boxes[i])] for i in todo]
-                answers = timed("crop_answer", self.generate, texts, pairs)
-            else:
-                answers = []
-            crops = dict(zip(todo, answers, strict=True))
-            for i, res in enumerate(results):
-                box = boxes[i]
-                res["methods"][method] = {
-                    "crop_answer": crops.get(i),
+        for method, res in by_method.items():
+            for i, out in enumerate(results):
+                box, m = res.boxes[i], res.maps[i]
+                out["methods"][method] = {
+                    "crop_answer": res.crop_answers[i],
                     "bbox": None if box is None else list(box),
-                    "map_stats": None if maps[i] is None else map_stats(maps[i]),
+                    "map_stats": None if m is None else map_stats(m),
                     "gt_coverage": None if box is None else coverage(box, items[i].example.gt_bbox),
                     "error": None if box is not None else "no ground-truth box",
                 }
         per_q = {k: v / len(items) for k, v in timer.totals.items()}
-        for res in results:
-            res["timings"] = dict(per_q)
+        for out in results:
+            out["timings"] = dict(per_q)
         return results
-
-
-class _Timer:
-    """Accumulates wall time per stage; results are forced to the host so times are real."""
-
-    def __init__(self, prefix: str = "", totals=None):
-        self.prefix = prefix
-        self.totals = collections.defaultdict(float) if totals is None else totals
-
-    def __call__(self, name: str, fn, *args):
-        t0 = time.perf_counter()
-        out = jax.block_until_ready(fn(*args))
-        self.add(name, time.perf_counter() - t0)
-        return out
-
-    def add(self, name: str, seconds: float) -> None:
-        self.totals[self.prefix + name] += seconds
-
-    def scoped(self, method: str) -> _Timer:
-        return _Timer(f"{method}/", self.totals)

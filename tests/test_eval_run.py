@@ -595,7 +595,7 @@ def test_engine_shared_prefix_equals_separate_passes(tiny_llava, monkeypatch):
     # answers, maps and boxes as the separate passes, a short batch padded, an item without a
     # ground-truth box left out of gt_crop.
     from eval.engine import Item
-    from vicrop_jax import prefix as prefix_lib
+    from vicrop_jax import prompt_cache as prefix_lib
 
     model, _ = tiny_llava
     rng = np.random.RandomState(3)

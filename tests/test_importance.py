@@ -6,7 +6,8 @@ import torch
 from PIL import Image
 
 from vicrop_jax import filters
-from vicrop_jax.importance import importance, maps_for_images, resolve_layers
+from vicrop_jax.importance import importance, maps_for_images
+from vicrop_jax.maps import resolve_layers
 from vicrop_jax.processing import GENERAL_QUESTION, llava_prompt
 
 QUESTION = "What is written on the red circle?"

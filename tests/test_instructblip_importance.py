@@ -11,11 +11,8 @@ import torch
 from PIL import Image
 
 from vicrop_jax import bbox, filters, pipeline
-from vicrop_jax.importance import (
-    default_layer,
-    default_qformer_layer,
-    importance,
-)
+from vicrop_jax.families.instructblip import default_qformer_layer
+from vicrop_jax.importance import default_layer, importance
 from vicrop_jax.processing import GENERAL_QUESTION, blip_prompt, encode
 
 QUESTION = "What is written on the red circle?"

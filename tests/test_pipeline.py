@@ -9,7 +9,8 @@ from PIL import Image
 
 from vicrop_jax import bbox, pipeline
 from vicrop_jax import importance as importance_mod
-from vicrop_jax.importance import finite_map, importance
+from vicrop_jax.importance import importance
+from vicrop_jax.maps import finite_map
 
 Q = "What is written on the red circle?"
 
@@ -20,7 +21,7 @@ def _img(w=90, h=64, seed=0):
 
 @pytest.mark.parametrize("share", [True, False])
 def test_ask_uses_one_image_then_two(tiny_llava, monkeypatch, share):
-    from vicrop_jax import prefix as prefix_mod
+    from vicrop_jax import prompt_cache as prefix_mod
 
     model, _ = tiny_llava
     calls = []
@@ -50,9 +51,9 @@ def test_ask_uses_one_image_then_two(tiny_llava, monkeypatch, share):
         tok = model.processor.tokenizer
         image_id = model.config.image_token_index
         assert list(p.prefix).count(image_id) == model.config.num_image_tokens
-        assert [(r == image_id).sum() for r in p.qg] == [0, 0]
+        assert [(r == image_id).sum() for r in p.question_general] == [0, 0]
         assert (p.pair[0] == image_id).sum() == model.config.num_image_tokens
-        assert Q in tok.decode(p.qg[0], skip_special_tokens=True)
+        assert Q in tok.decode(p.question_general[0], skip_special_tokens=True)
         crop_texts, crop_imgs = ["<image>" * 2], [img.size, (x2 - x1, y2 - y1)]
     else:  # baseline, then the map pass, as the official code
         (base_texts, base_imgs), _, (crop_texts, crop_imgs) = calls

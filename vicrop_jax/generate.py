@@ -43,7 +43,7 @@ def init_cache(config, batch: int, length: int, dtype) -> KVCache:
     )
 
 
-def _param_dtype(params):
+def param_dtype(params):
     return jax.tree.leaves(params)[0].dtype
 
 
@@ -90,7 +90,7 @@ def greedy_generate(
     b, s = input_ids.shape
     if attention_mask is None:
         attention_mask = jnp.ones((b, s), jnp.int32)
-    cache = init_cache(module.config, b, s + max_new_tokens, _param_dtype(params))
+    cache = init_cache(module.config, b, s + max_new_tokens, param_dtype(params))
     apply = functools.partial(module.apply, {"params": params})
     pre = apply(
         input_ids, pixel_values, attention_mask, cache=cache, attn_delta=attn_delta,

@@ -1,9 +1,7 @@
-"""Prompt templates per model family and host-side preprocessing through the HF processor.
+"""Host-side input checks and preprocessing through the checkpoint's own HF processor.
 
-The templates are the official code's (run.py in saccharomycetes/mllms_know): LLaVA asks
-"{question} Answer the question using a single word or phrase." after one `<image>` per image;
-InstructBLIP asks "Question: {question} Short answer:" and its processor puts the image tokens
-(one per query token and image) in front of the text.
+The prompt templates are the families' (vicrop_jax.families); GENERAL_QUESTION is the
+official general-description prompt q' of rel-att and pure-grad, the same for every family.
 """
 
 from __future__ import annotations
@@ -15,30 +13,10 @@ import os
 import numpy as np
 from PIL import Image
 
+from vicrop_jax.families.instructblip import blip_prompt  # noqa: F401  (importable here too)
+from vicrop_jax.families.llava import llava_prompt  # noqa: F401
+
 GENERAL_QUESTION = "Write a general description of the image."
-_LLAVA_SUFFIX = " Answer the question using a single word or phrase.\nASSISTANT:"
-
-
-def llava_prompt(question: str, n_images: int = 1) -> str:
-    """The official LLaVA-1.5 prompt with n_images image placeholders."""
-    return "<image>" * n_images + f"\nUSER: {question}" + _LLAVA_SUFFIX
-
-
-def blip_prompt(question: str, n_images: int = 1) -> str:
-    """The official InstructBLIP prompt (image tokens are added by `encode`, per image)."""
-    del n_images
-    return f"Question: {question} Short answer:"
-
-
-PROMPTS = {"llava": llava_prompt, "instructblip": blip_prompt}
-
-
-def prompt_for(family: str, question: str, n_images: int = 1) -> str:
-    """The family's prompt template applied to a question."""
-    try:
-        return PROMPTS[family](question, n_images)
-    except KeyError:
-        raise ValueError(f"no prompt template for model family {family!r}") from None
 
 
 def check_question(question: str, name: str = "question", max_chars: int = 4000) -> str:

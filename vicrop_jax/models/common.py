@@ -129,7 +129,7 @@ class KVCache:
     prefix_k, prefix_v: optional tuples of L arrays [Bp, P, G, H], keys and values of an
     unpadded prompt prefix that every row attends to before its own slots (row i uses
     prefix row i % Bp, B a multiple of Bp). Read only: a pass writes to the K slots alone,
-    so one prefix serves several rows per question (vicrop_jax/prefix.py) without being
+    so one prefix serves several rows per question (vicrop_jax/prompt_cache.py) without being
     copied. Attention rows then span P + K keys, the prefix's first.
 
     fresh: static; True for a cache no pass has written yet (index 0, every slot empty), so

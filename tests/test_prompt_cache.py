@@ -1,4 +1,4 @@
-"""The shared-prefix rel-att path (vicrop_jax.prefix) against the processor and HF PyTorch
+"""The shared-prompt KV cache (vicrop_jax.prompt_cache) against the processor and HF PyTorch
 on the full prompts (shared vs separate passes end to end: tests/test_pipeline.py and
 tests/test_eval_run.py)."""
 
@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from vicrop_jax import prefix
+from vicrop_jax import prompt_cache
 from vicrop_jax.processing import GENERAL_QUESTION, encode, llava_prompt
 
 QS = ["What is written on the sign?", "What color is the small square near the door?"]
@@ -18,23 +18,27 @@ def _unpadded(ids, mask):
 
 def test_prefix_and_tails_are_the_processors_tokens(tiny_llava):
     model, _ = tiny_llava
-    p = prefix.split_prompts(model, QS)
+    p = prompt_cache.split_prompts(model, QS)
     im = Image.new("RGB", (40, 30))
     texts = [llava_prompt(q) for q in QS] + [llava_prompt(GENERAL_QUESTION)] * 2
     texts += [llava_prompt(q, 2) for q in QS]
     images = [im] * 4 + [im, im] * 2
     enc = encode(model.processor, texts, images)
     want = _unpadded(enc["input_ids"], enc["attention_mask"])
-    tails = _unpadded(p.qg, p.qg_mask) + _unpadded(p.pair, p.pair_mask)
+    tails = _unpadded(p.question_general, p.question_general_mask) + _unpadded(p.pair, p.pair_mask)
     assert [list(p.prefix) + t for t in tails] == want
-    assert p.qg.shape[1] % 8 == 0 and p.pair.shape[1] % 8 == 0  # bucketed tail lengths
+    assert (
+        p.question_general.shape[1] % 8 == 0 and p.pair.shape[1] % 8 == 0
+    )  # bucketed tail lengths
 
 
 def test_prompts_without_a_common_image_prefix_are_refused(tiny_llava, monkeypatch):
     model, _ = tiny_llava
-    monkeypatch.setattr(prefix, "llava_prompt", lambda q, n=1: f"USER: {q} " + "<image>" * n)
+    from vicrop_jax.families.llava import Llava
+
+    monkeypatch.setattr(Llava, "prompt", lambda self, q, n=1: f"USER: {q} " + "<image>" * n)
     with pytest.raises(ValueError, match="do not share"):
-        prefix.split_prompts(model, QS)
+        prompt_cache.split_prompts(model, QS)
 
 
 def test_rows_over_one_shared_prefix_match_hf_full_prompts(tiny_llava):
@@ -52,13 +56,21 @@ def test_rows_over_one_shared_prefix_match_hf_full_prompts(tiny_llava):
     rng = np.random.default_rng(5)
     imgs = [Image.fromarray(rng.integers(0, 255, (h, w, 3), np.uint8))
             for h, w in ((50, 61), (43, 37))]  # fmt: skip
-    p = prefix.split_prompts(model, QS)
+    p = prompt_cache.split_prompts(model, QS)
     apply = functools.partial(model.module.apply, {"params": model.params})
     pix = jnp.asarray(image_pixels(model.processor, imgs))
-    cache = prefix._prefix_cache(apply, model.module, model.params, jnp.asarray(p.prefix), pix)
-    tails = prefix._tail_cache(cache, 2, p.qg.shape[1] + 1)
+    cache = prompt_cache._prefix_cache(
+        apply, model.module, model.params, jnp.asarray(p.prefix), pix
+    )
+    tails = prompt_cache._tail_cache(cache, 2, p.question_general.shape[1] + 1)
     assert tails.k[0].shape[0] == 4 and tails.prefix_k[0].shape[0] == 2
-    out = apply(jnp.asarray(p.qg), None, jnp.asarray(p.qg_mask), cache=tails, only_last_logits=True)
+    out = apply(
+        jnp.asarray(p.question_general),
+        None,
+        jnp.asarray(p.question_general_mask),
+        cache=tails,
+        only_last_logits=True,
+    )
     nxt = jnp.argmax(out.logits[:, -1], -1)
     step = apply(nxt[:, None], None, jnp.ones((4, 1), jnp.int32), cache=out.cache,
                  only_last_logits=True)  # fmt: skip
@@ -73,7 +85,9 @@ def test_rows_over_one_shared_prefix_match_hf_full_prompts(tiny_llava):
             ref2 = hf(input_ids=torch.cat([ids, torch.tensor([[int(nxt[i])]])], 1), **kw)
         np.testing.assert_allclose(out.logits[i, -1], ref.logits[0, -1].numpy(), atol=1e-4)
         np.testing.assert_allclose(step.logits[i, -1], ref2.logits[0, -1].numpy(), atol=1e-4)
-        real = np.concatenate([np.arange(n_pre), n_pre + np.flatnonzero(p.qg_mask[i])])
+        real = np.concatenate(
+            [np.arange(n_pre), n_pre + np.flatnonzero(p.question_general_mask[i])]
+        )
         for layer, a in enumerate(ref.attentions):
             got = np.asarray(out.attentions[layer, i])[:, real]
             np.testing.assert_allclose(got, a[0, :, -1].numpy(), atol=1e-5, err_msg=f"{i} {layer}")
@@ -87,15 +101,15 @@ def test_a_tokenizer_that_merges_across_the_placeholder_takes_the_expanded_way(t
     expanded text, as the processor tokenises it."""
     model, _ = tiny_llava
     tok = model.processor.tokenizer
-    prefix._SPLITS_ON_IMAGE.pop(tok, None)
-    good = prefix.split_prompts(model, QS)
-    assert prefix._SPLITS_ON_IMAGE[tok] is True
-    prefix._SPLITS_ON_IMAGE[tok] = False  # as if the check had failed: the expanded way
+    prompt_cache._SPLITS_ON_IMAGE.pop(tok, None)
+    good = prompt_cache.split_prompts(model, QS)
+    assert prompt_cache._SPLITS_ON_IMAGE[tok] is True
+    prompt_cache._SPLITS_ON_IMAGE[tok] = False  # as if the check had failed: the expanded way
     try:
-        slow = prefix.split_prompts(model, QS)
+        slow = prompt_cache.split_prompts(model, QS)
     finally:
-        prefix._SPLITS_ON_IMAGE.pop(tok, None)
-    for name in ("prefix", "qg", "qg_mask", "pair", "pair_mask"):
+        prompt_cache._SPLITS_ON_IMAGE.pop(tok, None)
+    for name in ("prefix", "question_general", "question_general_mask", "pair", "pair_mask"):
         np.testing.assert_array_equal(getattr(slow, name), getattr(good, name))
 
 

@@ -1,10 +1,11 @@
-"""rel-att ViCrop for LLaVA with the first image's prefix computed once per question.
+"""The shared-prompt KV cache: a question's prompts share their tokens through the first image.
 
-The official LLaVA-1.5 prompts start with the image: BOS, then the first image's T tokens,
-then the text (the [original, crop] prompt puts the crop's T tokens before the text). The
-question prompt, the general-description prompt and the [original, crop] prompt of one
-question therefore share their first 1 + T tokens, which are most of each prompt (577 of
-about 620 for LLaVA-1.5-7B). This module runs that prefix once per question:
+For a family whose prompts start with the image (`Family.shares_prompt_prefix`; LLaVA-1.5:
+BOS, then the first image's T tokens, then the text, the [original, crop] prompt putting the
+crop's T tokens before the text) the question prompt, the general-description prompt and the
+[original, crop] prompt of one question share their first 1 + T tokens, which are most of
+each prompt (577 of about 620 for LLaVA-1.5-7B). This module runs that prefix once per
+question:
 
   1. `start`: the vision tower on the originals, the prefix pass (one row per question) into
      a KV cache, then the question and general tails as 2B rows that both read that
@@ -39,11 +40,12 @@ import jax.numpy as jnp
 import numpy as np
 from PIL import Image
 
-from vicrop_jax.generate import _param_dtype, answer_texts, decode, init_cache, pad_id, slice_rows
-from vicrop_jax.importance import _llava_grid, model_layers, safe_ratio
+from vicrop_jax.families import family_of
+from vicrop_jax.generate import answer_texts, decode, init_cache, pad_id, param_dtype, slice_rows
 from vicrop_jax.loading import Model
+from vicrop_jax.maps import safe_ratio
 from vicrop_jax.models.common import KVCache
-from vicrop_jax.processing import GENERAL_QUESTION, image_pixels, llava_prompt
+from vicrop_jax.processing import GENERAL_QUESTION, image_pixels
 
 Array = jax.Array
 
@@ -57,13 +59,14 @@ class Prompts:
     """Token ids of a batch's prompts split at the shared prefix.
 
     prefix: int32[P] (BOS and the first image's tokens, the same for every prompt);
-    qg: int32[2B, L1] left-padded tails of [question prompts; general prompts], qg_mask;
+    question_general: int32[2B, L1] left-padded tails of [question prompts; general
+    prompts], question_general_mask;
     pair: int32[B, L2] left-padded tails of the [original, crop] prompts, pair_mask.
     """
 
     prefix: np.ndarray
-    qg: np.ndarray
-    qg_mask: np.ndarray
+    question_general: np.ndarray
+    question_general_mask: np.ndarray
     pair: np.ndarray
     pair_mask: np.ndarray
 
@@ -103,8 +106,9 @@ def split_prompts(model: Model, questions: Sequence[str], multiple: int = 8) -> 
     tok = model.processor.tokenizer
     t, image_id = model.config.num_image_tokens, model.config.image_token_index
     n = len(questions)
-    texts = [llava_prompt(q) for q in questions] + [llava_prompt(GENERAL_QUESTION)]
-    texts += [llava_prompt(q, 2) for q in questions]
+    prompt = family_of(model).prompt
+    texts = [prompt(q) for q in questions] + [prompt(GENERAL_QUESTION)]
+    texts += [prompt(q, 2) for q in questions]
     ids = _expanded_ids(model, texts)
     ids = ids[:n] + ids[n : n + 1] * n + ids[n + 1 :]  # the general prompt, once a question
     if image_id not in ids[0]:
@@ -126,9 +130,10 @@ def split_prompts(model: Model, questions: Sequence[str], multiple: int = 8) -> 
             mask[i, length - len(r) :] = 1
         return out, mask
 
-    qg, qg_mask = pad(tails[: 2 * n])
+    question_general, question_general_mask = pad(tails[: 2 * n])
     pair, pair_mask = pad(tails[2 * n :])
-    return Prompts(np.asarray(prefix, np.int32), qg, qg_mask, pair, pair_mask)
+    return Prompts(np.asarray(prefix, np.int32), question_general, question_general_mask, pair,
+                   pair_mask)  # fmt: skip
 
 
 def _tail_cache(prefix, copies: int, length: int) -> KVCache:
@@ -154,7 +159,7 @@ def _prefix_cache(apply, module, params, prefix, pixels):
     cache of exactly the prefix's slots."""
     b, p = pixels.shape[0], prefix.shape[0]
     feats, _ = apply(pixels, method=lambda m, x: m.image_features(x))
-    cache = init_cache(module.config, b, p, _param_dtype(params))
+    cache = init_cache(module.config, b, p, param_dtype(params))
     ids = jnp.broadcast_to(prefix, (b, p))
     return apply(ids, None, None, cache=cache, only_last_logits=True,
                  image_features=feats).cache  # fmt: skip
@@ -180,23 +185,23 @@ def answer_pass(module, params, prefix, pixels, q, q_mask, *, max_new_tokens, eo
     jax.jit,
     static_argnames=("module", "layers", "image_start", "max_new_tokens", "eos_ids", "pad_id"),
 )  # fmt: skip
-def start_pass(module, params, prefix, pixels, qg, qg_mask, *, layers, image_start,
+def start_pass(module, params, prefix, pixels, tails, tails_mask, *, layers, image_start,
                max_new_tokens, eos_ids, pad_id):  # fmt: skip
     """Prefix pass, [question; general] tails, rel-att maps, baseline answers (jitted).
 
-    prefix int32[P]; pixels float[B, H, W, C]; qg, qg_mask int32[2B, L1]. Returns (maps
+    prefix int32[P]; pixels float[B, H, W, C]; tails, tails_mask int32[2B, L1]. Returns (maps
     float32[B, N, N], tokens int32[B, M], lengths int32[B], the prefix cache: the prefix's
     slots only).
     """
     b = pixels.shape[0]
     apply = functools.partial(module.apply, {"params": params})
     cache = _prefix_cache(apply, module, params, prefix, pixels)
-    tails = _tail_cache(cache, 2, qg.shape[1] + max_new_tokens)
-    out = apply(qg, None, qg_mask, cache=tails, only_last_logits=True)
+    tail_cache = _tail_cache(cache, 2, tails.shape[1] + max_new_tokens)
+    out = apply(tails, None, tails_mask, cache=tail_cache, only_last_logits=True)
     t = module.config.num_image_tokens
     rows = out.attentions[jnp.asarray(layers)][..., image_start : image_start + t]  # [l,2B,N,T]
     att = rows.mean((0, 2))  # [2B, T]
-    maps = _llava_grid(module.config, safe_ratio(att[:b], att[b:]))
+    maps = family_of(module.config).grid_map(module.config, safe_ratio(att[:b], att[b:]))
     tokens, lengths = decode(
         apply,
         out.logits[:b, -1],
@@ -227,9 +232,10 @@ def finish_pass(module, params, cache, crop_pixels, pair, pair_mask, *, max_new_
 
 
 @dataclasses.dataclass
-class Started:
-    """What `start` returns: maps float32[B, N, N] (device; None from `start_answers`),
-    baseline answers, and the state `finish` continues from."""
+class PromptCache:
+    """The prefix KV cache of a batch's questions and what was read from its pass: maps
+    float32[B, N, N] (device; None from `start_answers`), the baseline answers, and the
+    state `finish` continues from."""
 
     maps: Array
     answers: list[str]
@@ -248,54 +254,55 @@ def start_inputs(model: Model, images: Sequence[Image.Image], questions: Sequenc
     """(Prompts, args tuple, kwargs dict) of `start_pass` for B RGB images and checked
     questions: what `start` runs, exposed so that a benchmark can compile and time the pass
     by itself."""
-    if model.family != "llava":
-        raise ValueError(f"the shared prefix is implemented for LLaVA, not {model.family!r}")
+    if not family_of(model).shares_prompt_prefix:
+        raise ValueError(f"{model.family} prompts do not start with a shared image prefix")
     params = model.params if params is None else params
     prompts = split_prompts(model, questions)
     eos_ids, pad = _eos_pad(model)
     pixels = image_pixels(model.processor, images)
     image_start = int(np.argmax(prompts.prefix == model.config.image_token_index))
+    tails = prompts.question_general, prompts.question_general_mask
     args = (model.module, params, jnp.asarray(prompts.prefix), jnp.asarray(pixels),
-            jnp.asarray(prompts.qg), jnp.asarray(prompts.qg_mask))  # fmt: skip
-    kwargs = dict(layers=model_layers(model, layer), image_start=image_start,
+            *(jnp.asarray(x) for x in tails))  # fmt: skip
+    kwargs = dict(layers=family_of(model).layers(model.config, layer), image_start=image_start,
                   max_new_tokens=max_new_tokens, eos_ids=eos_ids, pad_id=pad)  # fmt: skip
     return prompts, args, kwargs
 
 
 def start(model: Model, images: Sequence[Image.Image], questions: Sequence[str], *,
-          max_new_tokens: int, layer=None, params=None) -> Started:  # fmt: skip
+          max_new_tokens: int, layer=None, params=None) -> PromptCache:  # fmt: skip
     """Step 1 for B RGB images and checked questions (see the module docstring)."""
     prompts, args, kwargs = start_inputs(model, images, questions, max_new_tokens=max_new_tokens,
                                          layer=layer, params=params)  # fmt: skip
     maps, tokens, lengths, cache = start_pass(*args, **kwargs)
     answers = answer_texts(model.processor.tokenizer, tokens, lengths)
-    return Started(maps, answers, prompts, cache, args[1], max_new_tokens)
+    return PromptCache(maps, answers, prompts, cache, args[1], max_new_tokens)
 
 
 def start_answers(model: Model, images: Sequence[Image.Image], questions: Sequence[str], *,
-                  max_new_tokens: int, params=None) -> Started:  # fmt: skip
+                  max_new_tokens: int, params=None) -> PromptCache:  # fmt: skip
     """`start` without the map: the baseline answers and the prefix cache that `finish`
     continues from (for maps asked with another question, or none). `maps` is None."""
     prompts, args, kwargs = start_inputs(model, images, questions, max_new_tokens=max_new_tokens,
                                          params=params)  # fmt: skip
     b = len(questions)
-    module, params, prefix, pixels, qg, qg_mask = args
+    module, params, prefix, pixels, tails, tails_mask = args
     tokens, lengths, cache = answer_pass(
-        module, params, prefix, pixels, qg[:b], qg_mask[:b], max_new_tokens=max_new_tokens,
+        module, params, prefix, pixels, tails[:b], tails_mask[:b], max_new_tokens=max_new_tokens,
         eos_ids=kwargs["eos_ids"], pad_id=kwargs["pad_id"],
     )  # fmt: skip
     answers = answer_texts(model.processor.tokenizer, tokens, lengths)
-    return Started(None, answers, prompts, cache, params, max_new_tokens)
+    return PromptCache(None, answers, prompts, cache, params, max_new_tokens)
 
 
-def finish(model: Model, started: Started, crops: Sequence[Image.Image]) -> list[str]:
+def finish(model: Model, state: PromptCache, crops: Sequence[Image.Image]) -> list[str]:
     """Step 3: the answers given [original, crop] for each question of `start`."""
     eos_ids, pad = _eos_pad(model)
-    p = started.prompts
+    p = state.prompts
     pixels = image_pixels(model.processor, crops)
     tokens, lengths = finish_pass(
-        model.module, started.params, started.cache, jnp.asarray(pixels),
-        jnp.asarray(p.pair), jnp.asarray(p.pair_mask), max_new_tokens=started.max_new_tokens,
+        model.module, state.params, state.cache, jnp.asarray(pixels),
+        jnp.asarray(p.pair), jnp.asarray(p.pair_mask), max_new_tokens=state.max_new_tokens,
         eos_ids=eos_ids, pad_id=pad,
     )  # fmt: skip
     return answer_texts(model.processor.tokenizer, tokens, lengths)

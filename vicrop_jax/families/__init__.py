@@ -1,0 +1,48 @@
+"""Model families: everything the ViCrop method asks of a model, one adapter per family.
+
+`importance`, `pipeline` and the evaluation engine hold no per-family branches; they ask the
+family of a model (`family_of(model)`) for:
+
+  prompt(question, n_images)       the official prompt template with n images
+  image_placeholder                the text that stands for one image in a prompt (or None)
+  default_layer(config)            the paper's LM layer (or the same relative depth)
+  map_grid(config)                 the side N of the square map over the original image
+  base_size(config)                the box search's base size (the vision input side)
+  high_res_threshold               the official tile size of the *_high variants
+  shares_prompt_prefix             whether every prompt starts with the same tokens through
+                                   the first image, so one KV cache of that prefix serves
+                                   the baseline, the map and the crop answer
+                                   (vicrop_jax.prompt_cache)
+  maps(...)                        the jitted pure cores of rel_att, grad_att and pure_grad
+  map_options(config, **options)   validated static options of its cores
+
+A new family is a models file (vicrop_jax/models/), a converter table (convert/), an adapter
+here registered in FAMILIES, and their tests.
+"""
+
+from __future__ import annotations
+
+from vicrop_jax.families.base import Family
+from vicrop_jax.families.instructblip import INSTRUCTBLIP
+from vicrop_jax.families.llava import LLAVA
+
+FAMILIES: dict[str, Family] = {f.name: f for f in (LLAVA, INSTRUCTBLIP)}
+
+
+def get_family(name: str) -> Family:
+    """The adapter of a family name (a config's model_type)."""
+    try:
+        return FAMILIES[name]
+    except KeyError:
+        raise ValueError(
+            f"unsupported model family {name!r}; supported: {', '.join(FAMILIES)}"
+        ) from None
+
+
+def family_of(model) -> Family:
+    """The adapter of a Model (or of a config with a model_type)."""
+    config = getattr(model, "config", model)
+    return get_family(config.model_type)
+
+
+__all__ = ["FAMILIES", "Family", "family_of", "get_family"]

@@ -1,0 +1,66 @@
+"""The family adapter interface and what most families share."""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+from vicrop_jax.maps import relative_depth, resolve_layers
+
+
+class Family:
+    """What the ViCrop method asks of a model family (see vicrop_jax.families).
+
+    Subclasses set `name`, `paper_layer` and implement `prompt` and `maps`; the defaults
+    cover a tower whose square input is `config.vision_config.image_size` pixels and whose
+    map is `config.vision_config.grid` cells a side.
+    """
+
+    name: ClassVar[str]
+    # (layer, depth): the paper's LM layer, chosen on held-out TextVQA, for a depth-layer LM.
+    paper_layer: ClassVar[tuple[int, int]]
+    image_placeholder: ClassVar[str | None] = "<image>"
+    shares_prompt_prefix: ClassVar[bool] = False
+    # Official *_high variants: tiles of at most this many pixels a side.
+    high_res_threshold: ClassVar[int] = 1024
+
+    def prompt(self, question: str, n_images: int = 1) -> str:
+        raise NotImplementedError
+
+    def default_layer(self, config) -> int:
+        layer, depth = self.paper_layer
+        return relative_depth(layer, depth, config.text_config.num_hidden_layers)
+
+    def layers(self, config, layer=None) -> tuple[int, ...]:
+        """The LM layers a map reads: `layer` resolved, or the paper's default."""
+        nl = config.text_config.num_hidden_layers
+        return resolve_layers(self.default_layer(config) if layer is None else layer, nl)
+
+    def base_size(self, config) -> int:
+        """The official box search's base size: the vision tower's input side."""
+        return config.vision_config.image_size
+
+    def map_grid(self, config) -> int:
+        return config.vision_config.grid
+
+    def prompt_tokens(self, tokenizer, config, question: str, n_images: int) -> int:
+        """Prompt length in tokens once every image's tokens are in place."""
+        prompt = self.prompt(question, n_images)
+        ids = tokenizer(prompt)["input_ids"]
+        # A placeholder is one added token that the processor expands to the image's tokens;
+        # families without one get the image tokens in front of the text (InstructBLIP).
+        placeholders = prompt.count(self.image_placeholder) if self.image_placeholder else 0
+        return len(ids) - placeholders + n_images * config.num_image_tokens
+
+    def map_options(self, config, **options) -> dict[str, Any]:
+        """Validated static options of `maps` (none by default)."""
+        extra = {k: v for k, v in options.items() if v is not None}
+        if extra:
+            raise ValueError(f"{', '.join(extra)} do(es) not apply to {self.name} models")
+        return {}
+
+    def maps(self, module, params, enc: dict, pixels, detail, *, method: str,
+             layers: tuple[int, ...], place, **options):  # fmt: skip
+        """float32[B, N, N] maps of B images from their encoded [questions; general] prompts
+        (enc: the processor's arrays, 2B rows), pixels float[B, H, W, C] and the pure-grad
+        detail mask (or None); `place` puts a host array on the device(s)."""
+        raise NotImplementedError
