@@ -53,7 +53,7 @@ def settings(model: str, n: int, out: str, batch_size: int = 32, validation: boo
     """eval.runner Settings of the demo: the first n questions of the test set (or the
     validation set), every method, the maps asked with the full question. The results go to
     out/<set>/run_<n>_<weights fingerprint>, so other weights (a retrained model) get their
-    own directory instead of the old results."""
+    own directory rather than another model's results."""
     from convert.checkpoint import weights_fingerprint
     from eval.datasets import DataSpec
     from eval.runner import Settings
