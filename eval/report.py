@@ -10,13 +10,16 @@ report.csv (the same table) and report_buckets.csv into DIR and prints the markd
 Scoring is eval.metrics (the official rules). Records that failed (missing image, ...) score
 0 and are counted in the "errors" column, so a broken setup cannot look accurate. A method
 that does not apply to a question (gt_crop without a ground-truth box) leaves it out of that
-column, whose cell then shows its own n. V* is scored as option-letter accuracy: the official
+column, whose cell then shows its own n; a failed question without a ground-truth box is
+left out of those columns too. V* is scored as option-letter accuracy: the official
 rule gives 0.3 per matching label, which equals this when the letter is listed at least four
 times, and caps a single-letter label at 30.
 
 Size buckets (questions with a ground-truth box): relative area = box area / image area,
 small < 0.005 <= medium < 0.05 <= large, the paper's TextVQA split; for the synthetic
 benchmark, the generator's buckets of subject side / image shorter side (eval.synthetic).
+Each bucket cell carries the 95% Wilson score interval of its accuracy (`wilson_interval`);
+report_buckets.csv gives the bounds as "<column> 95% low" and "<column> 95% high" columns.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ import os
 import statistics
 from collections.abc import Sequence
 
+import numpy as np
 from absl import app, flags
 
 from eval import metrics, records
@@ -34,6 +38,10 @@ from eval import metrics, records
 BUCKETS = (("small", 0.0, 0.005), ("medium", 0.005, 0.05), ("large", 0.05, float("inf")))
 VQA_TASKS = ("textvqa", "vqav2", "aokvqa")
 NO_CROP = "no crop"
+# Methods that need a ground-truth box (eval.engine: no box, no answer).
+GT_METHODS = ("gt_crop", "gt_map")
+# The standard normal's 0.975 quantile: the z of a two-sided 95% interval.
+Z95 = 1.959963984540054
 
 
 def score(task: str, prediction: str | None, record: dict, variant: str = "official") -> float:
@@ -51,8 +59,8 @@ def score(task: str, prediction: str | None, record: dict, variant: str = "offic
 
 def _predictions(record: dict, column: str):
     """(applies, prediction) of a record for a column."""
-    if record.get("error"):
-        return True, None
+    if record.get("error"):  # wrong wherever the question would have been asked
+        return column not in GT_METHODS or bool(record.get("gt_bbox")), None
     if column == NO_CROP:
         return True, record.get("original_answer")
     m = record.get("methods", {}).get(column)
@@ -72,6 +80,26 @@ def column_scores(task: str, recs: Sequence[dict], columns: Sequence[str], varia
                 vals.append(score(task, pred, r, variant))
         out[col] = (metrics.aggregate(vals) if vals else None, len(vals))
     return out
+
+
+def wilson_interval(p, n, z: float = Z95):
+    """Wilson score interval of a proportion p in [0, 1] observed over n > 0 trials.
+
+    Args:
+      p: float or float[...] observed proportion(s).
+      n: int or int[...] trials, broadcast against p.
+      z: the normal quantile of the interval (Z95: 95%, two-sided).
+
+    Returns:
+      (low, high), each shaped as p and n broadcast. For scores that are not 0/1 (the VQA
+      metric's 30 / 60 / 90) the variance is below p(1 - p), so the interval is wider than
+      it needs to be, never narrower.
+    """
+    p, n = np.asarray(p, np.float64), np.asarray(n, np.float64)
+    z2 = z * z
+    centre = (p + z2 / (2 * n)) / (1 + z2 / n)
+    half = z / (1 + z2 / n) * np.sqrt(p * (1 - p) / n + z2 / (4 * n * n))
+    return np.clip(centre - half, 0.0, 1.0), np.clip(centre + half, 0.0, 1.0)
 
 
 def relative_area(record: dict) -> float | None:
@@ -103,10 +131,12 @@ class Run:
         return self.total is not None and len(self.records) >= self.total
 
 
-def _fmt(value: float | None, n: int, row_n: int) -> str:
+def _fmt(value: float | None, n: int, row_n: int, ci: tuple[float, float] | None = None) -> str:
+    """'66.67', with ci '66.67 [20.8, 93.9]', and ' (n=3)' after it when n is not row_n."""
     if value is None:
         return "-"
-    return f"{value:.2f}" if n == row_n else f"{value:.2f} (n={n})"
+    text = f"{value:.2f}" if ci is None else f"{value:.2f} [{ci[0]:.1f}, {ci[1]:.1f}]"
+    return text if n == row_n else f"{text} (n={n})"
 
 
 def table(runs: Sequence[Run], variant: str = "official") -> tuple[list[str], list[list[str]]]:
@@ -125,10 +155,26 @@ def table(runs: Sequence[Run], variant: str = "official") -> tuple[list[str], li
     return header, rows
 
 
-def bucket_table(run: Run, variant: str = "official") -> tuple[list[str], list[list[str]]]:
-    """Accuracy by relative ground-truth box area (empty if no record has a box)."""
+def _interval(value: float | None, n: int) -> tuple[float, float] | None:
+    """The 95% Wilson interval (percent) of a mean score in percent over n questions."""
+    if value is None:
+        return None
+    lo, hi = wilson_interval(value / 100, n)
+    return 100 * float(lo), 100 * float(hi)
+
+
+def bucket_table(
+    run: Run, variant: str = "official", merged: bool = False
+) -> tuple[list[str], list[list[str]]]:
+    """Accuracy by relative ground-truth box area (empty if no record has a box).
+
+    Each column's 95% Wilson interval follows it as two columns, "<column> 95% low" and
+    "<column> 95% high" (the CSV), or with merged, inside its cell: "79.82 [75.1, 83.9]".
+    """
     cols = [NO_CROP, *run.methods]
-    header = ["model", "task", "bucket", "questions", *cols]
+    header = ["model", "task", "bucket", "questions"]
+    for c in cols:
+        header += [c] if merged else [c, f"{c} 95% low", f"{c} 95% high"]
     buckets = BUCKETS
     if run.task == "synthetic":  # the generator's buckets, by subject side / image side
         from eval.synthetic import SIZE_BUCKETS as buckets
@@ -148,16 +194,16 @@ def bucket_table(run: Run, variant: str = "official") -> tuple[list[str], list[l
         if not recs:
             continue
         scores = column_scores(run.task, recs, cols, variant)
-        label = f"{name} [{lo:g}, {hi:g})"
-        rows.append(
-            [
-                run.model,
-                run.task,
-                label,
-                str(len(recs)),
-                *(_fmt(*scores[c], len(recs)) for c in cols),
-            ]
-        )
+        row = [run.model, run.task, f"{name} [{lo:g}, {hi:g})", str(len(recs))]
+        for c in cols:
+            value, n = scores[c]
+            ci = _interval(value, n)
+            if merged:
+                row.append(_fmt(value, n, len(recs), ci))
+            else:
+                bounds = ["", ""] if ci is None else [f"{v:.2f}" for v in ci]
+                row += [_fmt(value, n, len(recs)), *bounds]
+        rows.append(row)
     return header, rows
 
 
@@ -207,15 +253,17 @@ def make_report(root: str, variant: str = "official") -> str:
         f"# ViCrop evaluation: accuracy (%)\n\nScoring: {metric} rules.\n",
         markdown(header, rows),
     ]
-    b_header, b_rows = None, []
+    b_header, b_rows, m_header, m_rows = None, [], None, []
     for run in runs:
         bh, br = bucket_table(run, variant)
         b_header, b_rows = bh if br else b_header, b_rows + br
+        mh, mr = bucket_table(run, variant, merged=True)
+        m_header, m_rows = mh if mr else m_header, m_rows + mr
     if b_rows:
         parts += [
             "\n## Accuracy by ground-truth box size (relative area; synthetic: subject side "
-            "/ image shorter side)\n",
-            markdown(b_header, b_rows),
+            "/ image shorter side), [95% Wilson interval]\n",
+            markdown(m_header, m_rows),
         ]
     t_header, t_rows = timing_table(runs)
     if t_rows:

@@ -73,7 +73,8 @@ def test_table2_layout_buckets_errors_and_shards(tmp_path):
     assert t["questions"] == "4/4" and t["errors"] == "1"
     assert t["no crop"] == "25.00"  # 1 of 4; the failed question counts as wrong
     assert t["rel_att"] == "50.00"
-    assert t["gt_crop"] == "66.67 (n=3)"  # question 1 has no GT box: left out of that column
+    # Questions 1 and 3 (failed) have no GT box: left out of that column.
+    assert t["gt_crop"] == "100.00 (n=2)"
     v = rows["vstar"]
     assert v["questions"] == "1/2 (partial)" and v["no crop"] == "0.00"
     assert v["rel_att_high"] == "100.00" and t.get("rel_att_high") == ""
@@ -82,8 +83,40 @@ def test_table2_layout_buckets_errors_and_shards(tmp_path):
     assert set(buckets) == {"small", "large"}
     assert buckets["small"]["questions"] == "1" and buckets["small"]["no crop"] == "100.00"
     assert buckets["large"]["gt_crop"] == "100.00" and buckets["large"]["rel_att"] == "0.00"
+    # Wilson 95% bounds of 1/1 and 0/1: [20.65, 100] and [0, 79.35].
+    assert buckets["large"]["gt_crop 95% low"] == "20.65"
+    assert buckets["large"]["gt_crop 95% high"] == "100.00"
+    assert buckets["large"]["rel_att 95% high"] == "79.35"
+    assert "| llava-x | textvqa | large [0.05, inf) | 1 | 0.00 [0.0, 79.3] |" in text
     assert "| llava-x | textvqa | rel_att | 0.500 |" in text  # map + crop answer per question
     assert (tmp_path / "report.md").read_text() == text
+
+
+def test_wilson_interval_against_hand_computed_bounds():
+    # 8 of 10 at 95%: z = 1.959964, z^2 = 3.841459; centre (0.8 + z^2/20) / (1 + z^2/10) =
+    # 0.716738, half z / (1 + z^2/10) * sqrt(0.016 + z^2/400) = 0.226576.
+    lo, hi = report.wilson_interval(0.8, 10)
+    assert (lo, hi) == (pytest.approx(0.490162, abs=1e-6), pytest.approx(0.943318, abs=1e-6))
+    # 0 and 20 of 20: the bound is z^2 / (n + z^2) = 0.161125 from 0 (or 1). 750 of 1500:
+    # centred, half = z / 1.002561 * sqrt(0.25 / 1500 + z^2 / 9e6) = 0.025271.
+    lo, hi = report.wilson_interval([0.0, 1.0, 0.5], [20, 20, 1500])
+    assert lo[0] == 0.0 and hi[1] == 1.0
+    assert hi[0] == pytest.approx(1 - lo[1]) == pytest.approx(0.161125, abs=1e-6)
+    assert (lo[2], hi[2]) == (pytest.approx(0.474729, abs=1e-6), pytest.approx(0.525271, abs=1e-6))
+
+
+def test_failed_question_counts_in_a_gt_column_only_with_a_gt_box(tmp_path):
+    ten = ["red"] * 10
+    recs = [
+        _rec(0, ten, "red", {"gt_crop": "red"}, gt=[0, 0, 5, 5]),
+        _rec(1, ten, None, {"gt_crop": None}, gt=[0, 0, 5, 5], error="ImageError: missing"),
+        _rec(2, ten, None, {"gt_crop": None}, error="ImageError: missing"),
+    ]
+    _write_run(tmp_path, "textvqa", ["gt_crop"], [recs], total=3)
+    report.make_report(str(tmp_path))
+    with open(tmp_path / "report.csv") as f:
+        (row,) = csv.DictReader(f)
+    assert row["no crop"] == "33.33" and row["gt_crop"] == "50.00 (n=2)"
 
 
 def test_scores_follow_the_official_rules():

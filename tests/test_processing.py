@@ -4,8 +4,8 @@ import numpy as np
 from PIL import Image
 from transformers import AutoProcessor
 
+from eval.demo import DEMO_MODEL
 from vicrop_jax import processing
-from vicrop_jax.demo import DEMO_MODEL
 
 
 def test_preprocess_in_chunks_equals_one_processor_call(monkeypatch):
