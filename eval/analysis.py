@@ -40,24 +40,25 @@ import numpy as np
 
 from eval import report
 from eval.engine import Engine, Item, box_cells, coverage
+from vicrop_jax.families import family_of
 from vicrop_jax.loading import Model, forward
 from vicrop_jax.maps import image_rows
-from vicrop_jax.processing import encode, llava_prompt
+from vicrop_jax.processing import encode
 
 
 def layer_maps(model: Model, images, questions: Sequence[str]) -> np.ndarray:
-    """Heads-averaged last-position attention over the image, per layer: float32[B, L, N, N]."""
-    enc = encode(model.processor, [llava_prompt(q) for q in questions], list(images))
+    """Heads-averaged last-position attention over the image, per layer: float32[B, L, N, N]
+    (families whose image tokens are patches, as LLaVA's)."""
+    family = family_of(model)
+    enc = encode(model.processor, [family.prompt(q) for q in questions], list(images))
     out = forward(model, enc["input_ids"], enc["pixel_values"], enc["attention_mask"])
     cfg = model.config
     rows = image_rows(
         out.attentions, jnp.asarray(enc["input_ids"]), cfg.image_token_index, cfg.num_image_tokens
-    )
-    rows = np.asarray(rows, np.float32)  # [B, L, T]
-    if cfg.vision_feature_select_strategy == "full":
-        rows = rows[..., 1:]  # the class-token position is not a patch
-    g = cfg.vision_config.grid
-    return rows.reshape(rows.shape[0], rows.shape[1], g, g)
+    )  # [B, L, T]
+    b, nl = rows.shape[:2]
+    maps = family.grid_map(cfg, rows.reshape(b * nl, -1))
+    return np.asarray(maps, np.float32).reshape(b, nl, *maps.shape[1:])
 
 
 def window_ratio(att: np.ndarray, cells: Sequence[int]) -> float:

@@ -80,7 +80,7 @@ from convert.llava import abstract_params, export_params, load_params
 from eval import synthetic as syn
 from eval.engine import coverage, peak_map
 from vicrop_jax import pipeline
-from vicrop_jax.demo import SIZES as DEMO_SIZES
+from eval.demo import SIZES as DEMO_SIZES
 from vicrop_jax.importance import default_layer
 from vicrop_jax.loading import Model, module_for
 from vicrop_jax.models.llava import LlavaConfig
@@ -1800,7 +1800,7 @@ def probe_features(settings: Settings, n_items: int, sizes: Sequence[int] | None
     """How well the latest checkpoint's image features name each object, by its size bucket.
 
     On the first `n_items` questions of the demo's held-out set (seed 1, split "test", image
-    sizes `sizes`, default the demo's vicrop_jax.demo.SIZES), the training-only patch heads'
+    sizes `sizes`, default the demo's eval.demo.SIZES), the training-only patch heads'
     logits are averaged over an object's cells (those `patch_labels(every_cell=True)` gives
     it) and the best non-background class is taken:
     "glyph" over the glyph's cells, "combo" (colour + shape) over the shape's. Returns

@@ -596,6 +596,7 @@ def test_engine_shared_prefix_equals_separate_passes(tiny_llava, monkeypatch):
     # ground-truth box left out of gt_crop.
     from eval.engine import Item
     from vicrop_jax import prompt_cache as prefix_lib
+    from vicrop_jax.pipeline import Executor
 
     model, _ = tiny_llava
     rng = np.random.RandomState(3)
@@ -610,12 +611,12 @@ def test_engine_shared_prefix_equals_separate_passes(tiny_llava, monkeypatch):
     real_finish = prefix_lib.finish
     monkeypatch.setattr(prefix_lib, "finish", lambda *a: finishes.append(1) or real_finish(*a))
     map_passes = []
-    real_maps = Engine.maps
-    monkeypatch.setattr(Engine, "maps", lambda *a: map_passes.append(1) or real_maps(*a))
+    real_maps = Executor.maps
+    monkeypatch.setattr(Executor, "maps", lambda *a: map_passes.append(1) or real_maps(*a))
     eng = Engine(model, batch_size=4, max_new_tokens=4)
     shared = eng.answer(items, methods)
     assert len(finishes) == 3 and not map_passes  # one finish per method; no map pass
-    monkeypatch.setattr(Engine, "_shares_prefix", lambda self, n: False)
+    monkeypatch.setattr(Executor, "shares_prefix", lambda self, n: False)
     separate = eng.answer(items, methods)
     assert len(finishes) == 3 and len(map_passes) == 1
     for a, b in zip(shared, separate, strict=True):

@@ -10,7 +10,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from vicrop_jax import bbox, filters, pipeline
+from vicrop_jax import bbox, detail_mask, pipeline
 from vicrop_jax.families.instructblip import default_qformer_layer
 from vicrop_jax.importance import default_layer, importance
 from vicrop_jax.processing import GENERAL_QUESTION, blip_prompt, encode
@@ -76,7 +76,7 @@ def _paper_pure_grad(hf, proc, image):
         out, _, _, _ = _run(hf, proc, q, image, pix)
         (gpix,) = torch.autograd.grad(_loss(out), [pix])
         norms.append(np.linalg.norm(gpix[0].numpy().transpose(1, 2, 0), axis=2))
-    mask = np.asarray(filters.detail_mask(np.asarray(filters.resize_for_mask(image, RES))))
+    mask = np.asarray(detail_mask.detail_mask(np.asarray(detail_mask.resize_for_mask(image, RES))))
     grad = norms[0] / norms[1] * mask
     return grad.reshape(GRID, PATCH, GRID, PATCH).mean((1, 3))
 

@@ -33,7 +33,7 @@ import numpy as np
 from PIL import Image
 
 from vicrop_jax import bbox as bbox_lib
-from vicrop_jax import filters
+from vicrop_jax import detail_mask as detail
 from vicrop_jax.families import family_of, get_family
 from vicrop_jax.loading import Model
 from vicrop_jax.maps import METHODS, check_method, relative_depth
@@ -57,7 +57,7 @@ def model_layers(model: Model, layer) -> tuple[int, ...]:
 def detail_masks(images: Sequence[Image.Image], resolution: int) -> np.ndarray:
     """bool[B, R, R] pure-grad detail masks of RGB images at the vision input side R."""
     return np.stack([
-        np.asarray(filters.detail_mask(jnp.asarray(filters.resize_for_mask(im, resolution))))
+        np.asarray(detail.detail_mask(jnp.asarray(detail.resize_for_mask(im, resolution))))
         for im in images
     ])  # fmt: skip
 

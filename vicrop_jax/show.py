@@ -64,6 +64,7 @@ def main(argv):
     import vicrop_jax
     from vicrop_jax import bbox
     from vicrop_jax.importance import importance
+    from vicrop_jax.pipeline import base_size
     from vicrop_jax.processing import to_rgb
 
     model = vicrop_jax.load_model(f.model)
@@ -71,7 +72,7 @@ def main(argv):
     att = np.asarray(importance(model.params, image, f.question, model=model,
                                 method=f.method, layer=parse_layer(f.layer),
                                 high_res=f.high_res))  # fmt: skip
-    box = np.asarray(bbox.select_bbox(att, image.size, model.config.vision_config.image_size))
+    box = np.asarray(bbox.select_bbox(att, image.size, base_size(model)))
     print(f"box {box.tolist()} -> {render(image, att, box, f.out, f.question)}")
 
 

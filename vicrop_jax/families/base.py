@@ -42,6 +42,11 @@ class Family:
     def map_grid(self, config) -> int:
         return config.vision_config.grid
 
+    def grid_map(self, config, values):
+        """Image-token values [B, T] -> the map [B, N, N] (pure; used inside jit), for
+        families whose image tokens are the patches themselves."""
+        raise NotImplementedError(f"{self.name} image tokens are not a patch grid")
+
     def prompt_tokens(self, tokenizer, config, question: str, n_images: int) -> int:
         """Prompt length in tokens once every image's tokens are in place."""
         prompt = self.prompt(question, n_images)

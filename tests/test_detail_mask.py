@@ -1,4 +1,4 @@
-"""Parity of vicrop_jax.filters with the official pure-grad high-pass mask.
+"""Parity of vicrop_jax.detail_mask with the official pure-grad high-pass mask.
 
 The reference below re-creates the official ``high_pass_filter(..., reduce=False)`` and the
 ``> np.median`` threshold with numpy and scipy: ``u / 255`` in float32, an explicit 3x3
@@ -20,7 +20,7 @@ import pytest
 from PIL import Image, ImageDraw, ImageFilter
 from scipy import ndimage
 
-from vicrop_jax import filters
+from vicrop_jax import detail_mask
 
 # ----------------------------------------------------------------------------------------
 # Reference (numpy / scipy).
@@ -42,7 +42,7 @@ def _ref_fma(a, b, c):
 
 def _ref_blur(x_chw: np.ndarray) -> np.ndarray:
     """torchvision gaussian_blur(k=3) on float32[C, H, W] as torch's CPU conv2d computes it."""
-    k = filters.gaussian_kernel(3)
+    k = detail_mask.gaussian_kernel(3)
     h, w = x_chw.shape[-2:]
     xp = np.pad(x_chw, ((0, 0), (1, 1), (1, 1)), mode="reflect")
     acc = np.zeros_like(x_chw, dtype=np.float32)
@@ -67,7 +67,7 @@ def _ref_mask(img_hwc_u8: np.ndarray) -> np.ndarray:
 def _torch_blur(x_chw: np.ndarray) -> np.ndarray:
     """torchvision's tensor blur recipe with torch ops: reflect pad + depthwise conv2d."""
     torch = pytest.importorskip("torch")
-    k = torch.from_numpy(filters.gaussian_kernel(3))
+    k = torch.from_numpy(detail_mask.gaussian_kernel(3))
     t = torch.from_numpy(np.ascontiguousarray(x_chw))[None]
     t = torch.nn.functional.pad(t, [1, 1, 1, 1], mode="reflect")
     c = x_chw.shape[0]
@@ -113,7 +113,7 @@ IMAGES = _images()
 
 
 def test_kernel_is_analytic_gaussian_sigma_0_8():
-    k = filters.gaussian_kernel(3)
+    k = detail_mask.gaussian_kernel(3)
     x = np.array([-1.0, 0.0, 1.0])
     g = np.exp(-0.5 * (x / 0.8) ** 2)
     g /= g.sum()
@@ -132,7 +132,7 @@ def test_kernel_matches_torchvision_recipe_bitwise():
         pdf = torch.exp(-0.5 * (x / sigma).pow(2))
         k1 = pdf / pdf.sum()
         k2 = torch.mm(k1[:, None], k1[None, :]).numpy()
-        np.testing.assert_array_equal(filters.gaussian_kernel(size), k2)
+        np.testing.assert_array_equal(detail_mask.gaussian_kernel(size), k2)
 
 
 # ----------------------------------------------------------------------------------------
@@ -142,7 +142,7 @@ def test_kernel_matches_torchvision_recipe_bitwise():
 def test_fma_and_product_are_correctly_rounded():
     rng = np.random.default_rng(1)
     n = 200_000
-    kernel_w = filters.gaussian_kernel(3).ravel()
+    kernel_w = detail_mask.gaussian_kernel(3).ravel()
     a = np.concatenate([rng.choice(kernel_w, n), rng.standard_normal(n).astype(np.float32)]).astype(
         np.float32
     )
@@ -165,9 +165,9 @@ def test_fma_and_product_are_correctly_rounded():
     a = np.concatenate([a, a[:n]])
     b = np.concatenate([b, b[:n]])
     c = np.concatenate([c, (prod[:n] + half_ulp[:n]).astype(np.float32)])
-    got = np.asarray(jax.jit(filters._fma)(a, b, c))
+    got = np.asarray(jax.jit(detail_mask._fma)(a, b, c))
     np.testing.assert_array_equal(got, _ref_fma(a, b, c))
-    got_prod = np.asarray(jax.jit(filters._product)(a, b))
+    got_prod = np.asarray(jax.jit(detail_mask._product)(a, b))
     np.testing.assert_array_equal(got_prod, (a * b).astype(np.float32))
 
 
@@ -183,13 +183,13 @@ def test_blur_matches_reference_bitwise(shape):
     rng = np.random.default_rng(shape[0] * 1000 + shape[1])
     u8 = rng.integers(0, 256, (*shape, 3), dtype=np.uint8)
     x = u8.astype(np.float32) / np.float32(255)
-    got = np.asarray(filters.gaussian_blur3(jnp.asarray(x)))
+    got = np.asarray(detail_mask.gaussian_blur3(jnp.asarray(x)))
     want = _ref_blur(x.transpose(2, 0, 1)).transpose(1, 2, 0)
     np.testing.assert_allclose(got, want, rtol=0, atol=1e-5)
     np.testing.assert_array_equal(got, want)
     # Any float data, not only k / 255.
     xf = rng.standard_normal((*shape, 3)).astype(np.float32)
-    got = np.asarray(filters.gaussian_blur3(jnp.asarray(xf)))
+    got = np.asarray(detail_mask.gaussian_blur3(jnp.asarray(xf)))
     np.testing.assert_array_equal(got, _ref_blur(xf.transpose(2, 0, 1)).transpose(1, 2, 0))
 
 
@@ -197,7 +197,7 @@ def test_blur_matches_torch_conv2d_bitwise():
     for name in ("doc", "photo_jpeg"):
         x = np.asarray(IMAGES[name].resize((224, 224), Image.Resampling.BILINEAR))
         x = x.astype(np.float32) / np.float32(255)
-        got = np.asarray(filters.gaussian_blur3(jnp.asarray(x)))
+        got = np.asarray(detail_mask.gaussian_blur3(jnp.asarray(x)))
         want = _torch_blur(x.transpose(2, 0, 1)).transpose(1, 2, 0)
         np.testing.assert_array_equal(got, want, err_msg=name)
 
@@ -205,7 +205,7 @@ def test_blur_matches_torch_conv2d_bitwise():
 def test_blur_batched_and_integer_input():
     rng = np.random.default_rng(2)
     u8 = rng.integers(0, 256, (2, 17, 23, 3), dtype=np.uint8)
-    got = np.asarray(filters.gaussian_blur3(jnp.asarray(u8)))
+    got = np.asarray(detail_mask.gaussian_blur3(jnp.asarray(u8)))
     assert got.dtype == np.uint8
     for n in range(2):
         ref = _ref_blur(u8[n].astype(np.float32).transpose(2, 0, 1)).transpose(1, 2, 0)
@@ -223,10 +223,10 @@ def test_median_filter_matches_scipy(size):
     for shape in [(17, 23), (5, 9)]:
         # Few distinct values: many ties inside each window.
         x = (rng.integers(0, 6, shape) / 7).astype(np.float32)
-        got = np.asarray(filters.median_filter(jnp.asarray(x), size=size))
+        got = np.asarray(detail_mask.median_filter(jnp.asarray(x), size=size))
         np.testing.assert_array_equal(got, ndimage.median_filter(x, size=size))
     xb = rng.standard_normal((2, 13, 11)).astype(np.float32)
-    got = np.asarray(filters.median_filter(jnp.asarray(xb), size=size))
+    got = np.asarray(detail_mask.median_filter(jnp.asarray(xb), size=size))
     for n in range(2):
         np.testing.assert_array_equal(got[n], ndimage.median_filter(xb[n], size=size))
 
@@ -241,7 +241,7 @@ def test_map_median_matches_numpy():
         np.array([[1e-7, 3e-7, 3e-7, 1.0]], np.float32),
     ]
     for x in cases:
-        got = np.asarray(filters._median_like_numpy(jnp.asarray(x)))
+        got = np.asarray(detail_mask._median_like_numpy(jnp.asarray(x)))
         assert got == np.median(x), (got, np.median(x))
 
 
@@ -252,13 +252,13 @@ def test_map_median_matches_numpy():
 @jax.jit
 def _map_and_mask(u8):
     # One compilation for both public functions (the inner jits inline).
-    return filters.high_pass(u8), filters.detail_mask(u8)
+    return detail_mask.high_pass(u8), detail_mask.detail_mask(u8)
 
 
 @pytest.mark.parametrize("resolution", [336, 224])
 def test_detail_mask_matches_official_pipeline(resolution):
     for name, img in IMAGES.items():
-        u8 = filters.resize_for_mask(img, resolution)
+        u8 = detail_mask.resize_for_mask(img, resolution)
         hp, mask = map(np.asarray, _map_and_mask(jnp.asarray(u8)))
         ref_hp = _ref_high_pass(u8)
         np.testing.assert_array_equal(hp, ref_hp, err_msg=name)
@@ -275,30 +275,30 @@ def test_detail_mask_non_square_float_and_batch():
     doc = np.asarray(IMAGES["doc"].resize((52, 37), Image.Resampling.BILINEAR))
     noise = rng.integers(0, 256, (37, 52, 3), dtype=np.uint8)
     batch = np.stack([doc, noise])
-    got = np.asarray(filters.detail_mask(jnp.asarray(batch)))
+    got = np.asarray(detail_mask.detail_mask(jnp.asarray(batch)))
     for n in range(2):
         np.testing.assert_array_equal(got[n], _ref_mask(batch[n]))
     # Float input in [0, 1] (the to_tensor scale) gives the same mask as uint8.
     as_float = jnp.asarray(batch.astype(np.float32) / np.float32(255))
-    np.testing.assert_array_equal(np.asarray(filters.detail_mask(as_float)), got)
+    np.testing.assert_array_equal(np.asarray(detail_mask.detail_mask(as_float)), got)
 
 
 def test_detail_mask_matches_torch_blur_path():
     """Same mask when the blur is torch's own conv2d (the official op) instead of ours."""
     pytest.importorskip("torch")
-    u8 = filters.resize_for_mask(IMAGES["gradient_jpeg"], 336)
+    u8 = detail_mask.resize_for_mask(IMAGES["gradient_jpeg"], 336)
     x = u8.astype(np.float32).transpose(2, 0, 1) / np.float32(255)
     hb = ndimage.median_filter(np.sqrt(np.square(x - _torch_blur(x)).sum(axis=0)), size=7)
-    mask = np.asarray(filters.detail_mask(jnp.asarray(u8)))
+    mask = np.asarray(detail_mask.detail_mask(jnp.asarray(u8)))
     np.testing.assert_array_equal(mask, hb > np.median(hb))
 
 
 def test_resize_for_mask_is_pil_bilinear_rgb():
     img = IMAGES["photo_jpeg"]
-    got = filters.resize_for_mask(img, 224)
+    got = detail_mask.resize_for_mask(img, 224)
     assert got.shape == (224, 224, 3) and got.dtype == np.uint8
     np.testing.assert_array_equal(got, np.asarray(img.resize((224, 224), Image.BILINEAR)))
     rgba = img.convert("RGBA")
-    np.testing.assert_array_equal(filters.resize_for_mask(rgba, 224), got)
-    gray = filters.resize_for_mask(img.convert("L"), 31)
+    np.testing.assert_array_equal(detail_mask.resize_for_mask(rgba, 224), got)
+    gray = detail_mask.resize_for_mask(img.convert("L"), 31)
     assert gray.shape == (31, 31, 3)
