@@ -243,7 +243,10 @@ def _items(settings, limit: int, need_box: bool) -> list[Item]:
         if limit and len(items) >= limit:
             break
         try:
-            items.append(Item(ex, datasets.load_image(ex.image_file(), settings.max_image_pixels)))
+            image, ex = datasets.load_example_image(
+                ex, settings.max_image_pixels, settings.data.exif_transpose
+            )
+            items.append(Item(ex, image))
         except ValueError as e:
             skipped += 1
             print(f"skipping {ex.id}: {e}", file=sys.stderr)

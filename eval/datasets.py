@@ -27,7 +27,10 @@ options in a fixed pseudo-random order per id (the published files list the corr
 first); `labels` is the correct letter and `short_question` the bare question, which the
 importance map uses.
 
-Ground-truth boxes (`gt_bbox`) are (x1, y1, x2, y2) pixels of the original image.
+Ground-truth boxes (`gt_bbox`) are (x1, y1, x2, y2) pixels of the original image, in its stored
+pixel frame. Images are read as the official run.py reads them, `Image.open(p).convert("RGB")`
+(`load_image`): no EXIF rotation unless `DataSpec.exif_transpose`, which also moves the GT box
+(`load_example_image`).
 """
 
 from __future__ import annotations
@@ -36,11 +39,10 @@ import dataclasses
 import hashlib
 import json
 import os
-import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from PIL import Image, ImageOps
+from PIL import Image
 
 TASKS = ("textvqa", "vstar", "pope", "docvqa", "aokvqa", "gqa", "vqav2", "synthetic")
 VSTAR_CATEGORIES = ("direct_attributes", "relative_position")
@@ -94,48 +96,35 @@ class Example:
 # Images.
 
 
-def load_image(path: str, max_pixels: int | None = Image.MAX_IMAGE_PIXELS) -> Image.Image:
-    """Opens an image as 8-bit RGB, upright (EXIF orientation applied), fully decoded.
+def load_image(
+    path: str, max_pixels: int | None | str = "pil", exif_transpose: bool = False
+) -> Image.Image:
+    """`vicrop_jax.processing.read_image`: the official `Image.open(path).convert("RGB")`,
+    in the stored pixel frame unless exif_transpose; max_pixels: the most pixels accepted
+    ("pil": PIL's limit, None: no limit). Raises ImageError naming the file."""
+    from vicrop_jax import processing
 
-    Args:
-      path: image file.
-      max_pixels: refuse images with more pixels than this (decompression bombs); None
-        disables the check. PIL's own bomb check stays on and is turned into an error.
-
-    Returns:
-      An RGB PIL image.
-
-    Raises:
-      ImageError: with the path and the reason.
-    """
-    from vicrop_jax.processing import to_rgb
-
-    if not os.path.isfile(path):
-        raise ImageError(f"{path}: no such image file")
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as im:
-                w, h = im.size
-                if max_pixels is not None and w * h > max_pixels:
-                    raise ImageError(
-                        f"{path}: {w}x{h} = {w * h} pixels exceeds the limit of {max_pixels} "
-                        "(a possible decompression bomb; raise --max_image_pixels to allow it)"
-                    )
-                if w <= 0 or h <= 0:
-                    raise ImageError(f"{path}: empty image ({w}x{h})")
-                im.load()
-                try:
-                    upright = ImageOps.exif_transpose(im)
-                except Exception:  # noqa: BLE001 - unreadable EXIF: keep the stored orientation
-                    upright = im
-                return to_rgb(upright).copy()
-    except ImageError:
-        raise
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-        raise ImageError(f"{path}: decompression bomb refused by PIL: {e}") from None
-    except Exception as e:  # noqa: BLE001 - PIL raises many types for corrupt files
-        raise ImageError(f"{path}: cannot read image: {type(e).__name__}: {e}") from None
+        return processing.read_image(path, exif_transpose=exif_transpose, max_pixels=max_pixels)
+    except processing.ImageError as e:
+        raise ImageError(str(e)) from None
+
+
+def load_example_image(
+    ex: Example, max_pixels: int | None | str = "pil", exif_transpose: bool = False
+) -> tuple[Image.Image, Example]:
+    """An example's image (`load_image`) and the example, its GT box moved into the upright
+    frame when exif_transpose turned the image."""
+    from vicrop_jax.processing import exif_transpose_box
+
+    path = ex.image_file()
+    image = load_image(path, max_pixels, exif_transpose)
+    orientation = image.info.get("exif_orientation", 1)
+    if ex.gt_bbox is not None and orientation != 1:
+        w, h = image.size
+        stored = (h, w) if orientation >= 5 else (w, h)  # 5-8 swap the sides
+        ex = dataclasses.replace(ex, gt_bbox=exif_transpose_box(ex.gt_bbox, stored, orientation))
+    return image, ex
 
 
 # ---------------------------------------------------------------------------------------
@@ -568,6 +557,9 @@ class DataSpec:
     synthetic_glyphs: str = "letter"
     synthetic_sizes: str = ""  # comma list of image shorter sides; "" = the generator's
     synthetic_distinct_colors: bool = False  # every shape of an image its own colour
+    # Images are read in their stored pixel frame (the official reading); True shows them
+    # upright as their EXIF orientation says and moves the GT boxes with them.
+    exif_transpose: bool = False
 
 
 def _need(value: str | None, flag: str, task: str) -> str:

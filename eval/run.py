@@ -34,6 +34,10 @@ _IMAGE_ROOT = flags.DEFINE_string("image_root", None, "directory image paths are
 _BBOX_FORMAT = flags.DEFINE_enum(
     "bbox_format", "xyxy", ["xyxy", "xywh"], "ground-truth box format in --data_json"
 )
+_EXIF = flags.DEFINE_bool(
+    "exif_transpose", False, "turn images upright by their EXIF orientation, GT boxes with them "
+    "(default: the stored pixel frame, as the official Image.open(p).convert('RGB'))"
+)  # fmt: skip
 _TEXTVQA_JSON = flags.DEFINE_string("textvqa_json", None, "TextVQA_0.5.1_val.json")
 _VSTAR_DIR = flags.DEFINE_string("vstar_dir", None, "V* Bench folder (direct_attributes/, ...)")
 _POPE_JSONL = flags.DEFINE_string("pope_jsonl", None, "POPE question file(s), comma-separated")
@@ -95,8 +99,9 @@ _COORDINATOR = flags.DEFINE_string("coordinator_address", None, "for jax.distrib
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "for jax.distributed")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "for jax.distributed")
 _MAX_PIXELS = flags.DEFINE_integer(
-    "max_image_pixels", Image.MAX_IMAGE_PIXELS, "larger images are refused (decompression bombs)"
-)
+    "max_image_pixels", Image.MAX_IMAGE_PIXELS,
+    "larger images are refused (decompression bombs; may exceed PIL's default); 0: no limit",
+)  # fmt: skip
 _RETRY_ERRORS = flags.DEFINE_bool("retry_errors", False, "on resume, redo questions that failed")
 _MAX_ERRORS = flags.DEFINE_integer(
     "max_consecutive_errors", 50, "stop after this many failures in a row (a setup problem)"
@@ -142,6 +147,7 @@ def settings_from_flags():
         synthetic_glyphs=_SYNTH_GLYPHS.value,
         synthetic_sizes=_SYNTH_SIZES.value,
         synthetic_distinct_colors=_SYNTH_DISTINCT.value,
+        exif_transpose=_EXIF.value,
     )
     return Settings(
         model=_MODEL.value,

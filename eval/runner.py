@@ -168,10 +168,11 @@ def parse_layer(text: str | None):
     return parts[0] if len(parts) == 1 else parts
 
 
-def _load(example: Example, max_pixels: int | None) -> tuple[Image.Image, float]:
+def _load(example: Example, s: Settings) -> tuple[Image.Image, Example, float]:
+    """The example's image and the example (GT box in the image's frame), and the seconds."""
     t0 = time.perf_counter()
-    image = datasets.load_image(example.image_file(), max_pixels)
-    return image, time.perf_counter() - t0
+    image, example = datasets.load_example_image(example, s.max_image_pixels, s.data.exif_transpose)
+    return image, example, time.perf_counter() - t0
 
 
 def _base_record(ex: Example, s: Settings) -> dict:
@@ -333,7 +334,7 @@ def _run_shard(s: Settings, todo: list[Example], out, model, log, total: int) ->
     with concurrent.futures.ThreadPoolExecutor(max_workers=4) as pool:
 
         def submit(batch):
-            return [pool.submit(_load, ex, s.max_image_pixels) for ex in batch]
+            return [pool.submit(_load, ex, s) for ex in batch]
 
         pending = submit(batches[0])
         try:
@@ -344,12 +345,13 @@ def _run_shard(s: Settings, todo: list[Example], out, model, log, total: int) ->
                     rec = _base_record(ex, s)
                     rows.append(rec)
                     try:
-                        image, seconds = fut.result()
+                        image, ex, seconds = fut.result()
                         engine.check_question(ex)
                     except (ImageError, ValueError, TypeError) as e:
                         rec["error"] = _error(e)
                         continue
                     rec["image_size"] = list(image.size)
+                    rec["gt_bbox"] = None if ex.gt_bbox is None else list(ex.gt_bbox)
                     rec["timings"] = {"load_image": seconds}
                     items.append(Item(ex, image))
                     slots.append(rec)

@@ -368,11 +368,12 @@ def test_unified_bbox_formats(tmp_path):
 # Images.
 
 
-def _exif_rotated(path: str) -> str:
+def _exif_rotated(path: str, orientation: int = 6) -> str:
+    """A 40 x 20 red JPEG with a blue stripe on its left, tagged with an EXIF orientation."""
     img = Image.new("RGB", (40, 20), (255, 0, 0))
     img.paste((0, 0, 255), (0, 0, 10, 20))  # blue stripe on the left
     exif = Image.Exif()
-    exif[0x0112] = 6  # orientation: rotate 90 degrees clockwise to display
+    exif[0x0112] = orientation  # 6: rotate 90 degrees clockwise to display
     img.save(path, exif=exif.tobytes())
     return path
 
@@ -396,10 +397,57 @@ def test_image_modes_exif_and_small_sizes(tmp_path):
         im = datasets.load_image(p)
         assert im.mode == "RGB", name
         assert im.size == ((3, 2) if name == "tiny" else (64, 48)), name
-    rotated = datasets.load_image(_exif_rotated(f"{d}/exif.jpg"))
+        with Image.open(p) as f:  # the official reading, pixel for pixel
+            assert im.tobytes() == f.convert("RGB").tobytes(), name
+    # EXIF orientation 6: read in the stored frame (the official reading), upright on request.
+    stored = datasets.load_image(_exif_rotated(f"{d}/exif.jpg"))
+    assert stored.size == (40, 20)
+    with Image.open(f"{d}/exif.jpg") as f:
+        assert stored.tobytes() == f.convert("RGB").tobytes()
+    rotated = datasets.load_image(f"{d}/exif.jpg", exif_transpose=True)
     assert rotated.size == (20, 40)  # displayed upright: portrait
     top = np.asarray(rotated)[:5].mean((0, 1))
     assert top[2] > 150 and top[0] < 100  # the blue stripe is now on top
+
+
+def test_rgba_keeps_the_stored_colour_under_transparency(tmp_path):
+    rgba = np.zeros((20, 30, 4), np.uint8)
+    rgba[..., :3] = (10, 200, 30)  # stored colour, alpha 0 (fully transparent) on the left
+    rgba[:, 15:, 3] = 255
+    Image.fromarray(rgba, "RGBA").save(tmp_path / "a.png")
+    got = np.asarray(datasets.load_image(str(tmp_path / "a.png")))
+    assert (got == (10, 200, 30)).all()  # not composited on white
+    with Image.open(tmp_path / "a.png") as f:
+        np.testing.assert_array_equal(got, np.asarray(f.convert("RGB")))
+
+
+@pytest.mark.parametrize("orientation", [6, 2, 5, 7])  # 2, 5, 7: mirrored
+def test_exif_transpose_moves_the_gt_box_with_the_image(tmp_path, orientation):
+    # The subject (a blue patch) and its GT box, both in the stored pixel frame.
+    stored = Image.new("RGB", (320, 240), (200, 200, 200))
+    gt = (200, 20, 280, 80)
+    stored.paste((0, 0, 255), gt)
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    os.makedirs(tmp_path / "images")
+    stored.save(tmp_path / "images" / "s.jpg", exif=exif.tobytes(), quality=95)
+    rec = {"id": "s", "image_path": "s.jpg", "question": "q", "labels": ["x"], "gt_bbox": gt}
+    spec = write_unified(str(tmp_path), records=[rec])
+    (ex,) = datasets.load_unified(spec.data_json, spec.image_root, "gqa")
+
+    def blue_fraction(image, box):
+        a = np.asarray(image.crop(tuple(int(v) for v in box))).astype(int)
+        return float(((a[..., 2] > 150) & (a[..., 0] < 100)).mean())
+
+    image, same = datasets.load_example_image(ex)  # default: the stored frame, box as given
+    assert image.size == (320, 240) and same.gt_bbox == gt
+    assert blue_fraction(image, same.gt_bbox) > 0.95
+    upright, moved = datasets.load_example_image(ex, exif_transpose=True)
+    assert upright.size == ((240, 320) if orientation >= 5 else (320, 240))
+    assert moved.gt_bbox != gt and blue_fraction(upright, moved.gt_bbox) > 0.95
+    assert blue_fraction(upright, gt) < 0.5  # the unmoved box would miss the subject
+    x1, y1, x2, y2 = moved.gt_bbox
+    assert (x2 - x1, y2 - y1) == ((60, 80) if orientation >= 5 else (80, 60))
 
 
 def test_bad_images_raise_clear_errors(tmp_path, monkeypatch):
@@ -415,10 +463,11 @@ def test_bad_images_raise_clear_errors(tmp_path, monkeypatch):
         datasets.load_image(f"{d}/cut.jpg")
     with pytest.raises(ImageError, match="decompression bomb"):
         datasets.load_image(f"{d}/whole.jpg", max_pixels=100 * 100)
-    # PIL's own check (the flag disabled) also ends as an ImageError, not a crash.
+    # PIL's own limit is the default; None takes every size.
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 50 * 50)
     with pytest.raises(ImageError, match="decompression bomb"):
-        datasets.load_image(f"{d}/whole.jpg", max_pixels=None)
+        datasets.load_image(f"{d}/whole.jpg")
+    assert datasets.load_image(f"{d}/whole.jpg", max_pixels=None).size == (200, 150)
 
 
 def test_real_bomb_sized_image_is_refused_cheaply(tmp_path):

@@ -212,10 +212,49 @@ def test_bad_inputs_become_error_rows_and_the_run_goes_on(tiny_llava, tiny_llava
         else:
             assert err in (recs[k]["error"] or ""), (k, recs[k]["error"])
             assert recs[k]["original_answer"] is None
-    assert recs["exif"]["image_size"] == [20, 40]  # upright
+    assert recs["exif"]["image_size"] == [40, 20]  # the stored frame, as the official reading
     assert recs["tiny"]["bbox"] == [0, 0, 3, 2]
     text = report.make_report(str(tmp_path / "out"))
     assert f"| {sum(e is not None for e in expected.values())} |" in text  # errors column
+
+
+def test_exif_transpose_turns_images_and_gt_boxes_and_is_part_of_the_identity(
+    tiny_llava, tiny_llava_dir, tmp_path
+):
+    model, _ = tiny_llava
+    os.makedirs(tmp_path / "data" / "images")
+    stored = Image.new("RGB", (320, 240), (200, 200, 200))
+    gt = (200, 20, 280, 80)
+    stored.paste((0, 0, 255), gt)
+    recs = []
+    for k, orientation in enumerate((6, 2)):  # 2: mirrored
+        exif = Image.Exif()
+        exif[0x0112] = orientation
+        stored.save(tmp_path / "data" / "images" / f"{k}.jpg", exif=exif.tobytes())
+        recs.append({"id": f"o{orientation}", "image_path": f"{k}.jpg", "question": "q?",
+                     "labels": ["x"], "gt_bbox": list(gt)})  # fmt: skip
+    spec = write_unified(str(tmp_path / "data"), records=recs)
+    methods = ("rel_att", "gt_crop")
+    plain = _settings(tiny_llava_dir[0], "gqa", spec, tmp_path / "plain", methods)
+    run(plain, model=model, log=_quiet)
+    got = _records(tmp_path / "plain")
+    assert set(got) == {"o6", "o2"}
+    for r in got.values():  # default: the stored frame; the box as the dataset gives it
+        assert r["image_size"] == [320, 240] and r["gt_bbox"] == list(gt), r["id"]
+        assert r["methods"]["gt_crop"]["gt_coverage"] == 1.0
+    upright = dataclasses.replace(plain, data=dataclasses.replace(spec, exif_transpose=True),
+                                  output_dir=str(tmp_path / "upright"))  # fmt: skip
+    run(upright, model=model, log=_quiet)
+    got = _records(tmp_path / "upright")
+    assert got["o6"]["image_size"] == [240, 320] and got["o6"]["gt_bbox"] == [160, 200, 220, 280]
+    assert got["o2"]["image_size"] == [320, 240] and got["o2"]["gt_bbox"] == [40, 20, 120, 80]
+    for r in got.values():
+        x1, y1, x2, y2 = r["methods"]["gt_crop"]["bbox"]
+        gx1, gy1, gx2, gy2 = r["gt_bbox"]
+        assert x1 <= gx1 and y1 <= gy1 and x2 >= gx2 and y2 >= gy2
+        assert r["methods"]["gt_crop"]["gt_coverage"] == 1.0
+    with pytest.raises(records.ConfigMismatch, match="exif_transpose"):
+        run(dataclasses.replace(upright, output_dir=plain.output_dir), model=model, log=_quiet)
 
 
 def test_a_failing_batch_is_retried_per_question(tiny_llava, tiny_llava_dir, tmp_path, monkeypatch):

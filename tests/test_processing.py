@@ -1,7 +1,9 @@
-"""Threaded preprocessing gives the image processor's own output."""
+"""Image files read as the official code reads them; threaded preprocessing gives the image
+processor's own output."""
 
 import numpy as np
-from PIL import Image
+import pytest
+from PIL import Image, ImageOps
 from transformers import AutoProcessor
 
 from eval.demo import DEMO_MODEL
@@ -77,3 +79,114 @@ def test_non_rgb_images_take_the_processors_own_path():
     assert rule(keyed) is None
     want = np.asarray(proc([gray], return_tensors="np")["pixel_values"])
     np.testing.assert_array_equal(processing._processor_call(proc, [gray]), want)
+
+
+# ---------------------------------------------------------------------------------------
+# Reading images: the official Image.open(path).convert("RGB").
+
+
+def _with_orientation(path: str, image: Image.Image, orientation: int) -> str:
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    image.save(path, exif=exif.tobytes())
+    return path
+
+
+def test_read_image_is_the_official_conversion(tmp_path):
+    rng = np.random.RandomState(0)
+    rgba = (rng.rand(23, 37, 4) * 255).astype(np.uint8)
+    rgba[:5, :, 3] = 0  # transparent rows: the stored colour stays (no white compositing)
+    rgba[:5, :, :3] = (10, 200, 30)
+    deep = (np.arange(23 * 37).reshape(23, 37) * 80).astype(np.uint16)  # 0 .. 68,000
+    images = {
+        "rgba.png": Image.fromarray(rgba, "RGBA"),
+        "la.png": Image.fromarray(rgba[..., [0, 3]], "LA"),
+        "deep.png": Image.fromarray(deep),
+        "gray.png": Image.fromarray(rgba[..., 0]),
+        "bw.png": Image.fromarray(rgba[..., 0] > 128),
+        "cmyk.jpg": Image.fromarray(rgba, "RGBA").convert("CMYK"),
+        "rgb.jpg": Image.fromarray(rgba[..., :3]),
+    }
+    keyed = Image.fromarray(rgba[..., 0]).convert("P")
+    keyed.info["transparency"] = 0
+    images["palette.png"] = keyed
+    for name, im in images.items():
+        im.save(tmp_path / name)
+    assert Image.open(tmp_path / "deep.png").mode.startswith("I;16")
+    for name in images:
+        path = str(tmp_path / name)
+        got = processing.read_image(path)
+        with Image.open(path) as f:
+            official = f.convert("RGB")
+            assert processing.to_rgb(f).tobytes() == official.tobytes(), name
+        assert got.mode == "RGB" and got.size == (37, 23), name
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(official), err_msg=name)
+    top = np.asarray(processing.read_image(str(tmp_path / "rgba.png")))[:5]
+    assert (top == (10, 200, 30)).all()  # under alpha 0: the stored RGB, not white
+    deep_rgb = np.asarray(processing.read_image(str(tmp_path / "deep.png")))
+    assert (deep_rgb[..., 0] == np.clip(deep, 0, 255)).all()  # PIL's conversion clips at 255
+    with pytest.raises(TypeError, match="PIL.Image"):
+        processing.to_rgb(rgba)
+
+
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_exif_transpose_turns_the_image_and_its_boxes_as_pil_does(tmp_path, orientation):
+    stored = Image.new("RGB", (37, 23))
+    box = (5, 3, 14, 9)
+    stored.paste((255, 255, 255), box)  # a white patch: where the box's subject is
+    path = _with_orientation(str(tmp_path / "o.png"), stored, orientation)
+    plain = processing.read_image(path)
+    assert plain.tobytes() == stored.tobytes()  # default: the stored frame, untouched
+    upright = processing.read_image(path, exif_transpose=True)
+    with Image.open(path) as f:
+        assert upright.tobytes() == ImageOps.exif_transpose(f).convert("RGB").tobytes()
+    assert upright.info["exif_orientation"] == orientation
+    assert upright.size == ((23, 37) if orientation >= 5 else (37, 23))
+    ys, xs = np.nonzero(np.asarray(upright)[..., 0] > 128)
+    patch = (xs.min(), ys.min(), xs.max() + 1, ys.max() + 1)
+    assert processing.exif_transpose_box(box, stored.size, orientation) == patch
+
+
+def test_unreadable_images_raise_one_line_errors(tmp_path):
+    with pytest.raises(processing.ImageError, match="absent.png: no such image file"):
+        processing.read_image(str(tmp_path / "absent.png"))
+    (tmp_path / "junk.png").write_bytes(b"not an image")
+    with pytest.raises(processing.ImageError, match="junk.png: cannot read image"):
+        processing.read_image(str(tmp_path / "junk.png"))
+    Image.new("RGB", (200, 150), "red").save(tmp_path / "whole.jpg", quality=95)
+    data = (tmp_path / "whole.jpg").read_bytes()
+    (tmp_path / "cut.jpg").write_bytes(data[: len(data) // 2])
+    with pytest.raises(processing.ImageError, match="cut.jpg: cannot read image") as e:
+        processing.read_image(str(tmp_path / "cut.jpg"))
+    assert "\n" not in str(e.value)
+
+
+def test_max_pixels_decides_alone_and_the_same_in_every_thread(tmp_path, monkeypatch):
+    """PIL's limit (here 1,000 pixels, standing for its default) neither refuses what a higher
+    max_pixels allows nor lets through what a lower one refuses, however threads interleave."""
+    import concurrent.futures
+
+    Image.new("RGB", (60, 50), "red").save(tmp_path / "big.png")  # 3,000 pixels
+    path = str(tmp_path / "big.png")
+
+    def outcome(limit):
+        try:
+            processing.read_image(path, max_pixels=limit)
+            return "read"
+        except processing.ImageError as e:
+            assert "decompression bomb" in str(e) and "max_image_pixels" in str(e)
+            return "refused"
+
+    want = {2_000: "refused", 2_999: "refused", 3_000: "read", 5_000: "read", None: "read"}
+    for _ in range(3):
+        monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1_000)  # > 2x: PIL alone would raise
+        limits = [lim for lim in want for _ in range(8)]
+        np.random.RandomState(len(limits)).shuffle(limits)
+        with concurrent.futures.ThreadPoolExecutor(8) as pool:
+            got = list(pool.map(outcome, limits))
+        assert got == [want[lim] for lim in limits]
+    # One limit for every thread, as in an evaluation: the same answer in every load.
+    for limit, expected in ((5_000, "read"), (2_000, "refused")):
+        monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1_000)
+        with concurrent.futures.ThreadPoolExecutor(8) as pool:
+            assert set(pool.map(outcome, [limit] * 40)) == {expected}

@@ -9,6 +9,9 @@ from __future__ import annotations
 import concurrent.futures
 import functools
 import os
+import sys
+import threading
+from collections.abc import Sequence
 
 import numpy as np
 from PIL import Image
@@ -31,22 +34,143 @@ def check_question(question: str, name: str = "question", max_chars: int = 4000)
     return q
 
 
+class ImageError(ValueError):
+    """An image file that cannot be used (missing, corrupt, too large); names the file."""
+
+
 def to_rgb(image: Image.Image) -> Image.Image:
-    """Any PIL image (grayscale, palette, RGBA, CMYK, 16-bit) as 8-bit RGB."""
+    """Any PIL image as 8-bit RGB, as the official code converts: `image.convert("RGB")`.
+
+    Alpha is dropped (the stored colour under a transparent pixel is kept, not composited);
+    16-bit and float images go through PIL's own conversion (which clips at 255).
+    """
     if not isinstance(image, Image.Image):
         raise TypeError(f"image must be a PIL.Image, got {type(image).__name__}")
-    if image.mode == "RGB":
-        return image
-    if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
-        a = np.asarray(image, dtype=np.float64)
-        hi = a.max() if a.size and a.max() > 0 else 1.0
-        image = Image.fromarray(np.clip(a / hi * 255.0, 0, 255).astype(np.uint8))
-    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
-        rgba = image.convert("RGBA")
-        canvas = Image.new("RGB", rgba.size, (255, 255, 255))
-        canvas.paste(rgba, mask=rgba.split()[-1])
-        return canvas
-    return image.convert("RGB")
+    return image if image.mode == "RGB" else image.convert("RGB")
+
+
+# EXIF orientation (tag 0x0112) -> the transpose that shows the image upright, as
+# PIL.ImageOps.exif_transpose applies it.
+_EXIF_ORIENTATION = 0x0112
+_UPRIGHT = {
+    2: Image.Transpose.FLIP_LEFT_RIGHT,
+    3: Image.Transpose.ROTATE_180,
+    4: Image.Transpose.FLIP_TOP_BOTTOM,
+    5: Image.Transpose.TRANSPOSE,
+    6: Image.Transpose.ROTATE_270,
+    7: Image.Transpose.TRANSVERSE,
+    8: Image.Transpose.ROTATE_90,
+}
+_PIL_LIMIT_LOCK = threading.Lock()
+
+
+def _allow_in_pil(max_pixels: int | None) -> None:
+    """Raises PIL's process-wide bomb limit to at least max_pixels (never lowers it).
+
+    PIL's check reads the module global Image.MAX_IMAGE_PIXELS inside Image.open; raising it
+    here, before the open, lets max_pixels above PIL's default through. Only ever raising it
+    keeps every thread's outcome fixed: its own check against its own max_pixels decides.
+    """
+    with _PIL_LIMIT_LOCK:
+        current = Image.MAX_IMAGE_PIXELS
+        if current is not None and (max_pixels is None or max_pixels > current):
+            # A large number rather than None: PIL reads the global twice per check.
+            Image.MAX_IMAGE_PIXELS = sys.maxsize if max_pixels is None else max_pixels
+
+
+def read_image(
+    path: str, *, exif_transpose: bool = False, max_pixels: int | None | str = "pil"
+) -> Image.Image:
+    """An image file as the official ViCrop code reads it: `Image.open(path).convert("RGB")`.
+
+    The stored pixel frame is kept (no EXIF rotation), so boxes given in it stay valid.
+
+    Args:
+      path: image file.
+      exif_transpose: show the image upright as its EXIF orientation says (what
+        PIL.ImageOps.exif_transpose does); `image.info["exif_orientation"]` then holds the
+        orientation undone (1: none), for moving boxes with `exif_transpose_box`.
+      max_pixels: refuse images with more pixels than this, from the file's header before
+        decoding (decompression bombs); "pil": PIL's process-wide limit,
+        Image.MAX_IMAGE_PIXELS; None: no limit. PIL's own limit is raised to it when lower
+        (see `_allow_in_pil`), never lowered.
+
+    Returns:
+      A fully decoded RGB PIL image, its file closed.
+
+    Raises:
+      ImageError: with the path and the reason.
+    """
+    if not os.path.isfile(path):
+        raise ImageError(f"{path}: no such image file")
+    if max_pixels == "pil":
+        max_pixels = Image.MAX_IMAGE_PIXELS
+    _allow_in_pil(max_pixels)
+    try:
+        with Image.open(path) as im:
+            w, h = im.size
+            if max_pixels is not None and w * h > max_pixels:
+                raise ImageError(
+                    f"{path}: {w}x{h} = {w * h} pixels exceeds the limit of {max_pixels} "
+                    "(a possible decompression bomb; raise --max_image_pixels to allow it)"
+                )
+            if w <= 0 or h <= 0:
+                raise ImageError(f"{path}: empty image ({w}x{h})")
+            orientation = _orientation(im) if exif_transpose else 1
+            rgb = im.convert("RGB")  # for an RGB file, a decoded copy
+    except ImageError:
+        raise
+    except Image.DecompressionBombError as e:
+        raise ImageError(
+            f"{path}: decompression bomb refused by PIL: {e} (raise --max_image_pixels to allow it)"
+        ) from None
+    except Exception as e:  # noqa: BLE001 - PIL raises many types for corrupt files
+        raise ImageError(f"{path}: cannot read image: {type(e).__name__}: {e}") from None
+    if exif_transpose:
+        if orientation in _UPRIGHT:
+            rgb = rgb.transpose(_UPRIGHT[orientation])
+        rgb.info["exif_orientation"] = orientation
+    return rgb
+
+
+def _orientation(im: Image.Image) -> int:
+    """The EXIF orientation, 1 when absent, unreadable or not one of the eight."""
+    try:
+        value = im.getexif().get(_EXIF_ORIENTATION, 1)
+    except Exception:  # noqa: BLE001 - unreadable EXIF: keep the stored frame
+        return 1
+    return value if value in _UPRIGHT else 1
+
+
+def exif_transpose_box(
+    box: Sequence[float], size: tuple[int, int], orientation: int
+) -> tuple[float, float, float, float]:
+    """A box (x1, y1, x2, y2) in the stored pixel frame, moved into the upright frame.
+
+    Args:
+      box: pixel edges in the image as stored.
+      size: the stored image's (width, height).
+      orientation: its EXIF orientation (1-8), as `read_image` reports it.
+
+    Returns:
+      (x1, y1, x2, y2) in the image `read_image(..., exif_transpose=True)` returns.
+    """
+    w, h = size
+    t = _UPRIGHT.get(orientation)
+    T = Image.Transpose
+    move = {  # a point (x, y) of the stored frame -> the same point after the transpose
+        None: lambda x, y: (x, y),
+        T.FLIP_LEFT_RIGHT: lambda x, y: (w - x, y),
+        T.FLIP_TOP_BOTTOM: lambda x, y: (x, h - y),
+        T.ROTATE_180: lambda x, y: (w - x, h - y),
+        T.ROTATE_90: lambda x, y: (y, w - x),  # counter-clockwise
+        T.ROTATE_270: lambda x, y: (h - y, x),
+        T.TRANSPOSE: lambda x, y: (y, x),
+        T.TRANSVERSE: lambda x, y: (h - y, w - x),
+    }[t]
+    x1, y1, x2, y2 = (float(v) for v in box)
+    (a, b), (c, d) = move(x1, y1), move(x2, y2)
+    return (min(a, c), min(b, d), max(a, c), max(b, d))
 
 
 # Images per preprocessing task; below two chunks the call stays on the calling thread.
