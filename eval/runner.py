@@ -385,30 +385,43 @@ def _fill(rec: dict, res: dict, first: str) -> None:
     rec["crop_answer"], rec["bbox"], rec["map_stats"] = m["crop_answer"], m["bbox"], m["map_stats"]
 
 
-def visualize(settings: Settings, n: int, model=None) -> list[str]:
+def visualize(
+    settings: Settings, n: int, model=None, log: Callable[[str], None] | None = None
+) -> list[str]:
     """Writes output_dir/vis/<id>_<method>.png: each map method's map over the image, its
-    box and the question's answers, for the first n questions of the run, with the run's
-    layer and dtype. model: the run's model if already loaded (else loaded here)."""
+    box and the question's answers, for the first n questions of the run that can be drawn
+    (a question whose image or question is unusable is skipped, with a line to `log`), with
+    the run's layer and dtype. model: the run's model if already loaded (else loaded here)."""
     from vicrop_jax import pipeline
     from vicrop_jax.show import render
 
+    log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
     methods = [m for m in settings.methods if m.removesuffix("_high") in ATTENTION_METHODS]
     if not methods or n <= 0:
         return []
     model = load_run_model(settings) if model is None else model
     out_dir = os.path.join(settings.output_dir, "vis")
     os.makedirs(out_dir, exist_ok=True)
-    paths = []
-    for ex in settings.examples()[:n]:
-        image = datasets.load_image(ex.image_file())
-        for m in methods:
-            a = pipeline.ask(model, image, ex.question, method=m.removesuffix("_high"),
-                             high_res=m.endswith("_high"), short_question=ex.short_question,
-                             layer=parse_layer(settings.layer),
-                             max_new_tokens=settings.max_new_tokens)  # fmt: skip
+    paths, drawn = [], 0
+    for ex in settings.examples():
+        if drawn >= n:
+            break
+        try:
+            image, ex, _ = _load(ex, settings)
+            answers = {m: pipeline.ask(model, image, ex.question, method=m.removesuffix("_high"),
+                                       high_res=m.endswith("_high"),
+                                       short_question=ex.short_question,
+                                       layer=parse_layer(settings.layer),
+                                       max_new_tokens=settings.max_new_tokens)
+                       for m in methods}  # fmt: skip
+        except (ImageError, ValueError, TypeError) as e:
+            log(f"not drawing {ex.id}: {_error(e)}")
+            continue
+        safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in ex.id)
+        for m, a in answers.items():
             title = (f"{ex.question}  truth: {ex.labels[0]}  no crop: {a.original_answer!r}  "
                      f"{m}: {a.crop_answer!r}")  # fmt: skip
-            safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in ex.id)
             paths.append(render(image, a.att_map, a.bbox, os.path.join(out_dir, f"{safe}_{m}.png"),
                                 title))  # fmt: skip
+        drawn += 1
     return paths

@@ -257,6 +257,30 @@ def test_exif_transpose_turns_images_and_gt_boxes_and_is_part_of_the_identity(
         run(dataclasses.replace(upright, output_dir=plain.output_dir), model=model, log=_quiet)
 
 
+def test_visualize_skips_bad_images_and_draws_the_next_good_ones(
+    tiny_llava, tiny_llava_dir, tmp_path
+):
+    from eval.runner import visualize
+
+    model, _ = tiny_llava
+    root = str(tmp_path / "data")
+    write_image(f"{root}/images/ok0.jpg", (80, 60), seed=0)
+    write_image(f"{root}/images/ok1.jpg", (80, 60), seed=1)
+    with open(f"{root}/images/cut.jpg", "wb") as f:
+        f.write(open(f"{root}/images/ok0.jpg", "rb").read()[:300])
+    recs = [{"id": i, "image_path": p, "question": "What is it?", "labels": ["x"]}
+            for i, p in [("missing", "absent.jpg"), ("cut", "cut.jpg"), ("ok0", "ok0.jpg"),
+                         ("ok1", "ok1.jpg")]]  # fmt: skip
+    spec = write_unified(root, records=recs)
+    s = _settings(tiny_llava_dir[0], "gqa", spec, tmp_path / "out", ("rel_att",))
+    run(s, model=model, log=_quiet)
+    logged = []
+    pngs = visualize(s, 2, model, log=logged.append)
+    assert [os.path.basename(p) for p in pngs] == ["ok0_rel_att.png", "ok1_rel_att.png"]
+    assert all(os.path.getsize(p) > 1000 for p in pngs)
+    assert len(logged) == 2 and "missing" in logged[0] and "cut" in logged[1]
+
+
 def test_a_failing_batch_is_retried_per_question(tiny_llava, tiny_llava_dir, tmp_path, monkeypatch):
     model, _ = tiny_llava
     spec = write_unified(str(tmp_path / "data"), n=4)
