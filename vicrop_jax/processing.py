@@ -91,9 +91,9 @@ def read_image(
         PIL.ImageOps.exif_transpose does); `image.info["exif_orientation"]` then holds the
         orientation undone (1: none), for moving boxes with `exif_transpose_box`.
       max_pixels: refuse images with more pixels than this, from the file's header before
-        decoding (decompression bombs); "pil": PIL's process-wide limit,
-        Image.MAX_IMAGE_PIXELS; None: no limit. PIL's own limit is raised to it when lower
-        (see `_allow_in_pil`), never lowered.
+        decoding (decompression bombs); "pil": PIL's process-wide limit at the call,
+        Image.MAX_IMAGE_PIXELS (which a call with a higher max_pixels raises); None: no
+        limit. PIL's own limit is raised to it when lower (`_allow_in_pil`), never lowered.
 
     Returns:
       A fully decoded RGB PIL image, its file closed.
