@@ -172,3 +172,57 @@ def test_encode_preprocesses_a_repeated_image_once_with_the_same_result(tiny_lla
     with unittest.mock.patch.object(proc.image_processor.__class__, "__call__", counting):
         encode(proc, texts, [a, b, a, b])
     assert sum(calls) == 2  # the two distinct images, once each, not four
+
+
+def test_bad_arguments_are_refused_with_one_clear_error(tiny_llava):
+    model, _ = tiny_llava
+    img = _img()
+    assert pipeline.ask_batch(model, [], []) == []
+    for kwargs, match in [
+        (dict(max_new_tokens=0), "max_new_tokens"),
+        (dict(max_new_tokens=-3), "max_new_tokens"),
+        (dict(layer=True), "layer must be"),
+        (dict(layer=2.0), "layer must be"),
+        (dict(layer=[1, 2.5]), "layer must be"),
+        (dict(base_size=0), "base_size"),
+        (dict(high_res=True, high_res_threshold=0), "high_res_threshold"),
+        (dict(method="att"), "unknown method"),
+    ]:
+        with pytest.raises(ValueError, match=match):
+            pipeline.ask(model, img, Q, **kwargs)
+    # An image placeholder in a question is refused on every path, before any model call.
+    bad = "What is <image> on the sign?"
+    for share in (True, False):
+        with pytest.raises(ValueError, match="image placeholder"):
+            pipeline.ask(model, img, bad, share_prefill=share)
+    with pytest.raises(ValueError, match="short_question contains '<image>'"):
+        pipeline.ask(model, img, Q, short_question="<image>")
+    with pytest.raises(ValueError, match="image placeholder"):
+        importance(model.params, img, bad, model=model)
+
+
+def test_base_size_and_tiling_threshold_are_arguments(tiny_llava):
+    model, _ = tiny_llava
+    img = _img(200, 120, seed=9)
+    ans = pipeline.ask(model, img, Q, max_new_tokens=2, base_size=20)
+    want = bbox.select_bbox(importance(model.params, img, Q, model=model), img.size, 20)
+    assert ans.bbox == tuple(np.asarray(want).tolist())
+    high = pipeline.ask(model, img, Q, high_res=True, high_res_threshold=100, max_new_tokens=2)
+    rows, cols = bbox.high_res_grid(img.size, 100)[:2]
+    assert (rows, cols) != (1, 1) and high.att_map.shape == (rows * 5, cols * 5)
+    ref = importance(model.params, img, Q, model=model, high_res=True, high_res_threshold=100)
+    np.testing.assert_allclose(high.att_map, ref, rtol=1e-5, atol=1e-7)
+
+
+def test_engine_refuses_a_placeholder_question_per_item(tiny_llava):
+    from eval.datasets import Example
+    from eval.engine import Engine
+
+    model, _ = tiny_llava
+    eng = Engine(model, batch_size=2, max_new_tokens=2)
+    good = Example("a", "x.png", Q, ["a"], "/tmp")
+    eng.check_question(good)
+    for bad in (Example("b", "x.png", "<image> what?", ["a"], "/tmp"),
+                Example("c", "x.png", Q, ["a"], "/tmp", short_question="<image>")):  # fmt: skip
+        with pytest.raises(ValueError, match="image placeholder"):
+            eng.check_question(bad)

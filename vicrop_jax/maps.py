@@ -5,6 +5,8 @@ Axis letters: L layers, B batch, N heads, K keys, T image tokens, H x W pixels, 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -25,11 +27,17 @@ def resolve_layers(layer, num_layers: int) -> tuple[int, ...]:
         if layer != "all":
             raise ValueError(f"layer must be an int, a list of ints or 'all', got {layer!r}")
         return tuple(range(num_layers))
+    if isinstance(layer, bool | float | np.floating) or not isinstance(
+        layer, int | np.integer | Sequence
+    ):
+        raise ValueError(f"layer must be an int, a list of ints or 'all', got {layer!r}")
     layers = (layer,) if isinstance(layer, int | np.integer) else tuple(layer)
     if not layers:
         raise ValueError("layer list is empty")
     out = []
     for i in layers:
+        if isinstance(i, bool) or not isinstance(i, int | np.integer):
+            raise ValueError(f"layer must be an int, a list of ints or 'all', got {layer!r}")
         j = int(i) + (num_layers if int(i) < 0 else 0)
         if not 0 <= j < num_layers:
             raise ValueError(f"layer {i} out of range for a {num_layers}-layer model")

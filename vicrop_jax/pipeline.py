@@ -125,15 +125,18 @@ class Executor:
       pad_to_multiple_of: bucket prompt lengths (fewer compiled shapes).
       place: np.ndarray -> jax.Array for each batched input (e.g. sharded over a data
         mesh); None: one device. The shared-prompt cache runs on one device only.
+      base_size: the box search's base size; None: the family's (the vision input side).
     """
 
     def __init__(self, model: Model, params=None, *, layer=None, max_new_tokens: int = 20,
                  batch_size: int | None = None, pad_to_multiple_of: int | None = None,
-                 place: Callable | None = None):  # fmt: skip
+                 place: Callable | None = None, base_size: int | None = None):  # fmt: skip
         if model.processor is None:
             raise ValueError(f"model at {model.path!r} has no processor/tokenizer files")
-        if max_new_tokens < 1 or (batch_size is not None and batch_size < 1):
-            raise ValueError("batch_size and max_new_tokens must be positive")
+        for name, v in (("max_new_tokens", max_new_tokens), ("batch_size", batch_size),
+                        ("base_size", base_size)):  # fmt: skip
+            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
+                raise ValueError(f"{name} must be a positive int, got {v!r}")
         self.model, self.family = model, family_of(model)
         self.params = model.params if params is None else params
         self.layers = self.family.layers(model.config, layer)
@@ -142,10 +145,7 @@ class Executor:
         self.pad_to_multiple_of = pad_to_multiple_of
         self.one_device = place is None
         self.place = jnp.asarray if place is None else place
-
-    @property
-    def base_size(self) -> int:
-        return self.family.base_size(self.model.config)
+        self.base_size = self.family.base_size(model.config) if base_size is None else base_size
 
     def prompt(self, question: str, n_images: int = 1) -> str:
         return self.family.prompt(question, n_images)
@@ -291,6 +291,8 @@ def answer_batch(
     controls = controls or {}
     timer = StageTimer() if timer is None else timer
     threshold = ex.family.high_res_threshold if high_res_threshold is None else high_res_threshold
+    if isinstance(threshold, bool) or not isinstance(threshold, int) or threshold < 1:
+        raise ValueError(f"high_res_threshold must be a positive int, got {threshold!r}")
     answers: list[str | None] = [None] * len(images)
     state = None
     if baseline and share_prefix and ex.shares_prefix(len(images)):
@@ -339,6 +341,8 @@ def ask_batch(
     max_new_tokens: int = 20,
     params=None,
     share_prefill: bool = True,
+    base_size: int | None = None,
+    high_res_threshold: int | None = None,
 ) -> list[Answer]:
     """ViCrop for a batch of (image, question) pairs.
 
@@ -356,13 +360,19 @@ def ask_batch(
         prefix once per question and continue every pass from its KV cache (same numbers,
         less work; see vicrop_jax.prompt_cache); False runs the official code's separate
         passes.
+      base_size: the box search's base size; default the family's (the vision input side,
+        as the official code).
+      high_res_threshold: the *_high variants' tile size; default the family's (1024).
 
     Returns:
-      One Answer per item.
+      One Answer per item (an empty list for no items).
     """
     check_method(method)
     if len(images) != len(questions):
         raise ValueError(f"{len(images)} images but {len(questions)} questions")
+    ex = Executor(model, params, layer=layer, max_new_tokens=max_new_tokens, base_size=base_size)
+    if not images:
+        return []
     timer = StageTimer()
     t0 = time.perf_counter()
     images = [to_rgb(im) for im in images]
@@ -376,9 +386,10 @@ def ask_batch(
     ]
     timer.add("preprocess", time.perf_counter() - t0)
     name = method + ("_high" if high_res else "")
-    ex = Executor(model, params, layer=layer, max_new_tokens=max_new_tokens)
-    baseline, results = answer_batch(ex, images, questions, [name], map_questions=map_qs,
-                                     share_prefix=share_prefill, timer=timer)  # fmt: skip
+    baseline, results = answer_batch(
+        ex, images, questions, [name], map_questions=map_qs, share_prefix=share_prefill,
+        high_res_threshold=high_res_threshold, timer=timer,
+    )  # fmt: skip
     res = results[name]
     # One method: its stages without the method prefix; a map read from the baseline's pass
     # is timed with it.

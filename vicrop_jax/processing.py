@@ -22,8 +22,13 @@ from vicrop_jax.families.llava import llava_prompt  # noqa: F401
 GENERAL_QUESTION = "Write a general description of the image."
 
 
+# Image placeholder texts of the supported processors: in a question they would be expanded
+# into image tokens with no image behind them.
+IMAGE_PLACEHOLDERS = ("<image>",)
+
+
 def check_question(question: str, name: str = "question", max_chars: int = 4000) -> str:
-    """Rejects empty or absurdly long questions with a message naming the input."""
+    """Rejects empty, absurdly long or placeholder-holding questions, naming the input."""
     if not isinstance(question, str):
         raise TypeError(f"{name} must be a string, got {type(question).__name__}")
     q = question.strip()
@@ -31,6 +36,9 @@ def check_question(question: str, name: str = "question", max_chars: int = 4000)
         raise ValueError(f"{name} is empty")
     if len(q) > max_chars:
         raise ValueError(f"{name} has {len(q)} characters; at most {max_chars} are accepted")
+    for token in IMAGE_PLACEHOLDERS:
+        if token in q:
+            raise ValueError(f"{name} contains {token!r}, the image placeholder; remove it")
     return q
 
 
