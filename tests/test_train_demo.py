@@ -648,7 +648,7 @@ def test_contrast_rows_ask_about_other_shapes_of_the_same_image(setup):
     in_crop = 0
     for i in range(b):
         _, _, rec, hit, box = batches.item(i)
-        assert bool(batch["crop_hit"][i]) == hit
+        assert bool(batch["crop_has_subject"][i]) == hit
         assert len({o["color"] for o in rec["objects"]}) == len(rec["objects"])
         for j in range(2):
             row = 2 * i + j
