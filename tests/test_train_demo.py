@@ -488,7 +488,7 @@ def test_flags_round_trip_through_the_config():
     assert not {"workdir", "export_dir", "stop_at", "eval_sizes", "progress"} & set(ident)
     assert set(ident) == {f.name for f in dataclasses.fields(TrainConfig)
                           if not f.metadata.get("operational")}  # fmt: skip
-    with pytest.raises(ValueError, match="question_num_objects takes 2"):
+    with pytest.raises(flags.IllegalFlagValueError, match="question_num_objects takes 2"):
         _parse(["--question_num_objects=2"])
     with pytest.raises(flags.IllegalFlagValueError):
         _parse(["--patch_label_cells=every"])

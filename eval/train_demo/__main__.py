@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import json
 
-from absl import app, logging
+from absl import app, flags, logging
 
 from eval.train_demo import config, probes, state, train
 
 config.define_flags(config.TrainConfig)
 config.define_flags(config.Actions)
+flags.adopt_module_key_flags(config)  # --help lists them
 
 
 def main(argv):

@@ -320,6 +320,12 @@ def define_flags(cls, flag_values: flags.FlagValues = flags.FLAGS) -> None:
         elif _sequence(kind):
             values = [str(v) for v in default or ()]
             flags.DEFINE_list(name, values, text, flag_values=flag_values)
+            length = _sequence(kind)[1]
+            if length is not None:  # a fixed-length tuple: that many values, or none
+                flags.register_validator(
+                    name, lambda v, n=length: not v or len(v) == n,
+                    f"--{name} takes {length} comma-separated values", flag_values=flag_values,
+                )  # fmt: skip
         else:
             raise TypeError(f"{cls.__name__}.{name}: no flag for type {kind}")
 
@@ -333,18 +339,16 @@ def from_flags(cls, flag_values: flags.FlagValues = flags.FLAGS):
         if dataclasses.is_dataclass(kind):
             kwargs[f.name] = from_flags(kind, flag_values)
         elif f.metadata.get("flag", True):
-            kwargs[f.name] = _flag_value(f.name, kind, flag_values[f.name].value)
+            kwargs[f.name] = _flag_value(kind, flag_values[f.name].value)
     return cls(**kwargs)
 
 
-def _flag_value(name: str, kind, value):
+def _flag_value(kind, value):
     """A list flag's strings as the field's tuple (None for an unset optional one)."""
     sequence = _sequence(kind)
     if sequence is None:
         return value
-    element, length, optional = sequence
+    element, _, optional = sequence
     if optional and not value:
         return None
-    if length is not None and len(value) != length:
-        raise ValueError(f"--{name} takes {length} values, got {','.join(value)!r}")
     return tuple(element(v) for v in value)
