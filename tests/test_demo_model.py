@@ -13,7 +13,7 @@ import torch
 import vicrop_jax
 from eval import synthetic as syn
 from eval.demo import DEMO_MODEL, SIZES
-from eval.train_demo import gt_crop
+from eval.train_demo.crops import gt_crop
 from vicrop_jax.pipeline import generate_answers
 from vicrop_jax.processing import llava_prompt
 

@@ -1,4 +1,4 @@
-"""The demo-model trainer (eval/train_demo.py): loss mask, learning, resume, export."""
+"""The demo-model trainer (eval/train_demo/): config and flags, data, losses, resume, export."""
 
 import collections
 import dataclasses
@@ -9,26 +9,36 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from absl import flags
 from PIL import Image
 
 import vicrop_jax
 from eval import synthetic as syn
-from eval import train_demo as td
-from vicrop_jax import pipeline
-from vicrop_jax.loading import Model
+from eval.train_demo import crops, data, losses, probes, state, train
+from eval.train_demo.config import (
+    GLYPHS,
+    Actions,
+    ModelDims,
+    TrainConfig,
+    define_flags,
+    flag_fields,
+    from_flags,
+)
+from vicrop_jax.loading import module_for
 from vicrop_jax.processing import llava_prompt
 
+_REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Prime-ish, distinct sizes so a wrong transpose fails loudly; 3 x 3 patch grid.
-DIMS = td.ModelDims(image_size=33, patch_size=11, vision_hidden=14, vision_layers=1,
-                    vision_heads=2, vision_mlp=23, text_hidden=24, text_layers=1, text_heads=4,
-                    text_kv_heads=2, text_mlp=29)  # fmt: skip
+DIMS = ModelDims(image_size=33, patch_size=11, vision_hidden=14, vision_layers=1,
+                 vision_heads=2, vision_mlp=23, text_hidden=24, text_layers=1, text_heads=4,
+                 text_kv_heads=2, text_mlp=29)  # fmt: skip
 
 
-def _settings(workdir, **kw) -> td.Settings:
+def _settings(workdir, **kw) -> TrainConfig:
     base = dict(workdir=str(workdir), dims=DIMS, steps=3, batch_size=2, learning_rate=3e-3,
                 warmup_steps=1, eval_every=0, log_every=1, checkpoint_every=100,
                 progress=False)  # fmt: skip
-    return td.Settings(**{**base, **kw})
+    return TrainConfig(**{**base, **kw})
 
 
 def _differs(a, b) -> list[bool]:
@@ -39,14 +49,14 @@ def _differs(a, b) -> list[bool]:
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     s = _settings(tmp_path_factory.mktemp("td_setup"))
-    processor, config, hf = td.setup(s)
+    processor, config, hf = state.setup(s)
     return s, processor, config, hf
 
 
 def test_tokenizer_covers_every_prompt_and_answer(setup):
     _, processor, _, _ = setup
     tok = processor.tokenizer
-    for w in td.prompt_words():
+    for w in data.prompt_words():
         assert tok.convert_tokens_to_ids(w) != tok.unk_token_id, w
     for a in syn.answer_vocabulary():
         assert len(tok(a, add_special_tokens=False)["input_ids"]) == 1, a
@@ -54,39 +64,39 @@ def test_tokenizer_covers_every_prompt_and_answer(setup):
 
 def test_tokens_and_pixels_match_the_hf_processor(setup):
     s, processor, config, _ = setup
-    data = td.Data(s, processor)
+    batches = data.Data(s, processor)
     image, rec = syn.generate_item(0, 3, split="train")
     crop = image.crop((10, 20, 150, 130))
     for n, images in ((1, [image]), (2, [image, crop])):
         ref = processor(images=images, text=[llava_prompt(rec["question"], n)], return_tensors="np")
-        assert data.tokens.prompt(rec["question"], n) == ref["input_ids"][0].tolist()
+        assert batches.tokens.prompt(rec["question"], n) == ref["input_ids"][0].tolist()
         assert (ref["input_ids"] == config.image_token_index).sum() == n * config.num_image_tokens
         np.testing.assert_array_equal(
-            data.pixels(images), np.asarray(ref["pixel_values"]).transpose(0, 2, 3, 1)
+            batches.pixels(images), np.asarray(ref["pixel_values"]).transpose(0, 2, 3, 1)
         )
 
 
 def test_loss_mask_covers_exactly_the_answer_and_eos(setup):
     s, processor, config, _ = setup
-    data = td.Data(s, processor)
-    batch = data.batch(5)
+    batches = data.Data(s, processor)
+    batch = batches.batch(5)
     tok = processor.tokenizer
-    recs = [data.item(5 * s.batch_size + i)[2] for i in range(s.batch_size)]
+    recs = [batches.item(5 * s.batch_size + i)[2] for i in range(s.batch_size)]
     for name, n in (("single", 1), ("pair", 2)):
         ids, mask, loss = (batch[f"{name}_{k}"] for k in ("input_ids", "attention_mask",
                                                            "loss_mask"))  # fmt: skip
-        assert ids.shape == (s.batch_size, data.len1 if n == 1 else data.len2)
+        assert ids.shape == (s.batch_size, batches.len1 if n == 1 else batches.len2)
         for row, rec in enumerate(recs):
             marked = ids[row][loss[row] > 0].tolist()
             assert marked == [tok.convert_tokens_to_ids(rec["answer"]), tok.eos_token_id]
             assert loss[row, -2:].tolist() == [1.0, 1.0] and loss[row, :-2].sum() == 0
             real = ids[row][mask[row] > 0].tolist()
-            assert real[:-2] == data.tokens.prompt(rec["question"], n)
+            assert real[:-2] == batches.tokens.prompt(rec["question"], n)
             assert (ids[row][mask[row] == 0] == tok.pad_token_id).all()  # left padding
             assert mask[row, -1] == 1 and (np.diff(mask[row]) >= 0).all()
     assert batch["pixel_values"].shape == (2 * s.batch_size, 33, 33, 3)
     # pack() on its own: two-token answers, padding on the left.
-    packed = td.pack([([1, 7], [9, 10, 2]), ([1, 7, 8, 8], [9, 2])], 7, pad=3)
+    packed = data.pack([([1, 7], [9, 10, 2]), ([1, 7, 8, 8], [9, 2])], 7, pad=3)
     np.testing.assert_array_equal(packed["loss_mask"], [[0, 0, 0, 0, 1, 1, 1],
                                                         [0, 0, 0, 0, 0, 1, 1]])  # fmt: skip
     np.testing.assert_array_equal(packed["input_ids"][0], [3, 3, 1, 7, 9, 10, 2])
@@ -98,37 +108,36 @@ def test_answer_loss_scores_only_marked_targets():
     logits[0, 0, 1] = 10.0  # position 0 predicts the unmarked input 1: wrong, not counted
     ids = np.array([[0, 4, 3, 2]])
     mask = np.array([[0, 0, 1, 0]], np.float32)
-    loss, correct, _ = td.answer_loss(logits, ids, mask)
+    loss, correct = losses.answer_loss(logits, ids, mask)
     assert float(loss) < 1e-3 and bool(correct[0])
 
 
 def test_a_few_steps_lower_the_loss_on_a_fixed_batch(setup):
     s, processor, config, _ = setup
-    step, tx, _ = td.compiled_step(config, s)
-    state = td.init_state(config, s, tx)
-    batch = {k: v for k, v in td.Data(s, processor).batch(0).items() if k not in td._LOG_ONLY}
-    losses = []
+    step, tx, _ = train.compiled_step(config, s)
+    run = state.init_state(config, s, tx)
+    batch = {k: v for k, v in data.Data(s, processor).batch(0).items() if k not in data.LOG_ONLY}
+    values = []
     for _ in range(3):
-        state, m = step(state, batch)
-        losses.append(float(m["loss"]))
-    assert losses[-1] < losses[0] - 0.1, losses
+        run, m = step(run, batch)
+        values.append(float(m["loss"]))
+    assert values[-1] < values[0] - 0.1, values
 
 
 def test_resume_equals_uninterrupted_and_export_loads(tmp_path):
     # Two pretraining steps (vision tower on patch labels), then three question steps; the
     # interrupted run stops inside the pretraining and once more inside the second phase.
-    kw = dict(steps=5, pretrain_steps=2, pretrain_batch=3, patch_loss_weight=1.0,
-              glyphs="letter")  # fmt: skip
+    kw = dict(steps=5, pretrain_steps=2, pretrain_batch=3, patch_loss_weight=1.0)
     export_dir = str(tmp_path / "export")
-    full = td.train(_settings(tmp_path / "a", export_dir=export_dir, **kw))
-    td.train(_settings(tmp_path / "b", stop_at=1, **kw))
-    td.train(_settings(tmp_path / "b", stop_at=3, **kw))
-    resumed = td.train(_settings(tmp_path / "b", **kw))
+    full = train.train(_settings(tmp_path / "a", export_dir=export_dir, **kw))
+    train.train(_settings(tmp_path / "b", stop_at=1, **kw))
+    train.train(_settings(tmp_path / "b", stop_at=3, **kw))
+    resumed = train.train(_settings(tmp_path / "b", **kw))
     assert int(full["step"]) == int(resumed["step"]) == 5
     jax.tree.map(np.testing.assert_array_equal, full["params"], resumed["params"])
     jax.tree.map(np.testing.assert_array_equal, full["aux"], resumed["aux"])
     with pytest.raises(ValueError, match="another run"):
-        td.train(_settings(tmp_path / "b", **{**kw, "seed": 1}))
+        train.train(_settings(tmp_path / "b", **{**kw, "seed": 1}))
     kinds = [json.loads(line)["kind"] for line in open(tmp_path / "a" / "log.jsonl")]
     assert kinds == ["pretrain", "pretrain", "train", "train", "train"], kinds
 
@@ -148,10 +157,10 @@ def test_resume_equals_uninterrupted_and_export_loads(tmp_path):
 def test_evaluate_reports_every_bucket_through_the_pipeline(setup):
     s, processor, config, hf = setup
     s = dataclasses.replace(s, eval_items=3, eval_batch=2)
-    _, tx, _ = td.compiled_step(config, s)
-    params = td.init_state(config, s, tx)["params"]
+    _, tx, _ = train.compiled_step(config, s)
+    params = state.init_state(config, s, tx)["params"]
     model = vicrop_jax.Model(config=config, params=None, processor=processor, hf_config=hf)
-    res = td.evaluate(model, params, s)
+    res = probes.evaluate(model, params, s)
     assert sum(res["n"].values()) == 3
     for k in ("full", "rel_att", "gt_crop", "map_hit", "box_hit"):
         assert 0.0 <= res[k]["all"] <= 1.0
@@ -161,18 +170,19 @@ def test_crops_hold_the_subject_or_miss_it():
     rng = np.random.default_rng(0)
     size, bbox = (500, 400), (300, 350, 330, 380)
     for _ in range(50):
-        x1, y1, x2, y2 = td.subject_crop(bbox, size, 64, rng)
+        x1, y1, x2, y2 = crops.subject_crop(bbox, size, 64, rng)
         assert 0 <= x1 <= bbox[0] and bbox[2] <= x2 <= size[0]
         assert 0 <= y1 <= bbox[1] and bbox[3] <= y2 <= size[1]
         assert 64 <= x2 - x1 <= 128 and x2 - x1 == y2 - y1
-        m = td.miss_crop(bbox, size, 64, rng)
+        m = crops.miss_crop(bbox, size, 64, rng)
         assert m[2] <= bbox[0] or bbox[2] <= m[0] or m[3] <= bbox[1] or bbox[3] <= m[1]
-    assert td.fit_box(10, 10, 600, size) == (0, 0, 500, 400)
-    assert td.gt_crop((0, 0, 10, 10), size, 64) == (0, 0, 64, 64)
+    assert crops.fit_box(10, 10, 600, size) == (0, 0, 500, 400)
+    assert crops.gt_crop((0, 0, 10, 10), size, 64) == (0, 0, 64, 64)
 
 
 def test_subject_cells_and_attention_share():
-    cells = td.subject_cells((50, 0, 60, 30), (100, 60), 4)  # x 50-60 -> col 2; y 0-30 -> rows 0-1
+    # x 50-60 -> col 2; y 0-30 -> rows 0-1
+    cells = crops.subject_cells((50, 0, 60, 30), (100, 60), 4)
     np.testing.assert_array_equal(np.argwhere(cells), [[0, 2], [1, 2]])
     # One row: [bos, img x4, q, answer, eos]; the query predicting the answer is position 5.
     ids = np.array([[1, 4, 4, 4, 4, 9, 7, 2]])
@@ -180,27 +190,27 @@ def test_subject_cells_and_attention_share():
     probs = np.zeros((1, 2, 8, 8), np.float32)
     probs[0, :, 5] = [0.5, 0, 0.3, 0.1, 0, 0.1, 0, 0]  # image tokens 2, 3 = cells 1, 2
     probs[0, :, 7, 1] = 1.0  # another query: ignored
-    share = td.subject_attention(probs, ids, loss_mask, np.array([[0, 1, 0, 0]], np.float32), 4)
+    share = losses.subject_attention(probs, ids, loss_mask, np.array([[0, 1, 0, 0]], np.float32), 4)
     np.testing.assert_allclose(share, [0.3 / 0.4], rtol=1e-6)
 
 
 def test_pair_cells_mark_the_subject_in_the_image_and_in_a_crop_holding_its_glyph():
     subject = {"bbox": [50, 0, 60, 30], "text_bbox": [52, 10, 58, 20]}  # glyph centre (55, 15)
     size, grid = (100, 60), 4
-    own = td.subject_cells(subject["bbox"], size, grid).reshape(-1)
+    own = crops.subject_cells(subject["bbox"], size, grid).reshape(-1)
     # Crop [40, 0, 80, 40): 10 px cells; the subject [50, 60) x [0, 30) -> col 1, rows 0-2.
-    cells = td.pair_cells(subject, size, (40, 0, 80, 40), grid)
+    cells = crops.pair_cells(subject, size, (40, 0, 80, 40), grid)
     assert cells.shape == (2 * grid * grid,) and cells.dtype == np.float32
     np.testing.assert_array_equal(cells[:16], own)
     np.testing.assert_array_equal(np.argwhere(cells[16:].reshape(4, 4)), [[0, 1], [1, 1], [2, 1]])
     # A crop with a corner of the subject but not its glyph's centre: the image's cells only.
-    corner = td.pair_cells(subject, size, (20, 0, 54, 12), grid)
+    corner = crops.pair_cells(subject, size, (20, 0, 54, 12), grid)
     np.testing.assert_array_equal(corner[:16], own)
     assert not corner[16:].any()
     # A crop through the glyph (its centre inside, 4 of its 6 columns): the image's only.
-    cut = td.pair_cells(subject, size, (54, 0, 94, 40), grid)
+    cut = crops.pair_cells(subject, size, (54, 0, 94, 40), grid)
     np.testing.assert_array_equal(cut[:16], own)
-    assert not cut[16:].any() and td._contains_centre((54, 0, 94, 40), subject["text_bbox"])
+    assert not cut[16:].any() and crops.contains_centre((54, 0, 94, 40), subject["text_bbox"])
     # The share runs over both images' tokens: [bos, img x2, img x2, q, answer, eos] with
     # 1 x 2 grids per image; the answer's query attends 0.2 to image 1's cell 1 and 0.6 to
     # the crop's cell 0, 0.2 to text.
@@ -209,39 +219,8 @@ def test_pair_cells_mark_the_subject_in_the_image_and_in_a_crop_holding_its_glyp
     probs = np.zeros((1, 2, 8, 8), np.float32)
     probs[0, :, 5] = [0, 0, 0.2, 0.6, 0, 0.2, 0, 0]
     both = np.array([[0, 1, 0, 0]], np.float32)  # the image's cell 1, not the crop's
-    np.testing.assert_allclose(td.subject_attention(probs, ids, loss_mask, both, 4), [0.25],
+    np.testing.assert_allclose(losses.subject_attention(probs, ids, loss_mask, both, 4), [0.25],
                                rtol=1e-6)  # fmt: skip
-
-
-def test_centre_target_peaks_at_the_glyph_inside_the_subject():
-    # A 400 x 400 image on a 4 x 4 grid (100 px cells); the subject spans cells 1-2 on both
-    # axes, its glyph sits right of centre in cell column 2.
-    t = td.centre_target((200, 150, 260, 210), (100, 100, 300, 300), (400, 400), 4)
-    assert t.shape == (4, 4) and t.dtype == np.float32
-    np.testing.assert_allclose(t.sum(), 1.0, rtol=1e-6)
-    assert np.all(t[[0, 3], :] == 0) and np.all(t[:, [0, 3]] == 0)  # off the subject: 0
-    assert np.unravel_index(np.argmax(t), t.shape) == (1, 2)  # glyph centre (230, 180)
-    assert t[1, 2] > t[1, 1] > 0 and t[1, 2] > t[2, 2] > 0  # a peak, not a flat box
-    # A subject inside one cell: all the mass there.
-    one = td.centre_target((110, 110, 120, 120), (105, 105, 125, 125), (400, 400), 4)
-    assert one[1, 1] == 1.0
-
-
-def test_target_cross_entropy_is_smallest_when_attention_equals_target():
-    ids = np.array([[1, 4, 4, 4, 4, 9, 7, 2]])  # [bos, img x4, q, answer, eos]
-    loss_mask = np.array([[0, 0, 0, 0, 0, 0, 1, 1]], np.float32)
-    target = np.array([[0.0, 0.25, 0.75, 0.0]], np.float32)
-
-    def ce(att):  # the query predicting the answer (position 5) attends att over the image
-        probs = np.zeros((1, 2, 8, 8), np.float32)
-        probs[0, :, 5, 1:5] = np.asarray(att) * 0.5
-        probs[0, :, 5, 0] = 0.5  # BOS: renormalised away
-        return float(td.target_cross_entropy(probs, ids, loss_mask, target, 4)[0])
-
-    best = ce([0.0, 0.25, 0.75, 0.0])
-    np.testing.assert_allclose(best, -(0.25 * np.log(0.25) + 0.75 * np.log(0.75)), rtol=1e-4)
-    assert ce([0.0, 0.5, 0.5, 0.0]) > best + 0.1  # flat over the subject: worse
-    assert ce([0.25, 0.25, 0.25, 0.25]) > ce([0.0, 0.5, 0.5, 0.0])
 
 
 def test_patch_labels_mark_glyph_and_shape_cells_in_image_and_crop():
@@ -251,103 +230,72 @@ def test_patch_labels_mark_glyph_and_shape_cells_in_image_and_crop():
         {"text": "cat", "shape": "square", "color": "blue", "bbox": [70, 30, 90, 50],
          "text_bbox": [72, 36, 88, 44]},
     ]  # fmt: skip
-    labels = td.patch_labels(objects, (0, 0, 100, 60), 4).reshape(2, 4, 4)
-    k, cat = 1 + td._GLYPHS_ALL.index("K"), 1 + td._GLYPHS_ALL.index("CAT")
-    red_circle = 1 + td._COMBOS.index(("red", "circle"))
-    blue_square = 1 + td._COMBOS.index(("blue", "square"))
+    labels = crops.patch_labels(objects, (0, 0, 100, 60), 4).reshape(2, 4, 4)
+    k, cat = 1 + crops.GLYPH_CLASSES.index("K"), 1 + crops.GLYPH_CLASSES.index("CAT")
+    red_circle = 1 + crops.COMBO_CLASSES.index(("red", "circle"))
+    blue_square = 1 + crops.COMBO_CLASSES.index(("blue", "square"))
     # centre (10, 10) -> col 0, row 0; centre (80, 40) -> col 3 (80 * 4 / 100), row 2.
     assert labels[0, 0, 0] == k and labels[0, 2, 3] == cat
     assert labels[1, 0, 0] == red_circle and labels[1, 2, 3] == blue_square
     assert (labels > 0).sum() == 4
     # A crop [60, 20, 100, 60) holds only the square; its centre is at (20, 20) of 40 x 40.
-    crop = td.patch_labels(objects, (60, 20, 100, 60), 4).reshape(2, 4, 4)
+    crop = crops.patch_labels(objects, (60, 20, 100, 60), 4).reshape(2, 4, 4)
     assert crop[0, 2, 2] == cat and crop[1, 2, 2] == blue_square and (crop > 0).sum() == 2
     # every_cell: cells are 10 x 10 in the crop; cell centres at 65, 75, 85, 95 (x) and
     # 25, 35, 45, 55 (y). The square [70, 90) x [30, 50) holds columns 1-2, rows 1-2; the
     # glyph [72, 88) x [36, 44) holds no cell centre but keeps its centre cell.
-    every = td.patch_labels(objects, (60, 20, 100, 60), 4, every_cell=True).reshape(2, 4, 4)
+    every = crops.patch_labels(objects, (60, 20, 100, 60), 4, every_cell=True).reshape(2, 4, 4)
     assert (every[1] == blue_square).sum() == 4 and (every[1, 1:3, 1:3] == blue_square).all()
     assert (every[0] > 0).sum() == 1 and every[0, 2, 2] == cat
-
-
-def test_peak_margin_loss_asks_the_subject_to_hold_the_highest_cell():
-    ids = np.array([[1, 4, 4, 4, 4, 9, 7, 2]])  # [bos, img x4, q, answer, eos]
-    loss_mask = np.array([[0, 0, 0, 0, 0, 0, 1, 1]], np.float32)
-    subject = np.array([[0.0, 1.0, 1.0, 0.0]], np.float32)  # cells 1, 2
-
-    def peak(att, margin=0.5):  # the query predicting the answer (position 5) attends att
-        probs = np.zeros((1, 2, 8, 8), np.float32)
-        probs[0, :, 5, 1:5] = att
-        probs[0, :, 7, 4] = 1.0  # another query: ignored
-        loss, hit = td.peak_margin_loss(probs, ids, loss_mask, subject, 4, margin)
-        return float(loss[0]), bool(hit[0])
-
-    # More mass on the subject (0.6) but the single highest cell elsewhere: a hit is a peak.
-    spread, hit = peak([0.0, 0.3, 0.3, 0.4])
-    assert not hit and spread > np.log1p(np.exp(0.5))  # softplus(> 0 + margin)
-    peaked, hit = peak([0.1, 0.7, 0.1, 0.1])
-    assert hit and peaked < np.log1p(np.exp(-1.3))  # log(0.7 / 0.1) = 1.95 nats > margin
-    assert peak([0.1, 0.7, 0.1, 0.1], margin=3.0)[0] > 0.5  # the margin is enforced
-    g = jax.grad(lambda p: td.peak_margin_loss(p, ids, loss_mask, subject, 4)[0].sum())(
-        jnp.zeros((1, 1, 8, 8)).at[0, 0, 5, 1:5].set(jnp.array([0.0, 0.3, 0.3, 0.4]))
-    )
-    assert np.all(np.isfinite(g)) and g[0, 0, 5, 4] > 0 > g[0, 0, 5, 2]  # off down, on up
 
 
 def test_ratio_peak_loss_is_low_when_rel_att_peaks_on_the_subject():
     subject = jnp.array([[0.0, 1.0, 1.0, 0.0]])
     q = jnp.array([[0.1, 0.3, 0.3, 0.3]])
-    loss = lambda g: td.ratio_peak_loss(q, jnp.asarray(g), subject, margin=0.5)
+    loss = lambda g: losses.ratio_peak_loss(q, jnp.asarray(g), subject, margin=0.5)
     bad, _ = loss([[0.25, 0.25, 0.25, 0.25]])  # ratio ties: cell 3 as high as the subject
     good, hit_good = loss([[0.1, 0.15, 0.15, 0.6]])  # the general prompt covers cell 3
     assert float(good[0]) < float(bad[0]) and bool(hit_good[0])
-    grad = jax.grad(lambda g: td.ratio_peak_loss(q, g, subject)[0].sum())(jnp.full((1, 4), 0.25))
+    grad = jax.grad(lambda g: losses.ratio_peak_loss(q, g, subject)[0].sum())(
+        jnp.full((1, 4), 0.25)
+    )
     assert grad[0, 3] < 0 < grad[0, 1]  # more general attention off the subject, less on it
 
 
 def test_finetune_from_a_run_restarts_the_schedule_and_trains_the_map_losses(tmp_path):
     # A 2-step base run, then a fine-tune from it with the attention, general-prompt and
-    # crop-mix options (own crops included): it starts from the base's params (step 0, fresh
-    # optimizer), logs the general prompt's loss, and refuses a source with other dims or
-    # without checkpoints.
-    base = td.train(_settings(tmp_path / "base", steps=2, patch_loss_weight=1.0,
-                              glyphs="letter"))  # fmt: skip
+    # crop-mix options: it starts from the base's params (step 0, fresh optimizer), logs the
+    # map losses, and refuses a source with other dims or without checkpoints.
+    base = train.train(_settings(tmp_path / "base", steps=2, patch_loss_weight=1.0))
     kw = dict(steps=2, init_from=str(tmp_path / "base"), attention_loss_weight=1.0,
-              general_loss_weight=0.5, random_crop_fraction=0.3, distractor_fraction=0.3,
-              own_crop_fraction=0.5, attention_target="centre", patch_loss_weight=1.0,
-              peak_loss_weight=1.0, pair_attention_weight=1.0, ratio_peak_weight=1.0,
-              attention_buckets=("small", "medium"), glyphs="letter")  # fmt: skip
+              general_loss_weight=0.5, random_crop_fraction=0.3, large_distractor_fraction=0.3,
+              large_partial_fraction=0.3, patch_loss_weight=1.0, pair_attention_weight=1.0,
+              ratio_peak_weight=1.0, pair_contrast_questions=1)  # fmt: skip
     s = _settings(tmp_path / "ft", **kw)
-    processor, config, _ = td.setup(s)
-    _, tx, _ = td.compiled_step(config, s)
-    start = td.init_from_run(s, config, tx)
+    _, config, _ = state.setup(s)
+    _, tx, _ = train.compiled_step(config, s)
+    start = state.init_from_run(s, config, tx)
     assert int(start["step"]) == 0
     jax.tree.map(np.testing.assert_array_equal, start["params"], base["params"])
-    tuned = td.train(s)
+    tuned = train.train(s)
     assert int(tuned["step"]) == 2
     recs = [json.loads(line) for line in open(tmp_path / "ft" / "log.jsonl")]
     assert all(0.0 <= r["loss_general"] for r in recs if r["kind"] == "train")
-    assert all(0.0 < r["loss_att_target"] for r in recs if r["kind"] == "train")
-    assert all(0.0 < r["loss_peak"] for r in recs if r["kind"] == "train")
     assert all(0.0 < r["att_subject_pair"] <= 1.0 for r in recs if r["kind"] == "train")
     assert all(0.0 < r["loss_ratio_peak"] for r in recs if r["kind"] == "train")
     saved = json.load(open(tmp_path / "ft" / "settings.json"))
     assert saved["init_from"] == kw["init_from"]
-    assert saved["attention_buckets"] == ["small", "medium"]
-    batch = td.Data(s, processor).batch(0)
-    want = [float(td._BUCKETS[b] in ("small", "medium")) for b in batch["bucket"]]
-    np.testing.assert_array_equal(batch["att_row_weight"], want)
-    with pytest.raises(ValueError, match="attention_buckets"):
-        _settings(tmp_path / "z", attention_buckets=("lrge",))
-    _check_own_crops(s, processor, config, base["params"])
+    assert saved == s.identity() and saved["large_partial_fraction"] == 0.3
     other = dataclasses.replace(DIMS, text_mlp=DIMS.text_mlp * 2)
     with pytest.raises(ValueError, match="other dims"):
-        td.init_from_run(_settings(tmp_path / "x", dims=other, **kw), config, tx)
+        state.init_from_run(_settings(tmp_path / "x", dims=other, **kw), config, tx)
     with pytest.raises(FileNotFoundError, match="settings.json"):
-        td.init_from_run(_settings(tmp_path / "y", init_from=str(tmp_path / "none")), config, tx)
+        state.init_from_run(_settings(tmp_path / "y", init_from=str(tmp_path / "none")), config, tx)
     # reinit: the named subtrees start afresh (the seed's init), the rest is the base's.
-    fresh = td.init_state(config, s, tx)["params"]
-    re = td.init_from_run(_settings(tmp_path / "r", reinit=("language_model",), **kw), config, tx)
+    fresh = state.init_state(config, s, tx)["params"]
+    re = state.init_from_run(
+        _settings(tmp_path / "r", reinit=("language_model",), **kw), config, tx
+    )
     for name, tree in re["params"].items():
         want = fresh[name] if name == "language_model" else base["params"][name]
         jax.tree.map(np.testing.assert_array_equal, tree, want)
@@ -363,16 +311,16 @@ def test_freeze_keeps_the_named_subtrees_fixed(tmp_path):
     # A fine-tune with the vision tower and projector frozen: they stay bitwise the base's
     # (no update, no weight decay), the decoder moves; a run from that frozen run restores
     # its checkpoint (another optimizer structure) and trains everything again.
-    base = td.train(_settings(tmp_path / "base", steps=2, patch_loss_weight=1.0))
+    base = train.train(_settings(tmp_path / "base", steps=2, patch_loss_weight=1.0))
     frozen = ("vision_tower", "multi_modal_projector")
     kw = dict(steps=2, init_from=str(tmp_path / "base"), attention_loss_weight=1.0,
               patch_loss_weight=1.0, weight_decay=0.5)  # fmt: skip
-    tuned = td.train(_settings(tmp_path / "ft", freeze=frozen, **kw))
+    tuned = train.train(_settings(tmp_path / "ft", freeze=frozen, **kw))
     for name in frozen:
         jax.tree.map(np.testing.assert_array_equal, tuned["params"][name], base["params"][name])
     assert all(_differs(tuned["params"]["language_model"], base["params"]["language_model"]))
     assert json.load(open(tmp_path / "ft" / "settings.json"))["freeze"] == list(frozen)
-    again = td.train(_settings(tmp_path / "ft2", **{**kw, "init_from": str(tmp_path / "ft")}))
+    again = train.train(_settings(tmp_path / "ft2", **{**kw, "init_from": str(tmp_path / "ft")}))
     assert any(_differs(again["params"]["vision_tower"], tuned["params"]["vision_tower"]))
     with pytest.raises(ValueError, match="vision_towr"):
         _settings(tmp_path / "q", freeze=("vision_towr",))
@@ -382,41 +330,36 @@ def test_finetune_from_an_export_reads_it_through_the_converter(tmp_path):
     # A fine-tune whose --init_from is an exported HF directory (as vicrop_jax/assets/demo):
     # the params are the exported ones, the patch heads start afresh (seeded); an
     # export of other dims and a directory that is neither a workdir nor an export refuse.
-    base = td.train(_settings(tmp_path / "base", steps=2, patch_loss_weight=1.0,
+    base = train.train(_settings(tmp_path / "base", steps=2, patch_loss_weight=1.0,
                               export_dir=str(tmp_path / "export")))  # fmt: skip
     kw = dict(steps=2, init_from=str(tmp_path / "export"), attention_loss_weight=1.0,
               patch_loss_weight=1.0, freeze=("vision_tower",))  # fmt: skip
     s = _settings(tmp_path / "ft", **kw)
-    _, config, _ = td.setup(s)
-    _, tx, _ = td.compiled_step(config, s)
-    start = td.init_from_run(s, config, tx)
+    _, config, _ = state.setup(s)
+    _, tx, _ = train.compiled_step(config, s)
+    start = state.init_from_run(s, config, tx)
     jax.tree.map(np.testing.assert_array_equal, start["params"], base["params"])
-    fresh = td.init_state(config, s, tx)["aux"]
+    fresh = state.init_state(config, s, tx)["aux"]
     jax.tree.map(np.testing.assert_array_equal, start["aux"], fresh)
     assert any(_differs(fresh, base["aux"]))  # so the check above can tell them apart
     other = dataclasses.replace(DIMS, vision_heads=7)  # the same param shapes
     so = _settings(tmp_path / "x", dims=other, **kw)
-    _, config_o, _ = td.setup(so)
+    _, config_o, _ = state.setup(so)
     with pytest.raises(ValueError, match="num_attention_heads"):
-        td.init_from_run(so, config_o, tx)
+        state.init_from_run(so, config_o, tx)
     with pytest.raises(FileNotFoundError, match="neither a training workdir"):
-        td.init_from_run(_settings(tmp_path / "y", init_from=str(tmp_path)), config, tx)
+        state.init_from_run(_settings(tmp_path / "y", init_from=str(tmp_path)), config, tx)
     # Without the patch loss the heads take no part: a fine-tune from the export and one from
     # the exporting run's workdir (its trained heads) end with the same params, bitwise.
     kw0 = {**kw, "patch_loss_weight": 0.0, "pair_attention_weight": 1.0,
            "large_partial_fraction": 0.5}  # fmt: skip
-    from_export = td.train(_settings(tmp_path / "e0", **kw0))
-    from_run = td.train(_settings(tmp_path / "w0", **{**kw0, "init_from": str(tmp_path / "base")}))
+    from_export = train.train(_settings(tmp_path / "e0", **kw0))
+    from_run = train.train(
+        _settings(tmp_path / "w0", **{**kw0, "init_from": str(tmp_path / "base")})
+    )
     jax.tree.map(np.testing.assert_array_equal, from_export["params"], from_run["params"])
     assert int(from_export["step"]) == 2
     assert any(_differs(from_export["params"]["language_model"], base["params"]["language_model"]))
-
-
-def test_row_mean_averages_only_the_weighted_rows():
-    x = jnp.array([1.0, 2.0, 4.0])
-    assert float(td._row_mean(x, {})) == pytest.approx(7 / 3)
-    assert float(td._row_mean(x, {"att_row_weight": jnp.array([1.0, 0.0, 1.0])})) == 2.5
-    assert float(td._row_mean(x, {"att_row_weight": jnp.zeros(3)})) == 0.0  # no row: no loss
 
 
 def test_general_uniformity_and_image_attention():
@@ -424,28 +367,30 @@ def test_general_uniformity_and_image_attention():
     ids = np.array([[0, 1, 4, 4, 4, 9]])
     probs = np.zeros((1, 2, 6, 6), np.float32)
     probs[0, :, 5] = [0, 0.4, 0.1, 0.2, 0.3, 0]
-    att = td.image_attention(probs, ids, 4, 3)
+    att = losses.image_attention(probs, ids, 4, 3)
     np.testing.assert_allclose(att, [[1 / 6, 2 / 6, 3 / 6]], rtol=1e-6)
-    assert float(td.general_uniformity_loss(np.full((1, 3), 1 / 3, np.float32))[0]) < 1e-5
-    assert float(td.general_uniformity_loss(att)[0]) > 0.05
+    assert float(losses.general_uniformity_loss(np.full((1, 3), 1 / 3, np.float32))[0]) < 1e-5
+    assert float(losses.general_uniformity_loss(att)[0]) > 0.05
 
 
 def test_crop_mix_gives_random_and_lookalike_crops():
-    s = td.Settings(workdir="", dims=DIMS, negative_fraction=0.0, random_crop_fraction=0.5,
-                    distractor_fraction=0.5, glyphs="letter")  # fmt: skip
-    data = td.Data.__new__(td.Data)
-    data.s, data.own = s, {}
-    subject_centre = lookalike = 0
-    for i in range(40):
-        image, crop, rec, hit, box = data.item(i)
+    # Half random boxes and, on large subjects, the other half around another object (alike
+    # when possible): most large subjects' crops do not hold the subject.
+    s = TrainConfig(workdir="", dims=DIMS, negative_fraction=0.0, random_crop_fraction=0.5,
+                    large_distractor_fraction=0.5)  # fmt: skip
+    large_held, lookalike = [], 0
+    for i in range(60):
+        image, crop, rec, hit, box = data.training_item(s, i)
         assert crop.size == (box[2] - box[0], box[3] - box[1])
-        assert hit == td._contains_centre(box, rec["bbox"])
-        subject_centre += hit
-        other = td.distractor(rec, np.random.default_rng(i))
+        assert hit == crops.contains_centre(box, rec["bbox"])
+        if rec["size_bucket"] == "large":
+            large_held.append(hit)
+        other = crops.distractor(rec, np.random.default_rng(i))
         if other is not None:
             subj = rec["objects"][rec["subject_index"]]
             lookalike += other["color"] == subj["color"] or other["shape"] == subj["shape"]
-    assert subject_centre < 30  # most of these crops do not hold the subject
+    # most of these crops do not hold the subject
+    assert len(large_held) >= 10 and sum(large_held) < 0.75 * len(large_held), large_held
     assert lookalike > 0
 
 
@@ -458,86 +403,122 @@ _CHAIN = (
 )
 
 
-def test_the_shipped_flagfiles_chain(tmp_path):
+def _flag_lines(name: str) -> list[str]:
+    """The flag lines of eval/flags/`name`.flags, comments dropped, includes kept."""
+    path = os.path.join(_REPO, "eval", "flags", f"{name}.flags")
+    lines = [line.strip() for line in open(path)]
+    return [line for line in lines if line and not line.startswith("#")]
+
+
+def _parse(argv: list[str]) -> TrainConfig:
+    """TrainConfig from command-line arguments, through flags generated from the config."""
+    values = flags.FlagValues()
+    define_flags(TrainConfig, values)
+    define_flags(Actions, values)
+    values(["train_demo", *argv])
+    return from_flags(TrainConfig, values)
+
+
+def test_the_shipped_flagfiles_chain(monkeypatch):
     # Each stage starts from the previous stage's workdir with the same model, stage 1b
     # re-initialises the decoder, and only the last stage exports.
-    import subprocess
-    import sys
-
-    code = (
-        "import json, sys; from absl import flags; import eval.train_demo as td\n"
-        "out = []\n"
-        "for f in sys.argv[1:]:\n"
-        "    flags.FLAGS.unparse_flags(); flags.FLAGS(['x', '--flagfile=' + f])\n"
-        "    s = td.settings_from_flags()\n"
-        "    out.append([s.workdir, s.init_from, s.export_dir, s.identity()['dims'],\n"
-        "                list(s.reinit), list(s.freeze)])\n"
-        "print(json.dumps(out))\n"
-    )
-    files = [f"eval/flags/{name}.flags" for name in _CHAIN]
-    r = subprocess.run([sys.executable, "-c", code, *files],
-                       capture_output=True, text=True, timeout=120,
-                       cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # fmt: skip
-    assert r.returncode == 0, r.stderr[-2000:]
-    stages = json.loads(r.stdout)
-    assert stages[0][1] == ""  # stage 1 starts from scratch
+    monkeypatch.chdir(_REPO)  # the stage flagfiles include the common one by its path
+    stages = [_parse([f"--flagfile=eval/flags/{name}.flags"]) for name in _CHAIN]
+    assert stages[0].init_from == ""  # stage 1 starts from scratch
     for prev, cur in zip(stages[:-1], stages[1:], strict=True):
-        assert cur[1] == prev[0] and cur[0] != prev[0] and cur[3] == prev[3]
-    assert [s[2] for s in stages] == ["", "", "", "", "vicrop_jax/assets/demo"]
+        assert cur.init_from == prev.workdir and cur.workdir != prev.workdir
+        assert cur.identity()["dims"] == prev.identity()["dims"]
+    assert [s.export_dir for s in stages] == ["", "", "", "", "vicrop_jax/assets/demo"]
     # The vision tower and projector stage 1 trained stay fixed from stage 1b on.
-    frozen = ["vision_tower", "multi_modal_projector"]
-    assert [s[5] for s in stages] == [[], frozen, frozen, frozen, frozen]
-    assert [s[4] for s in stages] == [[], ["language_model"], [], [], []]
+    frozen = ("vision_tower", "multi_modal_projector")
+    assert [s.freeze for s in stages] == [(), frozen, frozen, frozen, frozen]
+    assert [s.reinit for s in stages] == [(), ("language_model",), (), (), ()]
+    assert stages[1].question_num_objects == (2, 2) and stages[1].question_rel_range == (0.2, 0.4)
+    assert [s.eval_sizes for s in stages][-2:] == [(224, 288, 336, 384)] * 2
 
 
-def _check_own_crops(s, processor, config, start_params):
-    # own_crop_fraction: the chosen items' pairs got the rel-att box that the starting model
-    # gives through the ViCrop pipeline, mined once into workdir/own_crops.json.
-    indices = td.own_crop_indices(s)
-    assert 0 < len(indices) < 4 and all(0 <= i < 4 for i in indices)
-    saved = json.load(open(os.path.join(s.workdir, "own_crops.json")))
-    assert sorted(int(k) for k in saved) == indices
-    start = Model(config=config, params=start_params, processor=processor)
-    items = [syn.generate_item(s.seed, i, split=td._SPLIT, **s.synth_options()) for i in indices]
-    answers = pipeline.ask_batch(start, [im for im, _ in items], [r["question"] for _, r in items],
-                                 max_new_tokens=3)  # fmt: skip
-    assert [tuple(saved[str(i)]) for i in indices] == [tuple(a.bbox) for a in answers]
-    boxes = {int(k): tuple(v) for k, v in saved.items()}
-    data = td.Data(s, processor, boxes)
-    for i in indices:
-        image, crop, rec, hit, box = data.item(i)
-        assert box == boxes[i] and crop.size == (box[2] - box[0], box[3] - box[1])
-        assert hit == td._contains_centre(box, rec["bbox"])
-    assert td.mine_own_crops(s, None) == boxes  # read back from the file, not mined again
+# The flags no shipped flagfile needs to set: where a run writes, how often it reports, and
+# what the entry point does instead of training.
+OPERATIONAL = {"workdir", "export_dir", "stop_at", "log_every", "eval_every", "eval_items",
+               "eval_sizes", "checkpoint_every", "smoke", "export_only", "probe_items",
+               "probe_questions"}  # fmt: skip
+
+
+def test_every_flag_is_set_by_the_recipe_or_operational():
+    """The trainer holds the shipped recipe: each flag is set by a stage flagfile (or the
+    common one they include) or is operational; the stage flagfiles include the common one
+    first and do not restate it."""
+    common = _flag_lines("train_demo_common")
+    include = "--flagfile=eval/flags/train_demo_common.flags"
+    set_by_recipe = {line[2:].split("=")[0] for line in common}
+    for name in _CHAIN:
+        lines = _flag_lines(name)
+        assert lines[0] == include, name
+        assert not set(lines[1:]) & set(common), name  # what differs, only
+        set_by_recipe |= {line[2:].split("=")[0] for line in lines[1:]}
+    fields = flag_fields(TrainConfig) + flag_fields(Actions)
+    names = {f.name for f, _ in fields}
+    assert len(names) == len(fields)  # one flag per field
+    for f, _ in fields:
+        assert f.name in set_by_recipe or f.name in OPERATIONAL, f.name
+        assert f.metadata["operational"] == (f.name in OPERATIONAL), f.name
+        assert f.metadata["help"], f.name
+    # --distinct_colors is a bare boolean; --noname would name a false one.
+    flagged = {n[2:] if n.startswith("no") and n[2:] in names else n for n in set_by_recipe}
+    assert flagged <= names, flagged - names
+    # The flagfiles say what a stage does, not how it came about.
+    for name in ("train_demo_common", *_CHAIN):
+        text = open(os.path.join(_REPO, "eval", "flags", f"{name}.flags")).read().lower()
+        for word in ("session", " was ", "(new)"):
+            assert word not in text, (name, word)
+
+
+def test_flags_round_trip_through_the_config():
+    cfg = _parse(["--image_size=33", "--freeze=vision_tower,lm_head", "--distinct_colors",
+                  "--question_rel_range=0.2,0.4", "--eval_sizes=224,288", "--workdir=/tmp/x",
+                  "--patch_label_cells=all"])  # fmt: skip
+    want = TrainConfig(workdir="/tmp/x", dims=dataclasses.replace(ModelDims(), image_size=33),
+                       freeze=("vision_tower", "lm_head"), question_rel_range=(0.2, 0.4),
+                       distinct_colors=True, eval_sizes=(224, 288),
+                       patch_label_cells="all")  # fmt: skip
+    assert cfg == want
+    assert _parse([]) == TrainConfig()  # the flags' defaults are the fields'
+    ident = cfg.identity()
+    assert ident["dims"]["image_size"] == 33 and ident["question_rel_range"] == [0.2, 0.4]
+    assert not {"workdir", "export_dir", "stop_at", "eval_sizes", "progress"} & set(ident)
+    assert set(ident) == {f.name for f in dataclasses.fields(TrainConfig)
+                          if not f.metadata.get("operational")}  # fmt: skip
+    with pytest.raises(flags.IllegalFlagValueError, match="question_num_objects takes 2"):
+        _parse(["--question_num_objects=2"])
+    with pytest.raises(flags.IllegalFlagValueError):
+        _parse(["--patch_label_cells=every"])
+    with pytest.raises(ValueError, match="patch_label_cells"):
+        TrainConfig(patch_label_cells="every")
 
 
 def test_large_subjects_get_their_own_distractor_share():
     """large_distractor_fraction=1 with no other crop kinds: every large item's crop is
     centred on another object (when there is one), every other item's on the subject;
     the same items and draws otherwise (the small ones' crops are unchanged)."""
-    kw = dict(workdir="", dims=DIMS, negative_fraction=0.0, glyphs="letter")
-    base = td.Settings(**kw)
-    large = td.Settings(**kw, large_distractor_fraction=1.0)
-    assert large.distractor_share("large") == 1.0 and large.distractor_share("small") == 0.0
-    assert base.distractor_share("large") == 0.0
+    kw = dict(workdir="", dims=DIMS, negative_fraction=0.0)
+    base = TrainConfig(**kw)
+    large = TrainConfig(**kw, large_distractor_fraction=1.0)
     assert large.identity()["large_distractor_fraction"] == 1.0
-    assert "large_distractor_fraction" not in base.identity()
+    assert base.identity()["large_distractor_fraction"] == 0.0
     seen = set()
     for i in range(60):
-        a, b = td.Data.__new__(td.Data), td.Data.__new__(td.Data)
-        a.s, a.own, b.s, b.own = base, {}, large, {}
-        _, _, rec, hit_a, box_a = a.item(i)
-        _, _, _, hit_b, box_b = b.item(i)
+        _, _, rec, hit_a, box_a = data.training_item(base, i)
+        _, _, _, hit_b, box_b = data.training_item(large, i)
         bucket = rec["size_bucket"]
         seen.add(bucket)
         assert hit_a  # the subject's own crop
-        if bucket != "large" or td.distractor(rec, np.random.default_rng([0, i, 1])) is None:
+        if bucket != "large" or crops.distractor(rec, np.random.default_rng([0, i, 1])) is None:
             assert box_b == box_a
         else:
             assert box_b != box_a
     assert {"small", "large"} <= seen
     with pytest.raises(ValueError, match="large_distractor_fraction"):
-        td.Settings(**kw, random_crop_fraction=0.5, large_distractor_fraction=0.6)
+        TrainConfig(**kw, random_crop_fraction=0.5, large_distractor_fraction=0.6)
 
 
 def test_large_partial_crops_show_the_shape_but_not_its_glyph():
@@ -545,16 +526,14 @@ def test_large_partial_crops_show_the_shape_but_not_its_glyph():
     base x base box centred on the subject's shape holding under 80% of its glyph (so the
     whole letter is only in the original); the other items keep their subject crops, the same
     draws as without the option."""
-    kw = dict(workdir="", dims=DIMS, negative_fraction=0.0, glyphs="letter")
-    base, part = td.Settings(**kw), td.Settings(**kw, large_partial_fraction=1.0)
+    kw = dict(workdir="", dims=DIMS, negative_fraction=0.0)
+    base, part = TrainConfig(**kw), TrainConfig(**kw, large_partial_fraction=1.0)
     assert part.identity()["large_partial_fraction"] == 1.0
-    assert "large_partial_fraction" not in base.identity()
+    assert base.identity()["large_partial_fraction"] == 0.0
     partial = 0
     for i in range(60):
-        a, b = td.Data.__new__(td.Data), td.Data.__new__(td.Data)
-        a.s, a.own, b.s, b.own = base, {}, part, {}
-        _, _, rec, _, box_a = a.item(i)
-        _, _, _, hit_b, box_b = b.item(i)
+        _, _, rec, _, box_a = data.training_item(base, i)
+        _, _, _, hit_b, box_b = data.training_item(part, i)
         if rec["size_bucket"] != "large":
             assert box_b == box_a
             continue
@@ -565,45 +544,45 @@ def test_large_partial_crops_show_the_shape_but_not_its_glyph():
             partial += 1
             assert box_b[2] - box_b[0] == box_b[3] - box_b[1] == DIMS.image_size
             assert overlaps(box_b, subject["bbox"])
-            assert td.coverage(box_b, subject["text_bbox"]) < 0.8
-            assert hit_b == td._contains_centre(box_b, rec["bbox"])
+            assert crops.coverage(box_b, subject["text_bbox"]) < crops.HOLDS_LETTER == 0.8
+            assert hit_b == crops.contains_centre(box_b, rec["bbox"])
     assert partial >= 3
     with pytest.raises(ValueError, match="large_partial_fraction"):
-        td.Settings(**kw, random_crop_fraction=0.5, large_partial_fraction=0.6)
+        TrainConfig(**kw, random_crop_fraction=0.5, large_partial_fraction=0.6)
 
 
 def test_object_hits_read_the_patch_heads_per_object():
     """Features that are the cells' one-hot labels, read by identity heads, name every object;
     a head with its classes rolled by one names none."""
     grid = 8
-    image, rec = syn.generate_item(1, 5, split="test", glyphs="letter", sizes=(256,))
+    image, rec = syn.generate_item(1, 5, split="test", glyphs=GLYPHS, sizes=(256,))
     labels = np.zeros((2, grid * grid), np.int64)
     for obj in rec["objects"]:  # each object's own cells (as object_hits reads them)
-        own = td.patch_labels([obj], (0, 0, *image.size), grid, every_cell=True)
+        own = crops.patch_labels([obj], (0, 0, *image.size), grid, every_cell=True)
         labels = np.where(own > 0, own, labels)
-    n_g, n_c = 1 + len(td._GLYPHS_ALL), 1 + len(td._COMBOS)
+    n_g, n_c = 1 + len(crops.GLYPH_CLASSES), 1 + len(crops.COMBO_CLASSES)
     feats = np.concatenate([np.eye(n_g)[labels[0]], np.eye(n_c)[labels[1]]], axis=1)
     eye = lambda n, off: np.eye(n_g + n_c)[:, off : off + n]  # noqa: E731
     heads = {"glyph": {"kernel": eye(n_g, 0), "bias": np.zeros(n_g)},
              "combo": {"kernel": eye(n_c, n_g), "bias": np.zeros(n_c)}}  # fmt: skip
-    hits = list(td.object_hits(feats, heads, rec, image.size, grid))
+    hits = list(probes.object_hits(feats, heads, rec, image.size, grid))
     names = {k[2] for k, _ in hits}
     assert names == {"glyph", "combo"} and all(h for _, h in hits)
     roles = [k[0] for k, _ in hits]
     assert roles.count("subject") == 2 and len(hits) == 2 * len(rec["objects"])
     rolled = {k: {"kernel": np.roll(v["kernel"], 1, axis=1), "bias": v["bias"]}
               for k, v in heads.items()}  # fmt: skip
-    assert not any(h for _, h in td.object_hits(feats, rolled, rec, image.size, grid))
+    assert not any(h for _, h in probes.object_hits(feats, rolled, rec, image.size, grid))
 
 
 def test_probe_features_on_a_trained_run(tmp_path):
     s = _settings(tmp_path / "run", steps=2, patch_loss_weight=1.0, pretrain_steps=1,
                   pretrain_batch=2)  # fmt: skip
-    td.train(s)
-    out = td.probe_features(s, 3, sizes=(224,), chunk=2)
+    train.train(s)
+    out = probes.probe_features(s, 3, sizes=(224,), chunk=2)
     counted = {}
     for i in range(3):
-        _, rec = syn.generate_item(1, i, split="test", glyphs=s.glyphs, sizes=(224,))
+        _, rec = syn.generate_item(1, i, split="test", glyphs=GLYPHS, sizes=(224,))
         for k, o in enumerate(rec["objects"]):
             role = "subject" if k == rec["subject_index"] else "distractor"
             key = (role, syn.size_bucket((o["bbox"][2] - o["bbox"][0]) / 224))
@@ -614,21 +593,21 @@ def test_probe_features_on_a_trained_run(tmp_path):
 
 
 def test_answer_agreement_counts_images_answered_alike():
-    got = td.answer_agreement([["k", "K "], ["m", "p"], ["x", "x", "z"]],
+    got = probes.answer_agreement([["k", "K "], ["m", "p"], ["x", "x", "z"]],
                               [["k", "m"], ["m", "p"], ["x", "y", "z"]])  # fmt: skip
     assert got == {"images": 3, "questions": 7, "accuracy": round(5 / 7, 4),
                    "one_answer_images": round(1 / 3, 4)}  # fmt: skip
 
 
 def test_question_probe_asks_about_each_large_shape_of_a_run(tmp_path):
-    items = td.question_probe_items(40, "letter")
+    items = probes.question_probe_items(40)
     assert items  # some of the first 40 demo images hold two large shapes
     for _, qa in items:
         assert len(qa) >= 2 and len({q for q, _ in qa}) == len(qa)
         assert all(q.startswith("What is written on the ") and len(a) == 1 for q, a in qa)
-    s = _settings(tmp_path / "run", steps=1, glyphs="letter")
-    td.train(s)
-    out = td.probe_questions(s, 40, chunk=8)
+    s = _settings(tmp_path / "run", steps=1)
+    train.train(s)
+    out = probes.probe_questions(s, 40, chunk=8)
     assert out["images"] == len(items) and out["questions"] == sum(len(qa) for _, qa in items)
     assert 0 <= out["accuracy"] <= 1 and 0 <= out["one_answer_images"] <= 1
 
@@ -639,12 +618,13 @@ def test_contrast_objects_are_other_readable_shapes_or_the_subject():
         {"bbox": [60, 0, 110, 50], "text": "M"},   # 50 px: 0.25 of 200, readable
         {"bbox": [120, 0, 130, 10], "text": "P"},  # 10 px: small
     ]}  # fmt: skip
-    got = td.contrast_objects(rec, 6, np.random.default_rng(0))
+    got = crops.contrast_objects(rec, 6, np.random.default_rng(0))
     assert [o["text"] for o in got] == ["M"] * 6
     rec["objects"][1]["bbox"] = [60, 0, 80, 20]  # 0.1: only medium readable -> still M
-    assert {o["text"] for o in td.contrast_objects(rec, 4, np.random.default_rng(1))} == {"M"}
+    assert {o["text"] for o in crops.contrast_objects(rec, 4, np.random.default_rng(1))} == {"M"}
     rec["objects"] = rec["objects"][:1] + rec["objects"][2:]  # no readable other shape
-    assert [o["text"] for o in td.contrast_objects(rec, 2, np.random.default_rng(2))] == ["K"] * 2
+    alone = crops.contrast_objects(rec, 2, np.random.default_rng(2))
+    assert [o["text"] for o in alone] == ["K"] * 2
 
 
 def _asked(tok, ids, lmask, objects):
@@ -656,19 +636,19 @@ def _asked(tok, ids, lmask, objects):
 
 def test_contrast_rows_ask_about_other_shapes_of_the_same_image(setup):
     s, processor, config, _ = setup
-    s = dataclasses.replace(s, contrast_questions=2, pair_contrast_questions=1, glyphs="letter",
+    s = dataclasses.replace(s, contrast_questions=2, pair_contrast_questions=1,
                             distinct_colors=True, random_crop_fraction=0.5,
-                            distractor_fraction=0.4, batch_size=6)  # fmt: skip
-    data = td.Data(s, processor)
-    batch = data.batch(0)
+                            large_distractor_fraction=0.4, batch_size=6)  # fmt: skip
+    batches = data.Data(s, processor)
+    batch = batches.batch(0)
     b = s.batch_size
-    assert batch["contrast_input_ids"].shape == (2 * b, data.len1)
-    assert batch["pair_contrast_input_ids"].shape == (b, data.len2)
+    assert batch["contrast_input_ids"].shape == (2 * b, batches.len1)
+    assert batch["pair_contrast_input_ids"].shape == (b, batches.len2)
     tok = processor.tokenizer
     in_crop = 0
     for i in range(b):
-        _, _, rec, hit, box = data.item(i)
-        assert bool(batch["crop_hit"][i]) == hit
+        _, _, rec, hit, box = batches.item(i)
+        assert bool(batch["crop_has_subject"][i]) == hit
         assert len({o["color"] for o in rec["objects"]}) == len(rec["objects"])
         for j in range(2):
             row = 2 * i + j
@@ -682,7 +662,7 @@ def test_contrast_rows_ask_about_other_shapes_of_the_same_image(setup):
         (o,), answer = _asked(tok, ids, lmask, rec["objects"])
         assert o["text"].lower() == answer
         others = [x for k, x in enumerate(rec["objects"]) if k != rec["subject_index"]]
-        shown = [x for x in others if td._contains_centre(box, x["text_bbox"])]
+        shown = [x for x in others if crops.contains_centre(box, x["text_bbox"])]
         short = min(rec["image_size"])
         readable = [x for x in others if x["bbox"][2] - x["bbox"][0] >= syn.SMALL_MAX * short]
         assert o in (shown or readable or [rec["objects"][rec["subject_index"]]])
@@ -691,95 +671,36 @@ def test_contrast_rows_ask_about_other_shapes_of_the_same_image(setup):
     with pytest.raises(ValueError, match="pair_contrast_questions"):
         dataclasses.replace(s, pair_contrast_questions=2)
     # The rows enter the loss: a step on them reports it, and other answers change it.
-    step, tx, _ = td.compiled_step(config, s)
-    state = td.init_state(config, s, tx)
-    feed = {k: v for k, v in batch.items() if k not in td._LOG_ONLY}
-    m_a = td.loss_fn(td.module_for(config), state["params"], feed)[1]
+    step, tx, _ = train.compiled_step(config, s)
+    run = state.init_state(config, s, tx)
+    feed = {k: v for k, v in batch.items() if k not in data.LOG_ONLY}
+    m_a = losses.loss_fn(module_for(config), run["params"], feed)[1]
     rolled = {f"{p}_{k}": np.roll(feed[f"{p}_{k}"], 1, axis=0)
               for p in ("contrast", "pair_contrast")
               for k in ("input_ids", "loss_mask", "attention_mask")}  # fmt: skip
-    m_b = td.loss_fn(td.module_for(config), state["params"], {**feed, **rolled})[1]
+    m_b = losses.loss_fn(module_for(config), run["params"], {**feed, **rolled})[1]
     for k in ("loss_contrast", "loss_pair_contrast"):
         assert abs(float(m_a[k]) - float(m_b[k])) > 1e-4, k
-    _, m = step(state, feed)
+    _, m = step(run, feed)
     for k in ("contrast", "pair_contrast"):
         assert np.isfinite(float(m[f"loss_{k}"])) and 0 <= float(m[f"acc_{k}"]) <= 1
 
 
-def test_scale_text_embeddings_scales_only_the_token_table(setup):
-    s, _, config, _ = setup
-    _, tx, _ = td.compiled_step(config, s)
-    params = td.init_state(config, s, tx)["params"]
-    scaled = td.scale_text_embeddings(params, 8.0)
-    flat = jax.tree_util.tree_flatten_with_path(params)[0]
-    flat_scaled = dict(jax.tree_util.tree_flatten_with_path(scaled)[0])
-    for path, leaf in flat:
-        name = jax.tree_util.keystr(path)
-        want = leaf * 8.0 if "embed_tokens" in name else leaf
-        np.testing.assert_array_equal(np.asarray(flat_scaled[path]), np.asarray(want), name)
-    assert any("embed_tokens" in jax.tree_util.keystr(p) for p, _ in flat)
-    with pytest.raises(ValueError, match="init_from"):
-        dataclasses.replace(s, embed_scale=8.0)  # no question step follows a start model
-    # 0: the factor that gives the table the image tokens' mean norm.
-    pixels = td.Data(s, td.setup(s)[0]).batch(0)["pixel_values"][: s.batch_size]
-    module = td.module_for(config)
-    factor = td.embed_scale_for(module, params, pixels, 0.0)
-    feats, _ = module.apply({"params": params}, pixels, method=lambda m, p: m.image_features(p))
-    table = td.scale_text_embeddings(params, factor)["language_model"]["embed_tokens"]
-    np.testing.assert_allclose(np.linalg.norm(table["embedding"], axis=-1).mean(),
-                               np.linalg.norm(feats, axis=-1).mean(), rtol=1e-4)  # fmt: skip
-    assert td.embed_scale_for(module, params, pixels, 3.0) == 3.0
-
-
-def test_embed_scale_applies_once_at_the_first_question_step(tmp_path):
-    s = _settings(tmp_path / "run", steps=3, pretrain_steps=1, pretrain_batch=2,
-                  embed_scale=3.0, glyphs="letter", checkpoint_every=1)  # fmt: skip
-    td.train(dataclasses.replace(s, stop_at=2))  # stopped after the first question step
-    td.train(s)  # resumed at step 2: no second scaling
-    recs = [json.loads(line) for line in open(tmp_path / "run" / "log.jsonl")]
-    assert [(r["step"], r["factor"]) for r in recs if r["kind"] == "embed_scale"] == [(1, 3.0)]
-    assert json.load(open(tmp_path / "run" / "settings.json"))["embed_scale"] == 3.0
-
-
-def test_answer_attention_loss_covers_the_other_layers(tmp_path):
-    dims = dataclasses.replace(DIMS, text_layers=3)
-    s = _settings(tmp_path, dims=dims, glyphs="letter", attention_loss_weight=1.0)
-    processor, config, _ = td.setup(s)
-    _, tx, _ = td.compiled_step(config, s)
-    params = td.init_state(config, s, tx)["params"]
-    batch = {k: v for k, v in td.Data(s, processor).batch(0).items() if k not in td._LOG_ONLY}
-    module = td.module_for(config)
-    layer = td.default_layer("llava", 3)
-    base, _ = td.loss_fn(module, params, batch, 1.0, layer)
-    with_others, m = td.loss_fn(module, params, batch, 1.0, layer, answer_att_weight=2.0)
-    out = module.apply({"params": params}, batch["single_input_ids"],
-                       batch["pixel_values"][: s.batch_size], batch["single_attention_mask"],
-                       output_full_attentions=True)  # fmt: skip
-    want = np.mean([np.mean(-np.log(np.asarray(td.subject_attention(
-        out.full_attentions[i], batch["single_input_ids"], batch["single_loss_mask"],
-        batch["subject_cells"], config.image_token_index)) + 1e-6))
-        for i in range(3) if i != layer])  # fmt: skip
-    np.testing.assert_allclose(float(with_others - base), 2.0 * want, rtol=2e-4)
-    assert 0 < float(m["att_subject_others"]) < 1
-
-
 def test_question_images_can_be_a_two_shape_curriculum():
-    s = td.Settings(workdir="", dims=DIMS, glyphs="letter", distinct_colors=True,
-                    question_num_objects=(2, 2), question_rel_range=(0.2, 0.4))  # fmt: skip
-    data = td.Data.__new__(td.Data)
-    data.s, data.own = s, {}
+    s = TrainConfig(workdir="", dims=DIMS, distinct_colors=True, question_num_objects=(2, 2),
+                    question_rel_range=(0.2, 0.4))  # fmt: skip
     for i in range(12):
-        image, _, rec, *_ = data.item(i)
+        image, _, rec, *_ = data.training_item(s, i)
         assert len(rec["objects"]) == 2 and rec["size_bucket"] == "large"
         assert 0.2 <= rec["rel_size"] <= 0.4
         assert len({o["color"] for o in rec["objects"]}) == 2
     ident = s.identity()
     assert ident["question_num_objects"] == [2, 2] and ident["question_rel_range"] == [0.2, 0.4]
-    assert "question_num_objects" not in td.Settings(workdir="", dims=DIMS).identity()
+    assert TrainConfig(workdir="", dims=DIMS).identity()["question_num_objects"] is None
     # Pretraining images keep their own crowd (6-10 shapes, any colours).
     assert s.pretrain_options()["num_objects"] == (6, 10)
     with pytest.raises(ValueError, match="num_objects"):
-        td.Settings(workdir="", dims=DIMS, question_num_objects=(3, 2))
+        TrainConfig(workdir="", dims=DIMS, question_num_objects=(3, 2))
 
 
 def test_record_logs_each_prompt_once_and_the_missed_crops_apart():
@@ -787,7 +708,7 @@ def test_record_logs_each_prompt_once_and_the_missed_crops_apart():
     yes_no, no_yes = np.array([True, False]), np.array([False, True])
     m = {"loss": 1.0, "loss_single": 0.5, "loss_pair": 0.25, "correct_single": yes_no,
          "correct_pair": no_yes}  # fmt: skip
-    td._record(window, m, buckets=np.array([2, 0]), crop_hit=np.array([False, True]))
+    train.record_step(window, m, np.array([2, 0]), crop_has_subject=np.array([False, True]))
     assert window["acc_single"] == [1.0, 0.0] and window["acc_pair"] == [0.0, 1.0]
     assert window["acc_single_large"] == [1.0] and window["acc_pair_small"] == [1.0]
     assert window["acc_pair_miss_large"] == [0.0] and "acc_pair_miss_small" not in window
