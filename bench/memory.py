@@ -110,7 +110,7 @@ def table(results: dict, budget: float) -> str:
 def main(argv):
     del argv
     from vicrop_jax.models.llava import LlavaConfig
-    from vicrop_jax.tiny import preset_config_dict
+    from vicrop_jax.testing import preset_config_dict
 
     config = LlavaConfig.from_dict(preset_config_dict(_PRESET.value, 32000))
     dtype = jnp.bfloat16 if _DTYPE.value == "bfloat16" else jnp.float32

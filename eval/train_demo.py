@@ -85,7 +85,7 @@ from vicrop_jax.importance import default_layer
 from vicrop_jax.loading import Model, module_for
 from vicrop_jax.models.llava import LlavaConfig
 from vicrop_jax.processing import GENERAL_QUESTION, image_pixels, llava_prompt
-from vicrop_jax.tiny import build_tokenizer
+from vicrop_jax.testing import build_tokenizer
 
 _WORKDIR = flags.DEFINE_string("workdir", "/tmp/vicrop_train_demo", "Checkpoints and logs.")
 _EXPORT_DIR = flags.DEFINE_string(

@@ -15,7 +15,7 @@ import vicrop_jax
 from convert import llava as llava_convert
 from convert.checkpoint import CheckpointError
 from convert.orbax_io import restore_params, save_params
-from tests.tiny import make_tiny_llava
+from tests.hf_reference import make_tiny_llava
 from vicrop_jax.models.llama import LlamaConfig, rope_inv_freq
 from vicrop_jax.models.llava import PRESETS, LlavaConfig
 
@@ -303,7 +303,7 @@ def test_preset_checkpoint_config_has_the_preset_shapes():
     from transformers import LlavaForConditionalGeneration
 
     from vicrop_jax.models.llava import LlavaConfig
-    from vicrop_jax.tiny import preset_config_dict
+    from vicrop_jax.testing import preset_config_dict
 
     d = preset_config_dict("llava-1.5-7b", image_token_index=4)
     with torch.device("meta"):

@@ -1,8 +1,11 @@
-"""A tiny LLaVA checkpoint (random weights) built offline: the smoke model and the test base.
+"""Random HF checkpoints and offline tokenizers for tests and benchmarks, as numpy.testing
+serves numpy's users: the library's own modules never import it (tests/test_layering.py).
 
-Everything a real checkpoint directory has: config.json, model.safetensors, a tokenizer
-(WordLevel, from the tokenizers library) and an HF LlavaProcessor. Dimensions are small
-distinct numbers so that a wrong transpose fails loudly.
+Each checkpoint directory holds what a real one has: config.json, model.safetensors, a
+tokenizer (WordLevel, from the tokenizers library) and an HF processor. The tiny configs have
+small distinct dimensions so that a wrong transpose fails loudly; `make_preset_checkpoint`
+writes random weights in a full-size preset's shapes. The demo trainer builds the shipped
+model's tokenizer with `build_tokenizer`.
 """
 
 from __future__ import annotations
