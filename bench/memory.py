@@ -58,10 +58,10 @@ def plan(compiled) -> dict:
 def pass_plans(config, batch: int, dtype, *, text_tokens: int, max_new_tokens: int,
                layer: int) -> dict:  # fmt: skip
     """{pass name: plan} for one batch size, with abstract params of `config`."""
-    from convert.llava import abstract_params
     from vicrop_jax import prefix
     from vicrop_jax.generate import init_cache
     from vicrop_jax.loading import module_for
+    from vicrop_jax.models.llava import abstract_params
 
     module = module_for(config)
     params = abstract_params(config, dtype)

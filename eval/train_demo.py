@@ -76,14 +76,14 @@ from absl import app, flags, logging
 from tqdm import tqdm
 
 from convert.checkpoint import read_config, save_safetensors
-from convert.llava import abstract_params, export_params, load_params
+from convert.llava import export_params
 from eval import synthetic as syn
 from eval.engine import coverage, peak_map
 from vicrop_jax import pipeline
 from vicrop_jax.demo import SIZES as DEMO_SIZES
 from vicrop_jax.importance import default_layer
-from vicrop_jax.loading import Model, module_for
-from vicrop_jax.models.llava import LlavaConfig
+from vicrop_jax.loading import Model, load_params, module_for
+from vicrop_jax.models.llava import LlavaConfig, abstract_params
 from vicrop_jax.processing import GENERAL_QUESTION, image_pixels, llava_prompt
 from vicrop_jax.testing import build_tokenizer
 

@@ -5,8 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from bench import memory
-from convert.llava import abstract_params
-from vicrop_jax.models.llava import LlavaConfig
+from vicrop_jax.models.llava import LlavaConfig, abstract_params
 from vicrop_jax.testing import preset_config_dict
 
 

@@ -102,8 +102,8 @@ def make_random_checkpoint(out_dir: str, seed: int = 0) -> str:
     import jax.numpy as jnp
 
     from convert.checkpoint import save_safetensors
-    from convert.llava import export_params, init_params
-    from vicrop_jax.models.llava import LlavaConfig
+    from convert.llava import export_params
+    from vicrop_jax.models.llava import LlavaConfig, init_params
 
     os.makedirs(out_dir, exist_ok=True)
     tokenizer = build_tokenizer(out_dir)
@@ -157,8 +157,8 @@ def make_preset_checkpoint(out_dir: str, name: str = "llava-1.5-7b", *, dtype: s
     from transformers import CLIPImageProcessor, LlavaProcessor
 
     from convert.checkpoint import save_safetensors
-    from convert.llava import export_params, init_params
-    from vicrop_jax.models.llava import LlavaConfig
+    from convert.llava import export_params
+    from vicrop_jax.models.llava import LlavaConfig, init_params
 
     os.makedirs(out_dir, exist_ok=True)
     tokenizer = build_tokenizer(out_dir)
@@ -270,8 +270,8 @@ def make_random_instructblip_checkpoint(out_dir: str, seed: int = 0) -> str:
     import jax.numpy as jnp
 
     from convert.checkpoint import save_safetensors
-    from convert.instructblip import export_params, init_params
-    from vicrop_jax.models.instructblip import InstructBlipConfig
+    from convert.instructblip import export_params
+    from vicrop_jax.models.instructblip import InstructBlipConfig, init_params
 
     os.makedirs(out_dir, exist_ok=True)
     tokenizer, qformer_tokenizer = build_instructblip_tokenizers(out_dir)
