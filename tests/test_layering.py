@@ -113,7 +113,7 @@ def private_names(source: str, rel: str) -> list[tuple[str, str, str, str]]:
 def _sources() -> list[tuple[str, str]]:
     files = sorted(p for pkg in ALLOWED for p in (ROOT / pkg).rglob("*.py"))
     assert files, f"no .py files under {sorted(ALLOWED)} in {ROOT}"
-    return [(p.read_text(), p.relative_to(ROOT).as_posix()) for p in files]
+    return [(p.read_text("utf-8"), p.relative_to(ROOT).as_posix()) for p in files]
 
 
 def test_imports_point_one_way():
