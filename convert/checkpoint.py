@@ -229,9 +229,9 @@ def map_checkpoint(
             lines.append(f"{len(mismatched)} shape mismatches: " + "; ".join(mismatched))
         raise CheckpointError("checkpoint does not match the model:\n  " + "\n  ".join(lines))
 
-    def cast(v, want):
+    def cast(v, like):
         v = jnp.asarray(v)
-        return v.astype(want.dtype) if jnp.issubdtype(v.dtype, jnp.floating) else v
+        return v.astype(like.dtype) if jnp.issubdtype(v.dtype, jnp.floating) else v
 
     return _unflatten({p: cast(v, want[p]) for p, v in got.items()})
 
