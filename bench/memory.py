@@ -58,10 +58,10 @@ def plan(compiled) -> dict:
 def pass_plans(config, batch: int, dtype, *, text_tokens: int, max_new_tokens: int,
                layer: int) -> dict:  # fmt: skip
     """{pass name: plan} for one batch size, with abstract params of `config`."""
-    from convert.llava import abstract_params
     from vicrop_jax import prompt_cache
     from vicrop_jax.generate import init_cache
     from vicrop_jax.loading import module_for
+    from vicrop_jax.models.llava import abstract_params
 
     module = module_for(config)
     params = abstract_params(config, dtype)
@@ -112,7 +112,7 @@ def table(results: dict, budget: float) -> str:
 def main(argv):
     del argv
     from vicrop_jax.models.llava import LlavaConfig
-    from vicrop_jax.tiny import preset_config_dict
+    from vicrop_jax.testing import preset_config_dict
 
     config = LlavaConfig.from_dict(preset_config_dict(_PRESET.value, 32000))
     dtype = jnp.bfloat16 if _DTYPE.value == "bfloat16" else jnp.float32

@@ -230,14 +230,14 @@ def main(argv):
 
     path = _MODEL.value
     if _PRESET.value:
-        from vicrop_jax.tiny import make_preset_checkpoint
+        from vicrop_jax.testing import make_preset_checkpoint
 
         layers = [int(x) for x in _PRESET_LAYERS.value] or [None, None]
         path = make_preset_checkpoint(tempfile.mkdtemp(prefix="vicrop_bench_"), _PRESET.value,
                                       dtype=_DTYPE.value, vision_layers=layers[0],
                                       text_layers=layers[1])  # fmt: skip
     elif path is None:
-        from vicrop_jax.tiny import make_random_checkpoint
+        from vicrop_jax.testing import make_random_checkpoint
 
         path = make_random_checkpoint(tempfile.mkdtemp(prefix="vicrop_bench_"))
     torch.set_num_threads(max(1, torch.get_num_threads()))

@@ -176,16 +176,16 @@ def map_checkpoint(
     tensors: Mapping[str, np.ndarray],
     expected: Mapping,
     table: Iterable[tuple[str, str]],
-    dtype=jnp.float32,
     aliases: Mapping[tuple[str, ...], tuple[str, ...]] | None = None,
 ) -> dict:
     """Maps HF tensors onto a Flax param tree whose shapes are `expected`.
 
     Args:
       tensors: HF key -> array.
-      expected: a pytree of ShapeDtypeStruct (from jax.eval_shape of the module's init).
+      expected: nested dicts of ShapeDtypeStruct (jax.eval_shape of the module's init, e.g.
+        vicrop_jax.models.llava.abstract_params); floating-point params come back in their
+        leaf's dtype.
       table: ordered (regex, replacement) pairs normalising key prefixes.
-      dtype: target dtype for floating-point params.
       aliases: Flax paths that may be filled by a checkpoint key but need not be (e.g. a tied
         lm_head saved anyway): path -> the param it must equal, in the same layout.
 
@@ -229,22 +229,26 @@ def map_checkpoint(
             lines.append(f"{len(mismatched)} shape mismatches: " + "; ".join(mismatched))
         raise CheckpointError("checkpoint does not match the model:\n  " + "\n  ".join(lines))
 
-    def cast(v):
+    def cast(v, like):
         v = jnp.asarray(v)
-        return v.astype(dtype) if jnp.issubdtype(v.dtype, jnp.floating) else v
+        return v.astype(like.dtype) if jnp.issubdtype(v.dtype, jnp.floating) else v
 
-    return _unflatten({p: cast(v) for p, v in got.items()})
+    return _unflatten({p: cast(v, want[p]) for p, v in got.items()})
 
 
-def load_params(path: str, config, expected: Mapping, table, dtype=jnp.float32) -> dict:
+_HEAD = ("lm_head", "kernel")
+_EMBEDDING = ("language_model", "embed_tokens", "embedding")
+
+
+def load_params(path: str, expected: Mapping, table: Iterable[tuple[str, str]]) -> dict:
     """Reads a checkpoint directory and maps it onto `expected` (a family's abstract params).
 
-    A tied lm_head saved anyway must equal the embedding; it is then not an unused key.
+    A tree with an input embedding and no lm_head is a tied model (the head reuses the
+    embedding): an lm_head saved anyway must equal the embedding, and is then not an unused key.
     """
-    aliases = {}
-    if getattr(config, "tie_word_embeddings", False):
-        aliases[("lm_head", "kernel")] = ("language_model", "embed_tokens", "embedding")
-    return map_checkpoint(read_safetensors(path), expected, table, dtype, aliases)
+    want = _flatten(expected)
+    aliases = {_HEAD: _EMBEDDING} if _EMBEDDING in want and _HEAD not in want else {}
+    return map_checkpoint(read_safetensors(path), expected, table, aliases)
 
 
 def hf_key(path: tuple[str, ...]) -> str:

@@ -1,14 +1,16 @@
-"""LLaVA-1.5 checkpoints (llava-hf/llava-1.5-*-hf layout) <-> vicrop_jax params."""
+"""LLaVA-1.5 checkpoints (llava-hf/llava-1.5-*-hf layout) <-> vicrop_jax params.
+
+Key tables and checkpoint I/O only: the param tree a checkpoint must fill comes from the
+caller (vicrop_jax.models.llava.abstract_params), so this package needs no model code.
+"""
 
 from __future__ import annotations
 
-import jax
-import jax.numpy as jnp
+from collections.abc import Mapping
+
 import numpy as np
 
 from convert import checkpoint
-from convert.checkpoint import export_tensors
-from vicrop_jax.models.llava import LlavaConfig, LlavaForConditionalGeneration
 
 # Hub files use `language_model.model.*`, transformers >= 4.52 `model.language_model.*`;
 # hub vision keys carry `vision_tower.vision_model.*`, transformers 5 writes `vision_tower.*`.
@@ -22,29 +24,20 @@ KEY_TABLE = (
 )
 
 
-def abstract_params(config: LlavaConfig, dtype=jnp.float32):
-    """Param shapes without allocating them (jax.eval_shape of init)."""
-    module = LlavaForConditionalGeneration(config)
-    v = config.vision_config
-    ids = jnp.full((1, config.num_image_tokens + 1), config.image_token_index, jnp.int32)
-    pixels = jnp.zeros((1, v.image_size, v.image_size, v.num_channels), dtype)
-    shapes = jax.eval_shape(lambda: module.init(jax.random.key(0), ids, pixels))["params"]
-    return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, dtype), shapes)
+def load_params(path: str, expected: Mapping) -> dict:
+    """Reads an HF LLaVA checkpoint directory onto the param tree `expected`.
 
+    Args:
+      path: directory with *.safetensors (sharded or not).
+      expected: the model's params as ShapeDtypeStructs
+        (vicrop_jax.models.llava.abstract_params); each param comes back in its leaf's dtype.
 
-def init_params(config: LlavaConfig, seed: int = 0, dtype=jnp.float32):
-    """Random params (for smoke runs and benchmarks of full-size shapes)."""
-    module = LlavaForConditionalGeneration(config)
-    v = config.vision_config
-    ids = jnp.full((1, config.num_image_tokens + 1), config.image_token_index, jnp.int32)
-    pixels = jnp.zeros((1, v.image_size, v.image_size, v.num_channels), jnp.float32)
-    params = jax.jit(module.init)(jax.random.key(seed), ids, pixels)["params"]
-    return jax.tree.map(lambda x: x.astype(dtype), params)
-
-
-def load_params(path: str, config: LlavaConfig, dtype=jnp.float32) -> dict:
-    return checkpoint.load_params(path, config, abstract_params(config, dtype), KEY_TABLE, dtype)
+    Raises:
+      CheckpointError listing every unused key, missing param and shape mismatch.
+    """
+    return checkpoint.load_params(path, expected, KEY_TABLE)
 
 
 def export_params(params) -> dict[str, np.ndarray]:
-    return export_tensors(params)
+    """Params -> the HF tensors transformers' LlavaForConditionalGeneration loads."""
+    return checkpoint.export_tensors(params)

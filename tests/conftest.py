@@ -11,7 +11,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 @pytest.fixture(scope="session")
 def tiny_llava_dir(tmp_path_factory):
     """A tiny random LLaVA checkpoint + processor, and the HF torch model it was saved from."""
-    from tests.tiny import make_tiny_llava
+    from tests.hf_reference import make_tiny_llava
 
     d = str(tmp_path_factory.mktemp("tiny_llava"))
     hf = make_tiny_llava(d)
@@ -30,7 +30,7 @@ def tiny_llava(tiny_llava_dir):
 @pytest.fixture(scope="session")
 def tiny_instructblip_dir(tmp_path_factory):
     """A tiny random InstructBLIP (Vicuna) checkpoint + processor, and its HF torch model."""
-    from tests.tiny import make_tiny_instructblip
+    from tests.hf_reference import make_tiny_instructblip
 
     d = str(tmp_path_factory.mktemp("tiny_instructblip"))
     hf = make_tiny_instructblip(d)

@@ -5,9 +5,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from bench import memory
-from convert.llava import abstract_params
-from vicrop_jax.models.llava import LlavaConfig
-from vicrop_jax.tiny import preset_config_dict
+from vicrop_jax.models.llava import LlavaConfig, abstract_params
+from vicrop_jax.testing import preset_config_dict
 
 
 def test_plans_hold_the_weights_and_the_prefix_cache():

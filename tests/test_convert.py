@@ -15,9 +15,9 @@ import vicrop_jax
 from convert import llava as llava_convert
 from convert.checkpoint import CheckpointError
 from convert.orbax_io import restore_params, save_params
-from tests.tiny import make_tiny_llava
+from tests.hf_reference import make_tiny_llava
 from vicrop_jax.models.llama import LlamaConfig, rope_inv_freq
-from vicrop_jax.models.llava import PRESETS, LlavaConfig
+from vicrop_jax.models.llava import PRESETS, LlavaConfig, abstract_params
 
 
 def _copy(src, dst):
@@ -139,6 +139,33 @@ def test_export_roundtrip_loads_in_hf(tiny_llava, tmp_path):
     assert _max_diff(vicrop_jax.load_model(out, processor=False).params, model.params) == 0.0
 
 
+def test_tied_head_saved_anyway_must_equal_the_embedding(tmp_path):
+    """A tied model's tree has no lm_head: a saved one loads when it equals the embedding and
+    is reported when it differs; params come back in the expected tree's dtype."""
+    from convert.checkpoint import save_safetensors
+    from vicrop_jax.models.llava import init_params
+    from vicrop_jax.testing import hf_config_dict
+
+    hf = hf_config_dict(tie_word_embeddings=True)
+    cfg = LlavaConfig.from_dict(hf)
+    params = init_params(cfg, seed=3)
+    assert "lm_head" not in params
+    tensors = llava_convert.export_params(params)
+    embed = tensors["language_model.model.embed_tokens.weight"]
+    d = str(tmp_path / "tied")
+    save_safetensors({**tensors, "language_model.lm_head.weight": embed}, d, hf)
+    loaded = llava_convert.load_params(d, abstract_params(cfg, jnp.bfloat16))
+    assert {x.dtype for x in jax.tree.leaves(loaded)} == {jnp.dtype(jnp.bfloat16)}
+    assert _max_diff(loaded, jax.tree.map(lambda x: x.astype(jnp.bfloat16), params)) == 0.0
+    save_safetensors({**tensors, "language_model.lm_head.weight": embed + 1}, d, hf)
+    with pytest.raises(CheckpointError) as e:
+        llava_convert.load_params(d, abstract_params(cfg))
+    assert (
+        "1 checkpoint keys not used: language_model.lm_head.weight "
+        "(differs from the tied language_model/embed_tokens/embedding)"
+    ) in str(e.value)
+
+
 def test_orbax_roundtrip(tiny_llava, tmp_path):
     model, _ = tiny_llava
     path = save_params(str(tmp_path / "orbax"), model.params)
@@ -183,7 +210,7 @@ def test_presets_param_count_matches_hf(name):
     from transformers import LlavaForConditionalGeneration
 
     cfg = PRESETS[name]
-    shapes = llava_convert.abstract_params(cfg, jnp.bfloat16)
+    shapes = abstract_params(cfg, jnp.bfloat16)
     ours = sum(int(np.prod(s.shape)) for s in jax.tree.leaves(shapes))
     t = cfg.text_config
     hf_cfg = HFLlavaConfig(
@@ -303,14 +330,14 @@ def test_preset_checkpoint_config_has_the_preset_shapes():
     from transformers import LlavaForConditionalGeneration
 
     from vicrop_jax.models.llava import LlavaConfig
-    from vicrop_jax.tiny import preset_config_dict
+    from vicrop_jax.testing import preset_config_dict
 
     d = preset_config_dict("llava-1.5-7b", image_token_index=4)
     with torch.device("meta"):
         ref = LlavaForConditionalGeneration(HFLlavaConfig(**d))
     assert sum(p.numel() for p in ref.parameters()) == 7_063_427_072
     ours = LlavaConfig.from_dict(d)
-    shapes = llava_convert.abstract_params(ours, jnp.bfloat16)
+    shapes = abstract_params(ours, jnp.bfloat16)
     assert sum(int(np.prod(s.shape)) for s in jax.tree.leaves(shapes)) == 7_063_427_072
     assert ours.num_image_tokens == 576 and ours.vision_config.image_size == 336
     small = LlavaConfig.from_dict(preset_config_dict("llava-1.5-7b", 4, vision_layers=2,

@@ -14,7 +14,7 @@ from convert import instructblip as blip_convert
 from convert.checkpoint import CheckpointError, read_safetensors
 from vicrop_jax.generate import greedy_generate, trim
 from vicrop_jax.loading import nchw_to_nhwc, parse_config
-from vicrop_jax.models.instructblip import PRESETS, InstructBlipConfig
+from vicrop_jax.models.instructblip import PRESETS, InstructBlipConfig, abstract_params
 from vicrop_jax.processing import blip_prompt, encode
 
 Q1 = "What is written on the red circle?"
@@ -292,7 +292,7 @@ def test_presets_param_count_matches_hf(name):
     from transformers import InstructBlipForConditionalGeneration
 
     cfg = PRESETS[name]
-    ours = _count(blip_convert.abstract_params(cfg, jnp.bfloat16))
+    ours = _count(abstract_params(cfg, jnp.bfloat16))
     hub = {**HUB_7B, "text_config": dict(HUB_7B["text_config"])}
     if name.endswith("13b"):
         hub["text_config"].update(hidden_size=5120, intermediate_size=13824,

@@ -17,7 +17,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from convert import instructblip as instructblip_convert
+from convert import llava as llava_convert
 from convert.checkpoint import CheckpointError, read_config
+from vicrop_jax.models import instructblip, llava
 from vicrop_jax.models.common import ModelOutput
 from vicrop_jax.models.instructblip import InstructBlipConfig, InstructBlipForConditionalGeneration
 from vicrop_jax.models.llava import LlavaConfig, LlavaForConditionalGeneration
@@ -94,6 +97,24 @@ def load_processor(path: str):
     return AutoProcessor.from_pretrained(path, local_files_only=True)
 
 
+def load_params(path: str, config, dtype=jnp.float32) -> dict:
+    """The weights of checkpoint directory `path` as the params pytree of `config`'s model.
+
+    Strict: every checkpoint key is used and every param filled with the right shape, or one
+    CheckpointError lists all offenders (convert.checkpoint.map_checkpoint).
+
+    Args:
+      path: directory with *.safetensors (sharded or not).
+      config: LlavaConfig or InstructBlipConfig of the model the weights are for.
+      dtype: dtype of the floating-point params (float32 or bfloat16).
+    """
+    if isinstance(config, LlavaConfig):
+        return llava_convert.load_params(path, llava.abstract_params(config, dtype))
+    if isinstance(config, InstructBlipConfig):
+        return instructblip_convert.load_params(path, instructblip.abstract_params(config, dtype))
+    raise TypeError(f"no checkpoint layout for config type {type(config).__name__}")
+
+
 def load_model(path: str, dtype=jnp.float32, processor: bool = True) -> Model:
     """Loads an HF checkpoint directory.
 
@@ -105,17 +126,12 @@ def load_model(path: str, dtype=jnp.float32, processor: bool = True) -> Model:
     Returns:
       Model with .config, .params, .processor (None when the directory has none).
     """
-    from convert import instructblip as instructblip_convert
-    from convert import llava as llava_convert
-
     path = os.fspath(path)
     hf = read_config(path)
     config = parse_config(hf)
     if isinstance(config, InstructBlipConfig):
         config = _generation_eos(path, config)
-        params = instructblip_convert.load_params(path, config, dtype)
-    else:
-        params = llava_convert.load_params(path, config, dtype)
+    params = load_params(path, config, dtype)
     proc = load_processor(path) if processor else None
     return Model(config=config, params=params, processor=proc, hf_config=hf, path=path)
 

@@ -17,7 +17,7 @@ from eval import synthetic as syn
 from eval.train_demo import crops
 from eval.train_demo.config import ModelDims, TrainConfig
 from vicrop_jax.processing import GENERAL_QUESTION, image_pixels, llava_prompt
-from vicrop_jax.tiny import build_tokenizer
+from vicrop_jax.testing import build_tokenizer
 
 IMAGE_TOKEN = "<image>"
 SPLIT = "train"

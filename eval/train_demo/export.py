@@ -12,10 +12,11 @@ import os
 import jax.numpy as jnp
 
 from convert.checkpoint import read_config, save_safetensors
-from convert.llava import abstract_params, export_params, load_params
+from convert.llava import export_params
 from eval.train_demo.config import ModelDims
 from eval.train_demo.data import IMAGE_TOKEN
-from vicrop_jax.models.llava import LlavaConfig
+from vicrop_jax.loading import load_params
+from vicrop_jax.models.llava import LlavaConfig, abstract_params
 
 
 def hf_config(dims: ModelDims, tokenizer) -> dict:

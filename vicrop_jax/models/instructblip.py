@@ -216,3 +216,33 @@ class InstructBlipForConditionalGeneration(nn.Module):
             image_features=feats,
             qformer_cross_attentions=cross,
         )
+
+
+def _init_inputs(config: InstructBlipConfig, dtype) -> tuple[Array, Array, Array]:
+    """Inputs that touch every param: an image, its query tokens and a one-token instruction."""
+    v = config.vision_config
+    ids = jnp.full((1, config.num_query_tokens + 1), config.image_token_index, jnp.int32)
+    ids = ids.at[:, -1].set(0)
+    pixels = jnp.zeros((1, v.image_size, v.image_size, v.num_channels), dtype)
+    qids = jnp.zeros((1, 1), jnp.int32)
+    return ids, pixels, qids
+
+
+def abstract_params(config: InstructBlipConfig, dtype=jnp.float32) -> dict:
+    """The param tree as ShapeDtypeStructs of `dtype`, without allocating it (jax.eval_shape
+    of init): what a checkpoint loader fills and what full-size presets are checked against."""
+    module = InstructBlipForConditionalGeneration(config)
+    ids, pixels, qids = _init_inputs(config, dtype)
+    shapes = jax.eval_shape(
+        lambda: module.init(jax.random.key(0), ids, pixels, qformer_input_ids=qids)
+    )["params"]
+    return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, dtype), shapes)
+
+
+def init_params(config: InstructBlipConfig, seed: int = 0, dtype=jnp.float32) -> dict:
+    """Random params (for smoke runs and benchmarks of full-size shapes)."""
+    module = InstructBlipForConditionalGeneration(config)
+    ids, pixels, qids = _init_inputs(config, jnp.float32)
+    init = jax.jit(lambda key: module.init(key, ids, pixels, qformer_input_ids=qids))
+    params = init(jax.random.key(seed))["params"]
+    return jax.tree.map(lambda x: x.astype(dtype), params)

@@ -211,3 +211,28 @@ class LlavaForConditionalGeneration(nn.Module):
             full_attentions=full,
             image_features=feats,
         )
+
+
+def _init_inputs(config: LlavaConfig, dtype) -> tuple[Array, Array]:
+    """Inputs that touch every param: one image and its image tokens, then one text token."""
+    v = config.vision_config
+    ids = jnp.full((1, config.num_image_tokens + 1), config.image_token_index, jnp.int32)
+    pixels = jnp.zeros((1, v.image_size, v.image_size, v.num_channels), dtype)
+    return ids, pixels
+
+
+def abstract_params(config: LlavaConfig, dtype=jnp.float32) -> dict:
+    """The param tree as ShapeDtypeStructs of `dtype`, without allocating it (jax.eval_shape
+    of init): what a checkpoint loader fills and what full-size presets are checked against."""
+    module = LlavaForConditionalGeneration(config)
+    ids, pixels = _init_inputs(config, dtype)
+    shapes = jax.eval_shape(lambda: module.init(jax.random.key(0), ids, pixels))["params"]
+    return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, dtype), shapes)
+
+
+def init_params(config: LlavaConfig, seed: int = 0, dtype=jnp.float32) -> dict:
+    """Random params (for smoke runs and benchmarks of full-size shapes)."""
+    module = LlavaForConditionalGeneration(config)
+    ids, pixels = _init_inputs(config, jnp.float32)
+    params = jax.jit(module.init)(jax.random.key(seed), ids, pixels)["params"]
+    return jax.tree.map(lambda x: x.astype(dtype), params)

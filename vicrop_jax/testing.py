@@ -1,8 +1,11 @@
-"""A tiny LLaVA checkpoint (random weights) built offline: the smoke model and the test base.
+"""Random HF checkpoints and offline tokenizers for tests and benchmarks, as numpy.testing
+serves numpy's users: the library's own modules never import it (tests/test_layering.py).
 
-Everything a real checkpoint directory has: config.json, model.safetensors, a tokenizer
-(WordLevel, from the tokenizers library) and an HF LlavaProcessor. Dimensions are small
-distinct numbers so that a wrong transpose fails loudly.
+Each checkpoint directory holds what a real one has: config.json, model.safetensors, a
+tokenizer (WordLevel, from the tokenizers library) and an HF processor. The tiny configs have
+small distinct dimensions so that a wrong transpose fails loudly; `make_preset_checkpoint`
+writes random weights in a full-size preset's shapes. The demo trainer builds the shipped
+model's tokenizer with `build_tokenizer`.
 """
 
 from __future__ import annotations
@@ -99,8 +102,8 @@ def make_random_checkpoint(out_dir: str, seed: int = 0) -> str:
     import jax.numpy as jnp
 
     from convert.checkpoint import save_safetensors
-    from convert.llava import export_params, init_params
-    from vicrop_jax.models.llava import LlavaConfig
+    from convert.llava import export_params
+    from vicrop_jax.models.llava import LlavaConfig, init_params
 
     os.makedirs(out_dir, exist_ok=True)
     tokenizer = build_tokenizer(out_dir)
@@ -154,8 +157,8 @@ def make_preset_checkpoint(out_dir: str, name: str = "llava-1.5-7b", *, dtype: s
     from transformers import CLIPImageProcessor, LlavaProcessor
 
     from convert.checkpoint import save_safetensors
-    from convert.llava import export_params, init_params
-    from vicrop_jax.models.llava import LlavaConfig
+    from convert.llava import export_params
+    from vicrop_jax.models.llava import LlavaConfig, init_params
 
     os.makedirs(out_dir, exist_ok=True)
     tokenizer = build_tokenizer(out_dir)
@@ -267,8 +270,8 @@ def make_random_instructblip_checkpoint(out_dir: str, seed: int = 0) -> str:
     import jax.numpy as jnp
 
     from convert.checkpoint import save_safetensors
-    from convert.instructblip import export_params, init_params
-    from vicrop_jax.models.instructblip import InstructBlipConfig
+    from convert.instructblip import export_params
+    from vicrop_jax.models.instructblip import InstructBlipConfig, init_params
 
     os.makedirs(out_dir, exist_ok=True)
     tokenizer, qformer_tokenizer = build_instructblip_tokenizers(out_dir)

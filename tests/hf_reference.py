@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 
-from vicrop_jax.tiny import build_processor, build_tokenizer, hf_config_dict
+from vicrop_jax.testing import build_processor, build_tokenizer, hf_config_dict
 
 
 def make_tiny_llava(out_dir: str, seed: int = 0, with_processor: bool = True, **config_kw):
@@ -36,7 +36,7 @@ def make_tiny_instructblip(out_dir: str, seed: int = 0, with_processor: bool = T
     import torch
     from transformers import InstructBlipConfig, InstructBlipForConditionalGeneration
 
-    from vicrop_jax.tiny import (
+    from vicrop_jax.testing import (
         build_instructblip_processor,
         build_instructblip_tokenizers,
         instructblip_config_dict,
