@@ -17,13 +17,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from convert import instructblip as instructblip_convert
-from convert import llava as llava_convert
 from convert.checkpoint import CheckpointError, read_config
-from vicrop_jax.models import instructblip, llava
+from vicrop_jax.families import FAMILIES, family_of
 from vicrop_jax.models.common import ModelOutput
-from vicrop_jax.models.instructblip import InstructBlipConfig, InstructBlipForConditionalGeneration
-from vicrop_jax.models.llava import LlavaConfig, LlavaForConditionalGeneration
 
 _PROCESSOR_FILES = ("preprocessor_config.json", "processor_config.json")
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
@@ -51,30 +47,27 @@ class Model:
 @functools.cache
 def module_for(config):
     """The Flax module of a config (cached: configs are frozen and hashable)."""
-    if isinstance(config, LlavaConfig):
-        return LlavaForConditionalGeneration(config)
-    if isinstance(config, InstructBlipConfig):
-        return InstructBlipForConditionalGeneration(config)
-    raise TypeError(f"no model for config type {type(config).__name__}")
+    return family_of(config).module_type(config)
 
 
 def parse_config(d: dict):
+    """config.json's dict -> the family's frozen config dataclass."""
     mt = d.get("model_type")
-    if mt == "llava":
-        return LlavaConfig.from_dict(d)
-    if mt == "instructblip":
-        try:
-            return InstructBlipConfig.from_dict(d)
-        except ValueError as e:
-            raise CheckpointError(str(e)) from None
     if mt is None:
         raise CheckpointError("config.json has no model_type")
-    raise CheckpointError(f"unsupported model_type {mt!r}; supported: 'llava', 'instructblip'")
+    if mt not in FAMILIES:
+        raise CheckpointError(
+            f"unsupported model_type {mt!r}; supported: {', '.join(map(repr, FAMILIES))}"
+        )
+    try:
+        return FAMILIES[mt].config_type.from_dict(d)
+    except ValueError as e:
+        raise CheckpointError(str(e)) from None
 
 
 def _generation_eos(path: str, config):
-    """InstructBLIP hub configs carry stale text_config bos/eos ids (0/1); generate() reads
-    generation_config.json, so its eos_token_id wins when the file exists."""
+    """generation_config.json's eos_token_id, which generate() reads, in place of the
+    config's (for families whose hub configs carry stale ids)."""
     gen = os.path.join(path, "generation_config.json")
     if not os.path.isfile(gen):
         return config
@@ -105,14 +98,11 @@ def load_params(path: str, config, dtype=jnp.float32) -> dict:
 
     Args:
       path: directory with *.safetensors (sharded or not).
-      config: LlavaConfig or InstructBlipConfig of the model the weights are for.
+      config: the family's config (vicrop_jax.families) of the model the weights are for.
       dtype: dtype of the floating-point params (float32 or bfloat16).
     """
-    if isinstance(config, LlavaConfig):
-        return llava_convert.load_params(path, llava.abstract_params(config, dtype))
-    if isinstance(config, InstructBlipConfig):
-        return instructblip_convert.load_params(path, instructblip.abstract_params(config, dtype))
-    raise TypeError(f"no checkpoint layout for config type {type(config).__name__}")
+    family = family_of(config)
+    return family.converter.load_params(path, family.abstract_params(config, dtype))
 
 
 def load_model(path: str, dtype=jnp.float32, processor: bool = True) -> Model:
@@ -129,7 +119,7 @@ def load_model(path: str, dtype=jnp.float32, processor: bool = True) -> Model:
     path = os.fspath(path)
     hf = read_config(path)
     config = parse_config(hf)
-    if isinstance(config, InstructBlipConfig):
+    if family_of(config).eos_from_generation_config:
         config = _generation_eos(path, config)
     params = load_params(path, config, dtype)
     proc = load_processor(path) if processor else None
@@ -164,7 +154,7 @@ def check_inputs(config, input_ids, pixel_values, qformer_input_ids=None) -> Non
                 f"pixel_values must be [images, {v.num_channels}, {v.image_size}, "
                 f"{v.image_size}] (NCHW, as the HF processor gives), got {shape}"
             )
-    if isinstance(config, InstructBlipConfig) and qformer_input_ids is not None:
+    if qformer_input_ids is not None and hasattr(config, "qformer_config"):
         q = np.asarray(qformer_input_ids)
         if q.ndim != 2 or q.shape[0] != n_img:
             raise ValueError(

@@ -10,12 +10,22 @@ from vicrop_jax.maps import relative_depth, resolve_layers
 class Family:
     """What the ViCrop method asks of a model family (see vicrop_jax.families).
 
-    Subclasses set `name`, `paper_layer` and implement `prompt` and `maps`; the defaults
+    Subclasses set `name`, `paper_layer`, the model and converter fields and implement
+    `prompt` and `maps`; the defaults
     cover a tower whose square input is `config.vision_config.image_size` pixels and whose
     map is `config.vision_config.grid` cells a side.
     """
 
     name: ClassVar[str]
+    # The models file and converter table of the family: config dataclass (from_dict), Flax
+    # module, param-tree helpers, and the convert/ module (load_params(path, expected),
+    # export_params(params)).
+    config_type: ClassVar[type]
+    module_type: ClassVar[type]
+    models: ClassVar[Any]
+    converter: ClassVar[Any]
+    # Whether generation_config.json's eos_token_id overrides the config's (as generate() does).
+    eos_from_generation_config: ClassVar[bool] = False
     # (layer, depth): the paper's LM layer, chosen on held-out TextVQA, for a depth-layer LM.
     paper_layer: ClassVar[tuple[int, int]]
     image_placeholder: ClassVar[str | None] = "<image>"
@@ -25,6 +35,10 @@ class Family:
 
     def prompt(self, question: str, n_images: int = 1) -> str:
         raise NotImplementedError
+
+    def abstract_params(self, config, dtype):
+        """The param tree as ShapeDtypeStructs (nothing allocated)."""
+        return self.models.abstract_params(config, dtype)
 
     def default_layer(self, config) -> int:
         layer, depth = self.paper_layer

@@ -14,6 +14,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from convert import instructblip as instructblip_convert
 from vicrop_jax.families.base import Family
 from vicrop_jax.maps import (
     METHODS,
@@ -25,6 +26,7 @@ from vicrop_jax.maps import (
     resolve_layers,
     safe_ratio,
 )
+from vicrop_jax.models import instructblip as instructblip_models
 
 Array = jax.Array
 
@@ -131,6 +133,12 @@ def blip_maps(
 
 class InstructBlip(Family):
     name = "instructblip"
+    config_type = instructblip_models.InstructBlipConfig
+    module_type = instructblip_models.InstructBlipForConditionalGeneration
+    models = instructblip_models
+    converter = instructblip_convert
+    # Hub configs carry stale text_config bos/eos ids (0/1); generate() reads the file.
+    eos_from_generation_config = True
     paper_layer = (15, 32)
     image_placeholder = None  # the processor puts the image tokens before the text
 

@@ -12,6 +12,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from convert import llava as llava_convert
 from vicrop_jax.families.base import Family
 from vicrop_jax.maps import (
     METHODS,
@@ -21,6 +22,7 @@ from vicrop_jax.maps import (
     pure_grad_pool,
     safe_ratio,
 )
+from vicrop_jax.models import llava as llava_models
 
 Array = jax.Array
 _SUFFIX = " Answer the question using a single word or phrase.\nASSISTANT:"
@@ -107,6 +109,10 @@ def llava_maps(
 
 class Llava(Family):
     name = "llava"
+    config_type = llava_models.LlavaConfig
+    module_type = llava_models.LlavaForConditionalGeneration
+    models = llava_models
+    converter = llava_convert
     paper_layer = (14, 32)
     # BOS and the first image open every prompt (question, general, [original, crop]).
     shares_prompt_prefix = True
