@@ -98,7 +98,7 @@ def maps_for_images(
     if method == "pure_grad":
         detail = place(detail_masks(images, model.config.vision_config.image_size))
     layers = () if method == "pure_grad" else family.layers(model.config, layer)
-    params = model.params if params is None else params
+    params = model.params_or(params)
     return family.maps(model.module, params, enc, pixels, detail, method=method, layers=layers,
                        place=place, **options)  # fmt: skip
 

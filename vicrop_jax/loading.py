@@ -43,6 +43,10 @@ class Model:
     def module(self):
         return module_for(self.config)
 
+    def params_or(self, params=None):
+        """`params` where given (cast, sharded or perturbed copies), else the model's own."""
+        return self.params if params is None else params
+
 
 @functools.cache
 def module_for(config):

@@ -82,7 +82,7 @@ def generate_answers(
     # Extra model inputs (InstructBLIP's Q-Former prompt) ride along to the prefill.
     extra = {k: place(v) for k, v in enc.items() if k.startswith("qformer_")} or None
     out = greedy_generate(
-        model.module, model.params if params is None else params,
+        model.module, model.params_or(params),
         place(enc["input_ids"]), place(np.transpose(enc["pixel_values"], (0, 2, 3, 1))),
         place(enc["attention_mask"]), max_new_tokens=max_new_tokens,
         eos_ids=model.config.text_config.eos_ids,
@@ -138,7 +138,7 @@ class Executor:
             if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
                 raise ValueError(f"{name} must be a positive int, got {v!r}")
         self.model, self.family = model, family_of(model)
-        self.params = model.params if params is None else params
+        self.params = model.params_or(params)
         self.layers = self.family.layers(model.config, layer)
         self.max_new_tokens = max_new_tokens
         self.batch_size = batch_size

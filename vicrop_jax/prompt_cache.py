@@ -256,7 +256,7 @@ def start_inputs(model: Model, images: Sequence[Image.Image], questions: Sequenc
     by itself."""
     if not family_of(model).shares_prompt_prefix:
         raise ValueError(f"{model.family} prompts do not start with a shared image prefix")
-    params = model.params if params is None else params
+    params = model.params_or(params)
     prompts = split_prompts(model, questions)
     eos_ids, pad = _eos_pad(model)
     pixels = image_pixels(model.processor, images)
