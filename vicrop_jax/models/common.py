@@ -25,8 +25,9 @@ def softmax_values(logits: Array, values: Array) -> tuple[Array, Array, Array]:
     float32[..., Q, H], e float32[..., Q, K], total float32[..., Q, 1]): e = exp(logits -
     max), out = (e in the values' dtype) @ values / total, and the probabilities are e /
     total, the same numbers as jax.nn.softmax. Dividing the [Q, H] product instead of the
-    [Q, K] probabilities saves a pass over the larger array (measured on the CPU: the
-    vision towers 2.2x, the decoder 1.05x; BUILD_NOTES).
+    [Q, K] probabilities saves a pass over the larger array (end to end on the CPU: 1.05x;
+    with the explicit softmax, tower attention 2.2x faster than jax.nn.dot_product_attention;
+    BUILD_NOTES).
     """
     e = jnp.exp(logits - jnp.max(logits, axis=-1, keepdims=True))
     total = jnp.sum(e, axis=-1, keepdims=True)
