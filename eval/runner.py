@@ -400,8 +400,13 @@ def load_run_model(s: Settings):
 def _engine(s: Settings, model, loader, log) -> Engine:
     """The model (loaded if not given) in an Engine with the run's settings."""
     if model is None:
+        from safetensors import SafetensorError
+
         t0 = time.perf_counter()
-        model = (loader or functools.partial(load_run_model, s))()
+        try:
+            model = (loader or functools.partial(load_run_model, s))()
+        except SafetensorError as e:
+            raise ValueError(f"{s.model}: unreadable safetensors weights ({e})") from e
         log(f"loaded {s.model} ({s.dtype}) in {time.perf_counter() - t0:.1f}s")
     mesh = local_mesh() if s.data_parallel else None
     if mesh is not None:

@@ -12,6 +12,7 @@ import csv
 import dataclasses
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -351,8 +352,6 @@ def test_a_different_configuration_is_refused(tiny_llava, tiny_llava_dir, tmp_pa
 
 def test_other_weights_at_the_same_path_are_refused(tiny_llava, tiny_llava_dir, tmp_path):
     """Retraining into the same directory must not resume the old model's results."""
-    import shutil
-
     from safetensors.numpy import load_file, save_file
 
     model, _ = tiny_llava
@@ -426,7 +425,17 @@ def test_a_failed_start_leaves_the_directory_usable(tiny_llava, tiny_llava_dir, 
         run(_settings(str(tmp_path / "no_such_dir"), "gqa", spec, out), log=_quiet)
     with pytest.raises(ValueError, match="99"):
         run(_settings(tiny_llava_dir[0], "gqa", spec, out, layer="99"), model=model, log=_quiet)
+    ckpt = tmp_path / "ckpt"  # a download cut short, then completed
+    shutil.copytree(tiny_llava_dir[0], ckpt)
+    weights = ckpt / "model.safetensors"
+    os.truncate(weights, os.path.getsize(weights) // 2)
+    with pytest.raises(ValueError, match="unreadable safetensors weights"):
+        run(_settings(str(ckpt), "gqa", spec, out), log=_quiet)
     assert not os.path.exists(out / records.CONFIG_NAME) and not records.result_files(str(out))
+    shutil.copy(os.path.join(tiny_llava_dir[0], "model.safetensors"), weights)
+    run(_settings(str(ckpt), "gqa", spec, out), model=model, log=_quiet)
+    shutil.rmtree(out)
+    out.mkdir()
     # A configuration written by a failed start (no results) gives way to a new one.
     with open(out / records.CONFIG_NAME, "w") as f:
         json.dump({"model": "/elsewhere", "task": "gqa"}, f)
