@@ -19,7 +19,7 @@ import time
 
 import jax
 import numpy as np
-from absl import app, flags
+from absl import flags
 
 from bench.bbox_reference import reference_bbox
 from vicrop_jax.bbox import select_bboxes
@@ -104,4 +104,6 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    app.run(main)
+    from eval import cli  # --help exits 0
+
+    cli.run(main)

@@ -25,7 +25,7 @@ import time
 
 import jax
 import jax.numpy as jnp
-from absl import app, flags
+from absl import flags
 
 _PRESET = flags.DEFINE_string("preset", "llava-1.5-7b", "vicrop_jax.models.llava.PRESETS name")
 _DTYPE = flags.DEFINE_enum("dtype", "bfloat16", ["float32", "bfloat16"], "weights and cache")
@@ -133,4 +133,6 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    from eval import cli  # --help exits 0
+
+    cli.run(main)

@@ -33,7 +33,7 @@ os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
-from absl import app, flags  # noqa: E402
+from absl import flags  # noqa: E402
 from PIL import Image  # noqa: E402
 
 _MODEL = flags.DEFINE_string("model", None, "HF checkpoint dir; default a tiny random one")
@@ -393,4 +393,6 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    from eval import cli  # --help exits 0
+
+    cli.run(main)

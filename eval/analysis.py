@@ -330,14 +330,20 @@ def _write(s, kind: str, result: dict, lines: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    from absl import app, flags
+    from absl import flags
 
-    import eval.run  # noqa: F401 - defines the shared flags
+    import eval.run
+    from eval import cli
 
+    flags.adopt_module_key_flags(eval.run)  # --help lists the shared flags too
     flags.DEFINE_enum(
-        "analysis", "attention_ratio", ["attention_ratio", "layer_sweep", "crop_contents"], ""
+        "analysis",
+        "attention_ratio",
+        ["attention_ratio", "layer_sweep", "crop_contents"],
+        "attention_ratio: attention in the ground-truth box per layer; layer_sweep: choose "
+        "the layer on held-out questions; crop_contents: what the finished run's crops hold",
     )
     flags.DEFINE_integer("analysis_examples", 200, "questions used (when --limit is 0)")
     flags.DEFINE_list("sweep_layers", None, "layers to try (default all)")
     flags.DEFINE_float("holdout_fraction", 0.5, "share of questions that choose the layer")
-    app.run(main)
+    cli.run(main, cli.expected_errors())

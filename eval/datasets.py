@@ -462,6 +462,8 @@ def load_unified(
             labels = [rec["labels"]]
         else:
             labels = r.answers("labels")
+        if task == "vstar":
+            _check_choice(r, r.get("question", str), labels)
         key = "gt_bbox" if "gt_bbox" in rec else "bbox"
         gt = _box(r, rec[key], key, bbox_format) if rec.get(key) is not None else None
         ex_id = rec.get("id", rec.get("question_id", i))
@@ -480,6 +482,22 @@ def load_unified(
             )
         )
     return _unique(out, json_path)
+
+
+def _check_choice(r: _Record, question: str, labels: list[str]) -> None:
+    """A V* record is multiple choice as its scorer reads it (eval.metrics.vstar_options):
+    option lines between the question and the instruction, option letters as labels."""
+    from eval.metrics import vstar_options
+
+    try:
+        letters = "ABCD"[: len(vstar_options(question))]
+    except ValueError as e:
+        r.fail(f"task 'vstar' needs a multiple-choice question ('<question>\\n(A) ...\\n(B) "
+               f"...\\n<instruction>'): {e}")  # fmt: skip
+    bad = [label for label in labels if label not in letters]
+    if bad:
+        r.fail(f"task 'vstar' needs option letters ({', '.join(letters)}) as labels, got "
+               f"{bad[:3]!r}")  # fmt: skip
 
 
 def load_synthetic(
@@ -560,6 +578,25 @@ class DataSpec:
     # Images are read in their stored pixel frame (the official reading); True shows them
     # upright as their EXIF orientation says and moves the GT boxes with them.
     exif_transpose: bool = False
+
+    def __post_init__(self):
+        if not self.data_json:
+            return
+        for f in dataclasses.fields(self):
+            if f.name in TASK_DATA_FIELDS and getattr(self, f.name) != f.default:
+                raise ValueError(
+                    f"--data_json and --{f.name} conflict: the unified data.json replaces the "
+                    "task's own files; give one of them"
+                )
+
+
+# DataSpec fields (and eval.run flags) that name a task's own files or the synthetic set:
+# --data_json replaces them all.
+TASK_DATA_FIELDS = (
+    "textvqa_json", "vstar_dir", "pope_jsonl", "docvqa_json", "aokvqa_json", "gqa_json",
+    "vqav2_questions", "vqav2_annotations", "synthetic_dir", "synthetic_n", "synthetic_seed",
+    "synthetic_glyphs", "synthetic_sizes", "synthetic_distinct_colors",
+)  # fmt: skip
 
 
 def _need(value: str | None, flag: str, task: str) -> str:

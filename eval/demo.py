@@ -106,5 +106,7 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    from eval import cli
+
     _define_flags()
-    app.run(main)
+    cli.run(main, cli.expected_errors())

@@ -2,6 +2,10 @@
 
 python -m eval.report DIR [--variant official|standard]
 
+A missing, empty or damaged directory (no run_config.json, a results line that does not
+parse, a record its task cannot score) is reported in one line (--verbose: with the
+traceback).
+
 DIR is a run directory (it holds run_config.json) or any directory above several. Every
 shard's JSONL is read and merged by id. Rows are (model, task); columns are "no crop"
 (the baseline answer) and each method's answer with [original, crop]. Writes report.md,
@@ -33,7 +37,7 @@ from collections.abc import Sequence
 import numpy as np
 from absl import app, flags
 
-from eval import metrics, records
+from eval import cli, metrics, records
 
 BUCKETS = (("small", 0.0, 0.005), ("medium", 0.005, 0.05), ("large", 0.05, float("inf")))
 VQA_TASKS = ("textvqa", "vqav2", "aokvqa")
@@ -70,14 +74,25 @@ def _predictions(record: dict, column: str):
 
 
 def column_scores(task: str, recs: Sequence[dict], columns: Sequence[str], variant: str):
-    """{column: (mean score or None, n)} over the records the column applies to."""
+    """{column: (mean score or None, n)} over the records the column applies to.
+
+    Raises:
+      ValueError: naming the question, for a record the task's scorer cannot read (a V*
+        run over questions that are not multiple choice).
+    """
     out = {}
     for col in columns:
         vals = []
         for r in recs:
             applies, pred = _predictions(r, col)
-            if applies:
+            if not applies:
+                continue
+            try:
                 vals.append(score(task, pred, r, variant))
+            except (ValueError, TypeError, KeyError) as e:
+                raise ValueError(
+                    f"question {r.get('id')!r} cannot be scored as {task}: {e}"
+                ) from None
         out[col] = (metrics.aggregate(vals) if vals else None, len(vals))
     return out
 
@@ -118,7 +133,7 @@ class Run:
 
     def __init__(self, path: str):
         self.path = path
-        self.config = records.read_config(path)
+        self.config = records.read_config(path, required=("task", "model", "methods"))
         self.records = records.merged_records(path)
         self.task = self.config["task"]
         self.model = os.path.basename(os.path.normpath(self.config["model"]))
@@ -147,7 +162,10 @@ def table(runs: Sequence[Run], variant: str = "official") -> tuple[list[str], li
     header = ["model", "task", "questions", "errors", NO_CROP, *methods]
     rows = []
     for run in runs:
-        scores = column_scores(run.task, run.records, [NO_CROP, *run.methods], variant)
+        try:
+            scores = column_scores(run.task, run.records, [NO_CROP, *run.methods], variant)
+        except ValueError as e:
+            raise records.DamagedRun(f"{run.path}: {e}") from None
         n = len(run.records)
         done = f"{n}/{run.total}" + ("" if run.complete else " (partial)")
         cells = [_fmt(*scores[c], n) if c in scores else "" for c in [NO_CROP, *methods]]
@@ -244,9 +262,14 @@ def _csv(header, rows) -> str:
 
 def make_report(root: str, variant: str = "official") -> str:
     """Writes report.md, report.csv, report_buckets.csv into root; returns the markdown."""
+    if not os.path.isdir(root):
+        raise FileNotFoundError(f"{root}: no such directory")
     runs = [Run(d) for d in records.run_dirs(root)]
     if not runs:
-        raise FileNotFoundError(f"no run directories (with {records.CONFIG_NAME}) under {root}")
+        why = "; it holds .jsonl results without one" if records.result_files(root) else ""
+        raise FileNotFoundError(
+            f"no run directories (with {records.CONFIG_NAME}) under {root}{why}"
+        )
     header, rows = table(runs, variant)
     metric = "VQA leave-one-out (standard)" if variant == "standard" else "official ViCrop"
     parts = [
@@ -294,4 +317,4 @@ if __name__ == "__main__":
         "VQA metric for TextVQA/VQAv2/A-OKVQA: official 100*min(0.3*matches, 1) or the "
         "standard leave-one-out mean",
     )
-    app.run(main)
+    cli.run(main, (OSError, ValueError))

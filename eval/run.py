@@ -1,35 +1,51 @@
 """Evaluate ViCrop on a benchmark: python -m eval.run --flagfile=eval/flags/textvqa_llava.flags
 
-Restartable: rerunning the same command resumes where it stopped (see eval.runner). Then
-`python -m eval.report OUTPUT_DIR` prints the accuracy tables.
+Restartable: rerunning the same command resumes where it stopped (see eval.runner); a
+results directory holds one configuration (settings, weights, data) and one run at a time.
+Then `python -m eval.report OUTPUT_DIR` prints the accuracy tables.
 """
 
 from __future__ import annotations
 
+import functools
 import os
-import sys
 
 from absl import app, flags
 from PIL import Image
 
+from eval import cli
 from eval.datasets import TASKS
+from eval.engine import known_methods
+from vicrop_jax.families import FAMILIES
 
-_MODEL = flags.DEFINE_string("model", None, "HF LLaVA checkpoint directory", required=True)
+_MODEL = flags.DEFINE_string(
+    "model",
+    None,
+    "HF checkpoint directory (config.json, *.safetensors, tokenizer and processor files) of "
+    f"a supported model family: {', '.join(FAMILIES)}",
+    required=True,
+)
 _TASK = flags.DEFINE_enum(
     "task", None, list(TASKS), "benchmark (decides loader and scorer)", required=True
 )
 _METHODS = flags.DEFINE_list(
     "methods",
     ["rel_att"],
-    "comma list: rel_att, grad_att, pure_grad (each optionally *_high) and the controls "
-    "gt_crop, random_crop, center_crop; all share one baseline answer per question",
+    f"comma list of {', '.join(known_methods())} (*_high: the high-resolution variant; "
+    "gt_crop, random_crop, center_crop: control crops; gt_map: the box search on an ideal "
+    "map at the ground-truth box); all share one baseline answer per question",
 )
 _OUTPUT_DIR = flags.DEFINE_string(
-    "output_dir", None, "results directory (one configuration)", required=True
+    "output_dir",
+    None,
+    "results directory: one configuration (settings, weights, data), one run at a time",
+    required=True,
 )
 
 # Data: the official unified data.json, or each benchmark's own published files.
-_DATA_JSON = flags.DEFINE_string("data_json", None, "the official repo's unified data.json")
+_DATA_JSON = flags.DEFINE_string(
+    "data_json", None, "the official repo's unified data.json (in place of the task's own files)"
+)
 _IMAGE_ROOT = flags.DEFINE_string("image_root", None, "directory image paths are relative to")
 _BBOX_FORMAT = flags.DEFINE_enum(
     "bbox_format", "xyxy", ["xyxy", "xywh"], "ground-truth box format in --data_json"
@@ -176,26 +192,19 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     from eval import report
-    from eval.datasets import DatasetError
-    from eval.records import ConfigMismatch
-    from eval.runner import TooManyErrors, load_run_model, run, visualize
+    from eval.runner import load_run_model, run, visualize
 
-    try:
-        settings = settings_from_flags()
-        # One load for the run and the pictures (run() alone loads only if work is left).
-        model = load_run_model(settings) if _VISUALIZE.value else None
-        path = run(settings, model=model)
-    except (ConfigMismatch, DatasetError, TooManyErrors, ValueError) as e:
-        # Bad input, not a bug: the message says what to fix; no traceback.
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    settings = settings_from_flags()
+    # One load for the run and the pictures, and none when nothing is left to do.
+    model = functools.cache(functools.partial(load_run_model, settings))
+    path = run(settings, loader=model)
     print(report.make_report(settings.output_dir))
     print(f"results: {path}")
     if _VISUALIZE.value:
-        vis = visualize(settings, _VISUALIZE.value, model)
+        vis = visualize(settings, _VISUALIZE.value, model())
         if vis:
             print(f"{len(vis)} visualisations in {os.path.dirname(vis[0])}")
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main, cli.expected_errors())

@@ -4,12 +4,18 @@
 
 1. loads the task's examples (eval.datasets) and keeps this shard's share (every
    shard_count-th example from shard_index);
-2. writes run_config.json into the output directory, or refuses if the directory holds
-   another configuration (eval.records);
+2. locks this shard's results file (a second run of the shard is refused, naming the
+   holder's pid) and refuses if the output directory holds results of another
+   configuration (eval.records): the run's identity is its settings, the weights'
+   fingerprint and a digest of the data's questions, and every result keeps the
+   fingerprint of its image, checked again on every resume;
 3. reopens this shard's JSONL, drops a line cut short by a crash, and skips the ids already
    there (error rows too, unless retry_errors);
-4. answers the rest in batches (eval.engine) while the next batch's images load in threads,
-   and appends one record per question, flushed and fsync'd.
+4. loads the model (only when questions are left), writes run_config.json, answers the rest
+   in batches (eval.engine) while the next batch's images load in threads, and appends one
+   record per question, flushed and fsync'd. A failed start (a wrong --model or --layer)
+   writes no configuration; a directory without results takes a new one.
+5. leaves one line per id in the JSONL (a retried error replaces its error row).
 
 A question that cannot be answered (missing, corrupt or oversized image, a path outside the
 image root, an empty or too long question) becomes an error row and the run goes on. If a
@@ -29,6 +35,7 @@ and map statistics are those of the first method):
                                    without one; gt_coverage: share of the GT box in the box
   map_stats                        {shape, min, max, mean, std, peak [row, col]} or null
   task, model, short_question, image_path, image_size [w, h], gt_bbox [x1, y1, x2, y2]|null
+  image_fingerprint                the image file's size and sha256 prefix (null if unread)
   timings                          seconds per question: load_image, baseline_answer,
                                    <method>/map, <method>/box, <method>/crop_answer (a
                                    batch's stage time divided by its questions)
@@ -41,11 +48,14 @@ from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
+import functools
+import hashlib
+import json
 import os
 import sys
 import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 from PIL import Image
 
@@ -54,6 +64,8 @@ from eval.datasets import DataSpec, Example, ImageError
 from eval.engine import ATTENTION_METHODS, Engine, Item, local_mesh, parse_methods
 
 FORMAT_VERSION = 1
+# run_config.json keys compared only where the file holds them (its run resumes without).
+ADDED_KEYS = ("weights", "data_content")
 
 
 class TooManyErrors(RuntimeError):
@@ -118,8 +130,12 @@ class Settings:
             msg = f"layer must be an int, a comma list or 'all', got {self.layer!r}"
             raise ValueError(msg) from None
 
-    def identity(self, num_examples: int) -> dict:
-        """The run_config.json content: what decides the results, not how they are computed."""
+    def identity(self, examples: Sequence[Example]) -> dict:
+        """The run_config.json content: what decides the results, not how they are computed.
+
+        `examples`: the questions of the run (every shard's). The images' content is checked
+        per result (`image_fingerprint`), so a run that fixes a missing image can retry it.
+        """
         # Image roots are left out: moving the images does not change the results.
         data = {}
         for k, v in dataclasses.asdict(self.data).items():
@@ -141,7 +157,9 @@ class Settings:
             "limit": self.limit,
             "shard_count": self.shard_count,
             "seed": self.seed,
-            "num_examples": num_examples,
+            "num_examples": len(examples),
+            # Data edited in place must not resume the old results.
+            "data_content": data_content(examples),
             # Only when set: directories written before the option resume unchanged.
             **({"map_question": self.map_question} if self.map_question != "auto" else {}),
             # Retrained or replaced weights at the same path must not resume the old results.
@@ -160,6 +178,19 @@ class Settings:
         return os.path.basename(os.path.normpath(self.model))
 
 
+def data_content(examples: Sequence[Example]) -> str:
+    """A digest of the questions: every field of every example (id, question, labels, short
+    question, ground-truth box, image path, extra fields such as V* options) but the image
+    root, as moving the images changes no result. Costs a JSON dump of the examples: about
+    40 ms per thousand questions on one core."""
+    names = [f.name for f in dataclasses.fields(Example) if f.name != "image_root"]
+    digest = hashlib.sha256()
+    for ex in examples:
+        fields = [getattr(ex, name) for name in names]
+        digest.update(json.dumps(fields, sort_keys=True, ensure_ascii=False).encode() + b"\n")
+    return digest.hexdigest()[:16]
+
+
 def parse_layer(text: str | None):
     """None, "14", "12,14" or "all" -> what vicrop_jax.importance takes."""
     if text is None or text == "" or text == "all":
@@ -168,11 +199,50 @@ def parse_layer(text: str | None):
     return parts[0] if len(parts) == 1 else parts
 
 
-def _load(example: Example, s: Settings) -> tuple[Image.Image, Example, float]:
-    """The example's image and the example (GT box in the image's frame), and the seconds."""
+def _load(example: Example, s: Settings) -> tuple[Image.Image, Example, float, str]:
+    """The example's image, the example (GT box in the image's frame), the seconds it took,
+    the file's fingerprint."""
     t0 = time.perf_counter()
     image, example = datasets.load_example_image(example, s.max_image_pixels, s.data.exif_transpose)
-    return image, example, time.perf_counter() - t0
+    seconds = time.perf_counter() - t0
+    # A second read of the file, from the page cache: the identity of the image the result
+    # is computed with, checked on every resume (_check_images).
+    return image, example, seconds, records.file_fingerprint(example.image_file())
+
+
+def _check_images(s: Settings, shard: Sequence[Example], done: dict[str, dict]) -> None:
+    """Refuses results whose image file differs from the one behind them.
+
+    Hashes every answered question's image file once per start (records.file_fingerprint,
+    each distinct file once, 4 threads): about 1.5 s per GB read on one core, more when
+    the files are not in the page cache. Error rows and records without a fingerprint are
+    not checked.
+    """
+    wanted = {}
+    for ex in shard:
+        rec = done.get(ex.id)
+        if rec and not rec.get("error") and rec.get("image_fingerprint"):
+            wanted[ex.id] = (ex, rec["image_fingerprint"])
+
+    def fingerprint(ex: Example) -> str:
+        try:
+            return records.file_fingerprint(ex.image_file())
+        except (OSError, ValueError) as e:
+            return f"unreadable ({type(e).__name__})"
+
+    paths = {ex.image_path: ex for ex, _ in wanted.values()}
+    with concurrent.futures.ThreadPoolExecutor(max_workers=4) as pool:
+        current = dict(zip(paths, pool.map(fingerprint, paths.values()), strict=True))
+    changed = [(i, ex, fp) for i, (ex, fp) in wanted.items() if current[ex.image_path] != fp]
+    if changed:
+        i, ex, fp = changed[0]
+        raise records.ConfigMismatch(
+            f"{s.output_dir} holds results of a different configuration; refusing to mix "
+            f"them: data changed (the image of {len(changed)} answered question(s) differs "
+            f"from the one behind its result; first: question {i!r}, "
+            f"{ex.image_path}: {fp} -> {current[ex.image_path]}). Use another --output_dir, or "
+            "restore the images to resume."
+        )
 
 
 def _base_record(ex: Example, s: Settings) -> dict:
@@ -189,6 +259,7 @@ def _base_record(ex: Example, s: Settings) -> dict:
         "short_question": ex.short_question,
         "image_path": ex.image_path,
         "image_size": None,
+        "image_fingerprint": None,
         "gt_bbox": None if ex.gt_bbox is None else list(ex.gt_bbox),
         "map_stats": None,
         "methods": {},
@@ -263,16 +334,25 @@ class _Progress:
         self.bar.close()
 
 
-def run(settings: Settings, model=None, log: Callable[[str], None] | None = None) -> str:
+def run(
+    settings: Settings,
+    model=None,
+    log: Callable[[str], None] | None = None,
+    loader: Callable[[], object] | None = None,
+) -> str:
     """Runs (or resumes) one shard of an evaluation; returns its JSONL path.
 
     Args:
       settings: the run's Settings.
-      model: an already loaded vicrop_jax Model for settings.model (tests), else loaded here.
+      model: an already loaded vicrop_jax Model for settings.model (tests), else loaded here
+        when questions are left.
       log: where messages go (default: stderr).
+      loader: loads the model when it is needed (default: load_run_model(settings)).
 
     Raises:
-      records.ConfigMismatch: the output directory holds a different configuration.
+      records.ConfigMismatch: the output directory holds results of another configuration.
+      records.Locked: another process is writing this shard's results.
+      records.OutputDirError: the output directory cannot be created or written.
       datasets.DatasetError: a dataset file does not follow its published schema.
       TooManyErrors: max_consecutive_errors questions failed in a row.
     """
@@ -281,21 +361,30 @@ def run(settings: Settings, model=None, log: Callable[[str], None] | None = None
     examples = s.examples()
     if s.limit:
         examples = examples[: s.limit]
-    # run_config.json written before the weights fingerprint existed resumes unchanged.
-    records.check_or_write_config(s.output_dir, s.identity(len(examples)), added_keys=("weights",))
+    identity = s.identity(examples)
     shard = examples[s.shard_index :: s.shard_count]
     path = records.shard_file(
         s.output_dir, s.model_name, s.task, s.methods, s.shard_index, s.shard_count
     )
-    with records.ResultsFile(path) as out:
+    with records.shard_lock(path), records.ResultsFile(path) as out:
+        # Another configuration is refused before anything loads; this one is written only
+        # once the model has loaded and the engine accepted the settings.
+        records.check_config(s.output_dir, identity, ADDED_KEYS)
+        out.compact()  # a run stopped while retrying errors left two lines for an id
+        _check_images(s, shard, out.latest())
         finished = out.ids(include_errors=not s.retry_errors)
         todo = [ex for ex in shard if ex.id not in finished]
         log(
             f"{path}: {len(shard)} questions in this shard, {len(shard) - len(todo)} already "
             f"done, {len(todo)} to answer"
         )
-        if todo:
-            _run_shard(s, todo, out, model, log, total=len(shard))
+        try:
+            engine = _engine(s, model, loader, log) if todo else None
+            records.check_or_write_config(s.output_dir, identity, ADDED_KEYS)
+            if todo:
+                _run_shard(s, todo, out, engine, log, total=len(shard))
+        finally:
+            out.compact()  # one line per id: a retried error replaces its error row
     return path
 
 
@@ -308,15 +397,21 @@ def load_run_model(s: Settings):
     return load_model(s.model, dtype=jnp.bfloat16 if s.dtype == "bfloat16" else jnp.float32)
 
 
-def _run_shard(s: Settings, todo: list[Example], out, model, log, total: int) -> None:
+def _engine(s: Settings, model, loader, log) -> Engine:
+    """The model (loaded if not given) in an Engine with the run's settings."""
     if model is None:
+        from safetensors import SafetensorError
+
         t0 = time.perf_counter()
-        model = load_run_model(s)
+        try:
+            model = (loader or functools.partial(load_run_model, s))()
+        except SafetensorError as e:
+            raise ValueError(f"{s.model}: unreadable safetensors weights ({e})") from e
         log(f"loaded {s.model} ({s.dtype}) in {time.perf_counter() - t0:.1f}s")
     mesh = local_mesh() if s.data_parallel else None
     if mesh is not None:
         log(f"data parallel over {mesh.devices.size} local devices")
-    engine = Engine(
+    return Engine(
         model,
         batch_size=s.batch_size,
         max_new_tokens=s.max_new_tokens,
@@ -324,11 +419,13 @@ def _run_shard(s: Settings, todo: list[Example], out, model, log, total: int) ->
         seed=s.seed,
         mesh=mesh,
     )
+
+
+def _run_shard(s: Settings, todo: list[Example], out, engine: Engine, log, total: int) -> None:
     bs = engine.batch_size
     batches = [todo[i : i + bs] for i in range(0, len(todo), bs)]
-    latest = {r["id"]: r for r in out.records}
     redo = {ex.id for ex in todo}
-    done = [r for r in latest.values() if r["id"] not in redo]
+    done = [r for r in out.latest().values() if r["id"] not in redo]
     progress = _Progress(s, done, total)
     streak = 0
     with concurrent.futures.ThreadPoolExecutor(max_workers=4) as pool:
@@ -345,13 +442,14 @@ def _run_shard(s: Settings, todo: list[Example], out, model, log, total: int) ->
                     rec = _base_record(ex, s)
                     rows.append(rec)
                     try:
-                        image, ex, seconds = fut.result()
+                        image, ex, seconds, fingerprint = fut.result()
                         engine.check_question(ex)
-                    except (ImageError, ValueError, TypeError) as e:
+                    except (ImageError, OSError, ValueError, TypeError) as e:
                         rec["error"] = _error(e)
                         continue
                     rec["image_size"] = list(image.size)
                     rec["gt_bbox"] = None if ex.gt_bbox is None else list(ex.gt_bbox)
+                    rec["image_fingerprint"] = fingerprint
                     rec["timings"] = {"load_image": seconds}
                     items.append(Item(ex, image))
                     slots.append(rec)
@@ -407,7 +505,7 @@ def visualize(
         if drawn >= n:
             break
         try:
-            image, ex, _ = _load(ex, settings)
+            image, ex, _, _ = _load(ex, settings)
             answers = {m: pipeline.ask(model, image, ex.question, method=m.removesuffix("_high"),
                                        high_res=m.endswith("_high"),
                                        short_question=ex.short_question,

@@ -364,6 +364,31 @@ def test_unified_bbox_formats(tmp_path):
     _raises("negative size", datasets.load_unified, spec.data_json, spec.image_root, "gqa")
 
 
+def test_vstar_from_data_json_must_be_multiple_choice(tmp_path):
+    """--task=vstar on records its scorer cannot read is refused while loading."""
+    q = "What colour is the cup?\n(A) red\n(B) blue\nAnswer with the option's letter."
+    ok = [{"id": "a", "image_path": "a.jpg", "question": q, "labels": "B"}]
+    (ex,) = datasets.load("vstar", write_unified(str(tmp_path / "ok"), records=ok))
+    assert ex.labels == ["B"]
+    textvqa = [{"id": "t", "image_path": "a.jpg", "question": "What is written?",
+                "labels": ["stop"] * 10}]  # fmt: skip
+    spec = write_unified(str(tmp_path / "t"), records=textvqa)
+    msg = _raises("record 0 .id 't'.: task 'vstar' needs a multiple-choice question",
+                  datasets.load, "vstar", spec)  # fmt: skip
+    assert "\n" not in msg
+    spec = write_unified(str(tmp_path / "l"), records=[{**ok[0], "labels": ["C"]}])
+    _raises(r"needs option letters \(A, B\) as labels, got \['C'\]", datasets.load, "vstar", spec)
+
+
+@pytest.mark.parametrize("flag", ["textvqa_json", "vstar_dir", "synthetic_dir", "synthetic_n"])
+def test_data_json_conflicts_with_a_task_data_flag(flag):
+    value = 100 if flag == "synthetic_n" else "x"
+    with pytest.raises(ValueError, match=f"^--data_json and --{flag} conflict"):
+        DataSpec(data_json="d.json", image_root="i", **{flag: value})
+    DataSpec(data_json="d.json", image_root="i", bbox_format="xywh")  # shared flags are fine
+    DataSpec(**{flag: value})
+
+
 # ---------------------------------------------------------------------------------------
 # Images.
 

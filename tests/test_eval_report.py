@@ -131,29 +131,86 @@ def test_scores_follow_the_official_rules():
     assert report.score("vstar", "blue", {"question": q, "labels": "B"}) == 100.0
 
 
+def _report_cli(*args) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "eval.report", *map(str, args)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "PYTHONPATH": REPO},
+    )
+
+
 def test_report_command_line(tmp_path):
     _write_run(
         tmp_path / "run", "gqa", ["rel_att"], [[_rec(0, ["red"], "red", {"rel_att": "x"})]], total=1
     )
-    p = subprocess.run(
-        [sys.executable, "-m", "eval.report", str(tmp_path), "--variant=standard"],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        env={**os.environ, "PYTHONPATH": REPO},
-    )
+    p = _report_cli(tmp_path, "--variant=standard")
     assert p.returncode == 0, p.stderr
     assert "| llava-x | gqa | 1/1 | 0 | 100.00 | 0.00 |" in p.stdout
-    p = subprocess.run(
-        [sys.executable, "-m", "eval.report", str(tmp_path / "none")],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        env={**os.environ, "PYTHONPATH": REPO},
-    )
-    assert p.returncode != 0 and "no run directories" in p.stderr
+    # A missing directory, a damaged one: one line, exit status 2; --verbose adds the traceback.
+    p = _report_cli(tmp_path / "none")
+    assert (p.returncode, p.stderr) == (2, f"error: {tmp_path / 'none'}: no such directory\n")
+    (path,) = records.result_files(str(tmp_path / "run"))
+    with open(path, "a") as f:
+        f.write('garbage\n{"id": "1"}\n')
+    p = _report_cli(tmp_path / "run")
+    assert p.returncode == 2 and p.stderr.count("\n") == 1, p.stderr
+    assert p.stderr.startswith(f"error: {path}: line 2 is not a valid record")
+    p = _report_cli(tmp_path / "run", "--verbose")
+    assert p.returncode == 2 and "Traceback" in p.stderr
+    assert p.stderr.splitlines()[-1].startswith("error: ")
+
+
+def _damage(out, case: str) -> None:
+    if case == "empty":
+        return
+    _write_run(out, "gqa", ["rel_att"], [[_rec(0, ["red"], "red", {"rel_att": "x"})]], total=1)
+    config = os.path.join(out, records.CONFIG_NAME)
+    if case == "no run_config.json":
+        os.remove(config)
+    elif case == "run_config.json not JSON":
+        with open(config, "w") as f:
+            f.write("{")
+    elif case == "run_config.json without task":
+        with open(config, "w") as f:
+            json.dump({"methods": ["rel_att"], "model": "m"}, f)
+    elif case == "garbage line":
+        (path,) = records.result_files(str(out))
+        with open(path) as f:
+            line = f.read()
+        with open(path, "w") as f:
+            f.write("[1, 2]\n" + line)
+
+
+@pytest.mark.parametrize(
+    "case, message",
+    [
+        ("empty", "no run directories (with run_config.json) under"),
+        ("no run_config.json", "it holds .jsonl results without one"),
+        ("run_config.json not JSON", "run_config.json: not valid JSON"),
+        ("run_config.json without task", "not an eval.run configuration (missing task)"),
+        ("garbage line", "line 1 is not a valid record"),
+    ],
+)
+def test_report_refuses_a_damaged_directory_in_one_line(tmp_path, case, message):
+    _damage(tmp_path, case)
+    with pytest.raises((OSError, ValueError)) as e:
+        report.make_report(str(tmp_path))
+    assert message in str(e.value) and "\n" not in str(e.value)
+
+
+def test_report_names_a_vstar_record_that_is_not_multiple_choice(tmp_path):
+    """A V* run directory over questions without options: one line naming the question."""
+    recs = [_rec(0, ["A"], "red", {"rel_att": "red"}), _rec(1, ["B"], "x", {"rel_att": "y"})]
+    recs[0]["question"] = "Which?\n(A) red\n(B) blue\nAnswer."
+    _write_run(tmp_path, "vstar", ["rel_att"], [recs], total=2)
+    with pytest.raises(records.DamagedRun) as e:
+        report.make_report(str(tmp_path))
+    msg = str(e.value)
+    assert msg.startswith(f"{tmp_path}: question '1' cannot be scored as vstar: question must hold")
+    assert "\n" not in msg
 
 
 def test_results_file_survives_cut_writes(tmp_path):
@@ -184,7 +241,62 @@ def test_results_file_survives_cut_writes(tmp_path):
 def test_config_check(tmp_path):
     records.check_or_write_config(str(tmp_path), {"task": "gqa", "methods": ("rel_att",)})
     records.check_or_write_config(str(tmp_path), {"task": "gqa", "methods": ["rel_att"]})
+    # No results yet (a failed start): a new configuration replaces the old one.
+    records.check_or_write_config(str(tmp_path), {"task": "gqa", "methods": ["grad_att"]})
+    assert records.read_config(str(tmp_path))["methods"] == ["grad_att"]
+    with records.ResultsFile(str(tmp_path / "r.jsonl")) as f:
+        f.append({"id": "0"})
+    config = {"task": "gqa", "methods": ["rel_att"], "weights": "b", "data_content": "c"}
+    added = ("weights", "data_content")
     with pytest.raises(records.ConfigMismatch) as e:
-        records.check_or_write_config(str(tmp_path), {"task": "gqa", "methods": ["grad_att"]})
-    assert "methods: existing ['rel_att'], this run ['grad_att']" in str(e.value)
-    assert "Use another --output_dir" in str(e.value)
+        records.check_or_write_config(str(tmp_path), config, added)
+    msg = str(e.value)
+    assert "\n" not in msg and "refusing to mix" in msg and "Use another --output_dir" in msg
+    # What changed, by kind; keys a newer version writes are compared when both have them.
+    assert "settings changed (methods: existing ['grad_att'], this run ['rel_att'])" in msg
+    records.check_or_write_config(str(tmp_path), {**config, "methods": ["grad_att"]}, added)
+    with open(tmp_path / records.CONFIG_NAME, "w") as f:
+        json.dump(config, f)
+    with pytest.raises(records.ConfigMismatch) as e:
+        records.check_or_write_config(
+            str(tmp_path), {**config, "weights": "B", "data_content": "C"}, added
+        )
+    assert "weights, data changed (data_content: existing 'c', this run 'C'; weights:" in str(
+        e.value
+    )
+
+
+def test_results_file_compacts_to_one_line_per_id(tmp_path):
+    path = str(tmp_path / "r.jsonl")
+    with records.ResultsFile(path) as f:
+        f.compact()  # nothing written: no file made
+        assert not os.path.exists(path)
+        for rec in ({"id": "a", "error": "E"}, {"id": "b"}, {"id": "a", "error": None}):
+            f.append(rec)
+        f.compact()
+        f.append({"id": "c"})
+    with open(path) as g:
+        assert [json.loads(line) for line in g] == [
+            {"id": "b"},
+            {"id": "a", "error": None},
+            {"id": "c"},
+        ]
+
+
+def test_a_second_writer_of_a_shard_is_refused(tmp_path):
+    path = str(tmp_path / "out" / "r.jsonl")
+    with records.shard_lock(path):
+        with pytest.raises(records.Locked, match=f"pid {os.getpid()} on "):
+            with records.shard_lock(path):
+                pass
+    with records.shard_lock(path):  # released on exit
+        pass
+    # A file where the directory should be; a directory where the lock file should be.
+    (tmp_path / "file").write_text("")
+    with pytest.raises(records.OutputDirError, match="file\\b.*: a file is in the way"):
+        with records.shard_lock(str(tmp_path / "file" / "r.jsonl")):
+            pass
+    os.makedirs(tmp_path / "out" / "x.jsonl.lock")
+    with pytest.raises(records.OutputDirError, match="out: cannot write there"):
+        with records.shard_lock(str(tmp_path / "out" / "x.jsonl")):
+            pass

@@ -12,6 +12,7 @@ import csv
 import dataclasses
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -381,6 +382,10 @@ def test_retry_errors_and_shards_merge(tiny_llava, tiny_llava_dir, tmp_path):
     assert recs["u1"]["error"] is None and len(recs) == 5
     rep = report.Run(str(out))
     assert rep.complete and rep.errors == 0
+    # One line per id in every file: the retried question replaced its error row.
+    for path in records.result_files(str(out)):
+        ids = [r["id"] for r in records.read_records(path)]
+        assert len(ids) == len(set(ids)), path
 
 
 def test_a_different_configuration_is_refused(tiny_llava, tiny_llava_dir, tmp_path):
@@ -403,15 +408,13 @@ def test_a_different_configuration_is_refused(tiny_llava, tiny_llava_dir, tmp_pa
     run(_settings(tiny_llava_dir[0], "gqa", spec, out, batch_size=1), model=model, log=_quiet)
     stray = tmp_path / "stray"
     stray.mkdir()
-    (stray / "old.jsonl").write_text("")
+    (stray / "old.jsonl").write_text('{"id": "u0"}\n')
     with pytest.raises(records.ConfigMismatch, match="no run_config.json"):
         run(_settings(tiny_llava_dir[0], "gqa", spec, stray), model=model, log=_quiet)
 
 
 def test_other_weights_at_the_same_path_are_refused(tiny_llava, tiny_llava_dir, tmp_path):
     """Retraining into the same directory must not resume the old model's results."""
-    import shutil
-
     from safetensors.numpy import load_file, save_file
 
     model, _ = tiny_llava
@@ -437,6 +440,97 @@ def test_other_weights_at_the_same_path_are_refused(tiny_llava, tiny_llava_dir, 
         json.dump(config, f)
     run(s, model=model, log=_quiet)
     assert records.read_config(str(out)) == config
+
+
+def test_edited_data_or_images_are_refused(tiny_llava, tiny_llava_dir, tmp_path):
+    """Data edited in place must not resume the old results: refused in one line."""
+    model, _ = tiny_llava
+    spec = write_unified(str(tmp_path / "data"), n=2)
+    out = tmp_path / "out"
+    s = _settings(tiny_llava_dir[0], "gqa", spec, out)
+    path = run(s, model=model, log=_quiet)
+    assert len(records.read_config(str(out))["data_content"]) == 16
+    fingerprints = {r["id"]: r["image_fingerprint"] for r in records.read_records(path)}
+    image = f"{spec.image_root}/u1.jpg"
+    assert fingerprints["u1"] == records.file_fingerprint(image)
+    with open(spec.data_json) as f:
+        original = f.read()
+    data = json.loads(original)
+    data[1]["labels"] = ["blue"] * 10
+    with open(spec.data_json, "w") as f:
+        json.dump(data, f)
+    with pytest.raises(records.ConfigMismatch) as e:
+        run(s, model=model, log=_quiet)
+    msg = str(e.value)
+    assert "refusing to mix" in msg and "data changed (data_content:" in msg and "\n" not in msg
+    with open(spec.data_json, "w") as f:
+        f.write(original)
+    messages = []
+    run(s, model=model, log=messages.append)  # restored: resumes
+    assert "2 already done, 0 to answer" in messages[0]
+    # The same file name, other pixels (a copy keeps the fingerprint: no mtime in it).
+    write_image(image, (80, 60), seed=7)
+    with pytest.raises(records.ConfigMismatch) as e:
+        run(s, model=model, log=_quiet)
+    msg = str(e.value)
+    assert "data changed (the image of 1 answered question(s)" in msg and "'u1'" in msg
+    assert "\n" not in msg
+
+
+def test_a_failed_start_leaves_the_directory_usable(tiny_llava, tiny_llava_dir, tmp_path):
+    """A wrong --model or --layer writes no configuration; the corrected command runs."""
+    from convert.checkpoint import CheckpointError
+
+    model, _ = tiny_llava
+    spec = write_unified(str(tmp_path / "data"), n=2)
+    out = tmp_path / "out"
+    with pytest.raises(CheckpointError, match="does not exist"):
+        run(_settings(str(tmp_path / "no_such_dir"), "gqa", spec, out), log=_quiet)
+    with pytest.raises(ValueError, match="99"):
+        run(_settings(tiny_llava_dir[0], "gqa", spec, out, layer="99"), model=model, log=_quiet)
+    ckpt = tmp_path / "ckpt"  # a download cut short, then completed
+    shutil.copytree(tiny_llava_dir[0], ckpt)
+    weights = ckpt / "model.safetensors"
+    os.truncate(weights, os.path.getsize(weights) // 2)
+    with pytest.raises(ValueError, match="unreadable safetensors weights"):
+        run(_settings(str(ckpt), "gqa", spec, out), log=_quiet)
+    assert not os.path.exists(out / records.CONFIG_NAME) and not records.result_files(str(out))
+    shutil.copy(os.path.join(tiny_llava_dir[0], "model.safetensors"), weights)
+    run(_settings(str(ckpt), "gqa", spec, out), model=model, log=_quiet)
+    shutil.rmtree(out)
+    out.mkdir()
+    # A configuration written by a failed start (no results) gives way to a new one.
+    with open(out / records.CONFIG_NAME, "w") as f:
+        json.dump({"model": "/elsewhere", "task": "gqa"}, f)
+    messages = []
+    run(_settings(tiny_llava_dir[0], "gqa", spec, out), model=model, log=messages.append)
+    assert "0 already done, 2 to answer" in messages[0]
+    assert records.read_config(str(out))["model"] == os.path.abspath(tiny_llava_dir[0])
+
+
+def test_a_second_run_of_a_shard_is_refused(tiny_llava, tiny_llava_dir, tmp_path):
+    model, _ = tiny_llava
+    spec = write_unified(str(tmp_path / "data"), n=2)
+    s = _settings(tiny_llava_dir[0], "gqa", spec, tmp_path / "out")
+    path = records.shard_file(s.output_dir, s.model_name, s.task, s.methods, 0, 1)
+    with records.shard_lock(path):  # another run holds it
+        with pytest.raises(
+            records.Locked, match=f"being written by another run .pid {os.getpid()}"
+        ):
+            run(s, model=model, log=_quiet)
+    assert not records.result_files(s.output_dir)
+    run(s, model=model, log=_quiet)
+    assert len(records.read_records(path)) == 2
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only directories")
+def test_a_read_only_output_dir_is_refused(tmp_path):
+    out = tmp_path / "ro"
+    out.mkdir()
+    out.chmod(0o555)
+    with pytest.raises(records.OutputDirError, match="cannot write there"):
+        with records.shard_lock(str(out / "r.jsonl")):
+            pass
 
 
 # ---------------------------------------------------------------------------------------

@@ -1,8 +1,7 @@
 """python -m eval.synthetic: see eval.synthetic._cli."""
 
-from absl import app
-
+from eval import cli
 from eval.synthetic._cli import _define_flags, main
 
 _define_flags()
-app.run(main)
+cli.run(main)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 
-from absl import app, flags, logging
+from absl import flags, logging
 
 from eval.train_demo import config, probes, state, train
 
@@ -36,4 +36,6 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    from eval import cli
+
+    cli.run(main)
