@@ -256,6 +256,17 @@ def test_config_errors_come_before_the_weights_are_read(ckpt, tmp_path):
     _one_line_error(d, "config.json text_config.num_hidden_layers: must be a positive int")
 
 
+def test_damaged_generation_config_names_the_file(tmp_path):
+    d = str(tmp_path / "blip")
+    os.makedirs(d)
+    _write_config(d, instructblip_config_dict())  # its family reads generation_config.json
+    gen = os.path.join(d, "generation_config.json")
+    for text in ('{"eos_token_id": ', "[2]"):
+        with open(gen, "w") as f:
+            f.write(text)
+        _one_line_error(d, f"{gen} is not a JSON object")
+
+
 # ---------------------------------------------------------------- host memory
 
 

@@ -79,8 +79,11 @@ def _generation_eos(path: str, config):
     gen = os.path.join(path, "generation_config.json")
     if not os.path.isfile(gen):
         return config
-    with open(gen) as f:
-        eos = json.load(f).get("eos_token_id")
+    try:
+        with open(gen) as f:
+            eos = json.load(f).get("eos_token_id")
+    except (json.JSONDecodeError, AttributeError) as e:
+        raise CheckpointError(f"{gen} is not a JSON object ({e})") from None
     if eos is None:
         return config
     eos = tuple(eos) if isinstance(eos, list) else eos
