@@ -24,18 +24,20 @@ KEY_TABLE = (
 )
 
 
-def load_params(path: str, expected: Mapping) -> dict:
+def load_params(path: str, expected: Mapping, check_finite: bool = True) -> dict:
     """Reads an HF LLaVA checkpoint directory onto the param tree `expected`.
 
     Args:
       path: directory with *.safetensors (sharded or not).
       expected: the model's params as ShapeDtypeStructs
         (vicrop_jax.models.llava.abstract_params); each param comes back in its leaf's dtype.
+      check_finite: refuse tensors holding NaN or inf.
 
     Raises:
-      CheckpointError listing every unused key, missing param and shape mismatch.
+      CheckpointError listing every unused key, missing param, shape mismatch and non-float
+      tensor for a float param; or the tensors holding NaN or inf.
     """
-    return checkpoint.load_params(path, expected, KEY_TABLE)
+    return checkpoint.load_params(path, expected, KEY_TABLE, check_finite)
 
 
 def export_params(params) -> dict[str, np.ndarray]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import math
 import os
 from typing import Any
 
@@ -19,7 +20,7 @@ import numpy as np
 
 from convert.checkpoint import CheckpointError, read_config
 from vicrop_jax.families import FAMILIES, family_of
-from vicrop_jax.models.common import ModelOutput
+from vicrop_jax.models.common import ModelOutput, check_config_dict
 
 _PROCESSOR_FILES = ("preprocessor_config.json", "processor_config.json")
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
@@ -55,7 +56,13 @@ def module_for(config):
 
 
 def parse_config(d: dict):
-    """config.json's dict -> the family's frozen config dataclass."""
+    """config.json's dict -> the family's frozen config dataclass.
+
+    The dict is checked first (vicrop_jax.models.common.check_config_dict): counts and sizes
+    are positive ints and consistent, or one CheckpointError line names the field.
+    """
+    if not isinstance(d, dict):
+        raise CheckpointError(f"config.json must be a JSON object, got a {type(d).__name__}")
     mt = d.get("model_type")
     if mt is None:
         raise CheckpointError("config.json has no model_type")
@@ -64,6 +71,7 @@ def parse_config(d: dict):
             f"unsupported model_type {mt!r}; supported: {', '.join(map(repr, FAMILIES))}"
         )
     try:
+        check_config_dict(FAMILIES[mt].config_type, d)
         return FAMILIES[mt].config_type.from_dict(d)
     except ValueError as e:
         raise CheckpointError(str(e)) from None
@@ -75,8 +83,11 @@ def _generation_eos(path: str, config):
     gen = os.path.join(path, "generation_config.json")
     if not os.path.isfile(gen):
         return config
-    with open(gen) as f:
-        eos = json.load(f).get("eos_token_id")
+    try:
+        with open(gen) as f:
+            eos = json.load(f).get("eos_token_id")
+    except (json.JSONDecodeError, AttributeError) as e:
+        raise CheckpointError(f"{gen} is not a JSON object ({e})") from None
     if eos is None:
         return config
     eos = tuple(eos) if isinstance(eos, list) else eos
@@ -94,28 +105,151 @@ def load_processor(path: str):
     return AutoProcessor.from_pretrained(path, local_files_only=True)
 
 
-def load_params(path: str, config, dtype=jnp.float32) -> dict:
+# A tower deeper than this is measured on copies of _PROBE_LAYERS and 2 * _PROBE_LAYERS layers
+# and extrapolated, not traced whole: tracing takes 10-30 ms a layer on the CPU, so a config
+# with a million layers would trace for hours before its size could be seen. Real towers have
+# at most ~130 layers; 6 and 12 are multiples of the Q-Former cross-attention periods 1, 2, 3.
+_TRACED_LAYERS = 128
+_PROBE_LAYERS = 6
+
+
+def _layer_counts(config, prefix: tuple[str, ...] = ()) -> list[tuple[tuple[str, ...], int]]:
+    """(field path, value) of every num_hidden_layers in a config and its nested configs."""
+    out = []
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        if dataclasses.is_dataclass(value):
+            out += _layer_counts(value, (*prefix, f.name))
+        elif f.name == "num_hidden_layers":
+            out.append(((*prefix, f.name), value))
+    return out
+
+
+def _replace(config, path: tuple[str, ...], value):
+    """A copy of a nested frozen config with the field at `path` set to `value`."""
+    if len(path) == 1:
+        return dataclasses.replace(config, **{path[0]: value})
+    inner = _replace(getattr(config, path[0]), path[1:], value)
+    return dataclasses.replace(config, **{path[0]: inner})
+
+
+def param_bytes(tree) -> int:
+    """Bytes of a param tree (arrays or ShapeDtypeStructs)."""
+    return sum(math.prod(x.shape) * np.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree))
+
+
+def _estimate_bytes(family, config, dtype, deep) -> int:
+    """Param bytes of `config`, whose `deep` layer counts are too many to trace: bytes are
+    affine in each tower's layer count, so two shallow copies per tower give the slope."""
+    base = config
+    for path, _ in deep:
+        base = _replace(base, path, _PROBE_LAYERS)
+    b0 = param_bytes(family.abstract_params(base, dtype))
+    total = b0
+    for path, n in deep:
+        b1 = param_bytes(family.abstract_params(_replace(base, path, 2 * _PROBE_LAYERS), dtype))
+        total += (b1 - b0) * (n - _PROBE_LAYERS) // _PROBE_LAYERS
+    return total
+
+
+def available_host_bytes() -> int | None:
+    """Memory the host can still give: MemAvailable (/proc/meminfo), capped by a cgroup v2
+    limit, else free pages (os.sysconf); None when unknown."""
+    avail = None
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    avail = int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    if avail is None:
+        try:
+            avail = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        except (ValueError, OSError, AttributeError):
+            return None
+    try:
+        with open("/sys/fs/cgroup/memory.max") as f, open("/sys/fs/cgroup/memory.current") as g:
+            limit = f.read().strip()
+            if limit != "max":
+                avail = min(avail, int(limit) - int(g.read()))
+    except (OSError, ValueError):
+        pass
+    return avail
+
+
+def _human(n: int) -> str:
+    if n < 1024:
+        return f"{n} bytes"
+    for unit in ("KiB", "MiB", "GiB", "TiB"):
+        n /= 1024
+        if n < 1024:
+            return f"{n:.1f} {unit}"
+    return f"{n / 1024:.1f} PiB"
+
+
+def _check_fits(need: int, dtype, where: str, detail: str = "") -> None:
+    avail = available_host_bytes()
+    if avail is not None and need > avail:
+        raise CheckpointError(
+            f"{where}: the model's params need {_human(need)} as {np.dtype(dtype).name} but the "
+            f"host has {_human(avail)} available{detail}"
+        )
+
+
+def checked_abstract_params(config, dtype=jnp.float32) -> dict:
+    """The param tree of `config`'s model as ShapeDtypeStructs, refused with one line before it
+    is traced or allocated when the params would not fit in the host's available memory.
+
+    Raises:
+      CheckpointError: the params need more bytes than the host has available.
+    """
+    family = family_of(config)
+    deep = [(p, n) for p, n in _layer_counts(config) if n > _TRACED_LAYERS]
+    if deep:
+        fields = ", ".join(f"{'.'.join(p)} = {n}" for p, n in deep)
+        _check_fits(_estimate_bytes(family, config, dtype, deep), dtype, f"config.json {fields}")
+    expected = family.abstract_params(config, dtype)
+    keys, leaf = max(
+        jax.tree_util.tree_leaves_with_path(expected), key=lambda kv: math.prod(kv[1].shape)
+    )
+    largest = "/".join(str(getattr(k, "key", k)) for k in keys)
+    _check_fits(param_bytes(expected), dtype, "config.json",
+                f" (the largest param: {largest} {list(leaf.shape)})")  # fmt: skip
+    return expected
+
+
+def load_params(path: str, config, dtype=jnp.float32, check_finite: bool = True) -> dict:
     """The weights of checkpoint directory `path` as the params pytree of `config`'s model.
 
-    Strict: every checkpoint key is used and every param filled with the right shape, or one
-    CheckpointError lists all offenders (convert.checkpoint.map_checkpoint).
+    Strict: every checkpoint key is used and every param filled with the right shape and a
+    float dtype, or one CheckpointError lists all offenders (convert.checkpoint.map_checkpoint).
+    The params' size is checked against the host's available memory before any file is read.
 
     Args:
       path: directory with *.safetensors (sharded or not).
       config: the family's config (vicrop_jax.families) of the model the weights are for.
       dtype: dtype of the floating-point params (float32 or bfloat16).
+      check_finite: refuse weights holding NaN or inf, naming the tensors (one pass over the
+        data on the host).
     """
-    family = family_of(config)
-    return family.converter.load_params(path, family.abstract_params(config, dtype))
+    expected = checked_abstract_params(config, dtype)
+    return family_of(config).converter.load_params(path, expected, check_finite=check_finite)
 
 
-def load_model(path: str, dtype=jnp.float32, processor: bool = True) -> Model:
+def load_model(
+    path: str, dtype=jnp.float32, processor: bool = True, check_finite: bool = True
+) -> Model:
     """Loads an HF checkpoint directory.
+
+    Each problem with the directory, its config or its weights is one CheckpointError, raised
+    before anything large is read or allocated where it can be (see load_params).
 
     Args:
       path: directory with config.json and *.safetensors (sharded or not).
       dtype: dtype of the floating-point params (float32 or bfloat16).
       processor: also load the directory's tokenizer/image processor when present.
+      check_finite: refuse weights holding NaN or inf (False accepts them).
 
     Returns:
       Model with .config, .params, .processor (None when the directory has none).
@@ -125,7 +259,7 @@ def load_model(path: str, dtype=jnp.float32, processor: bool = True) -> Model:
     config = parse_config(hf)
     if family_of(config).eos_from_generation_config:
         config = _generation_eos(path, config)
-    params = load_params(path, config, dtype)
+    params = load_params(path, config, dtype, check_finite)
     proc = load_processor(path) if processor else None
     return Model(config=config, params=params, processor=proc, hf_config=hf, path=path)
 

@@ -18,8 +18,8 @@ class Family:
 
     name: ClassVar[str]
     # The models file and converter table of the family: config dataclass (from_dict), Flax
-    # module, param-tree helpers, and the convert/ module (load_params(path, expected),
-    # export_params(params)).
+    # module, param-tree helpers, and the convert/ module (load_params(path, expected,
+    # check_finite), export_params(params)).
     config_type: ClassVar[type]
     module_type: ClassVar[type]
     models: ClassVar[Any]

@@ -8,6 +8,7 @@ Axis letters used across vicrop_jax.models:
 from __future__ import annotations
 
 import dataclasses
+import re
 from typing import Any
 
 import flax.linen as nn
@@ -60,6 +61,78 @@ def config_from_dict(cls, d: dict[str, Any], **overrides):
         if isinstance(v, list):
             kwargs[k] = tuple(v)  # configs are hashable: they are static arguments of jit
     return cls(**kwargs)
+
+
+# Int config fields named like these are token ids or positions (any int); every other int
+# field is a count or a size (layers, heads, widths, vocabulary, pixels, tokens).
+_ID_FIELD = re.compile(r"_(id|index)$")
+_MAX_COUNT = 2**31 - 1  # array dimensions and token ids are int32 on the device
+# (a, b, applies): field a must be a multiple of field b, in one config, where `applies`.
+_MULTIPLES = (
+    # An explicit head_dim frees the heads from splitting hidden_size (HF Llama's q_proj is
+    # [heads * head_dim, hidden]); without one the head size is hidden_size // heads.
+    ("hidden_size", "num_attention_heads", lambda v: v.get("head_dim") is None),
+    ("num_attention_heads", "num_key_value_heads", lambda v: True),
+    ("image_size", "patch_size", lambda v: True),
+)
+
+
+def _int_field(f: dataclasses.Field) -> bool | None:
+    """None for a field that is not an int; else whether it may be None."""
+    t = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", "")
+    parts = {p.strip() for p in t.split("|")}
+    if "int" not in parts or parts - {"int", "None"}:
+        return None
+    return "None" in parts
+
+
+def _default(f: dataclasses.Field):
+    if f.default_factory is not dataclasses.MISSING:
+        return f.default_factory()
+    return None if f.default is dataclasses.MISSING else f.default
+
+
+def check_config_dict(cls, d: Any, where: str = "config.json", prefix: str = "") -> None:
+    """Checks an HF config dict against the config dataclass `cls` before anything is built.
+
+    Generic over the dataclass's fields, nested configs (a field whose default is a config
+    dataclass, e.g. `text_config`) included: every int field that is a count or a size must
+    be a positive int (not a str, float or bool), every token id or index an int, both below
+    2**31; within one config `hidden_size` must be a multiple of `num_attention_heads` (unless
+    `head_dim` is given), `num_attention_heads` of `num_key_value_heads`, `image_size` of
+    `patch_size`. Fields the dict leaves out take the dataclass default.
+
+    Raises:
+      ValueError: one line naming the field, e.g. "config.json text_config.num_hidden_layers:
+        must be a positive int, got '32'".
+    """
+    if not isinstance(d, dict):
+        label = f"{where} {prefix.rstrip('.')}" if prefix else where
+        raise ValueError(f"{label}: must be a JSON object, got a {type(d).__name__}")
+    values = {}
+    for f in dataclasses.fields(cls):
+        default = _default(f)
+        if dataclasses.is_dataclass(default):
+            sub = d.get(f.name)
+            check_config_dict(type(default), {} if sub is None else sub, where,
+                              f"{prefix}{f.name}.")  # fmt: skip
+            continue
+        value = values[f.name] = d.get(f.name, default)
+        nullable = _int_field(f)
+        if nullable is None or f.name not in d or (value is None and nullable):
+            continue
+        name, null = f"{where} {prefix}{f.name}", " or null" if nullable else ""
+        if _ID_FIELD.search(f.name):
+            if type(value) is not int:  # bool is an int to isinstance, never here
+                raise ValueError(f"{name}: must be an int{null}, got {value!r}")
+        elif type(value) is not int or value <= 0:
+            raise ValueError(f"{name}: must be a positive int{null}, got {value!r}")
+        if abs(value) > _MAX_COUNT:
+            raise ValueError(f"{name}: must be below 2**31, got {value}")
+    for a, b, applies in _MULTIPLES:
+        va, vb = values.get(a), values.get(b)
+        if isinstance(va, int) and isinstance(vb, int) and vb > 0 and applies(values) and va % vb:
+            raise ValueError(f"{where} {prefix}{a}: {va} is not a multiple of {prefix}{b} ({vb})")
 
 
 def quick_gelu(x: Array) -> Array:
