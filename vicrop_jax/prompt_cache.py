@@ -15,14 +15,14 @@ question:
   3. `finish`: the vision tower on the crops and the [original, crop] tails over the same
      prefix cache, then their answers.
 
-`start_answers` is step 1 without the map (the baseline answers and the cache only): the
-eval engine uses it when a map is asked with another question (V*'s short one), and runs
-every method's crop answer through `finish`. Each pass gives its tails a cache of their own
+`start_answers` is step 1 without the map (the baseline answers and the cache only), for
+maps asked with another question (V*'s short one) or by another method;
+`pipeline.answer_batch` runs every method's crop answer through `finish`. Each pass gives its tails a cache of their own
 slots that reads the prefix cache in place (KVCache.prefix_k/v): the question and general
 rows share one copy of the prefix, and no pass copies it.
 
 Same maps and answers as the unshared passes (tests/test_pipeline.py and the eval engine's
-tests compare them; tests/test_prefix.py checks logits and attention rows against HF
+tests compare them; tests/test_prompt_cache.py checks logits and attention rows against HF
 PyTorch on the full prompts): the prefix has no padding, so its keys and RoPE positions
 are the unshared prompt's; the tails are left-padded inside their own cache (masked slots)
 and their positions continue from the prefix's.
