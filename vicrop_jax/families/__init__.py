@@ -1,8 +1,10 @@
 """Model families: everything the ViCrop method asks of a model, one adapter per family.
 
-`importance`, `pipeline` and the evaluation engine hold no per-family branches; they ask the
-family of a model (`family_of(model)`) for:
+`loading`, `importance`, `pipeline` and the evaluation engine hold no per-family branches;
+they ask the family of a model (`family_of(model)`) for:
 
+  config_type, module_type         the frozen config (from config.json) and the Flax module
+  models, converter                its models file (param-tree helpers) and convert/ table
   prompt(question, n_images)       the official prompt template with n images
   image_placeholder                the text that stands for one image in a prompt (or None)
   default_layer(config)            the paper's LM layer (or the same relative depth)
