@@ -5,7 +5,7 @@ import pytest
 import torch
 from PIL import Image
 
-from vicrop_jax import filters
+from vicrop_jax import detail_mask
 from vicrop_jax.importance import importance, maps_for_images
 from vicrop_jax.maps import resolve_layers
 from vicrop_jax.processing import GENERAL_QUESTION, llava_prompt
@@ -57,7 +57,7 @@ def _official_pure_grad(hf, proc, image, patch, res):
         loss = -torch.nn.functional.cross_entropy(z, z.argmax(1))
         (gpix,) = torch.autograd.grad(loss, enc["pixel_values"])
         norms.append(np.linalg.norm(gpix[0].numpy().transpose(1, 2, 0), axis=2))
-    mask = np.asarray(filters.detail_mask(np.asarray(filters.resize_for_mask(image, res))))
+    mask = np.asarray(detail_mask.detail_mask(np.asarray(detail_mask.resize_for_mask(image, res))))
     grad = norms[0] / norms[1] * mask
     h, w = grad.shape
     return grad.reshape(h // patch, patch, w // patch, patch).mean((1, 3))
