@@ -46,6 +46,21 @@ def expected_errors() -> tuple[type[BaseException], ...]:
     return (ValueError, OSError, SafetensorError, TooManyErrors)
 
 
+def checked(main: Callable[[list[str]], None], errors: tuple[type[BaseException], ...]):
+    """main, ending with `error: <one line>` and exit status 2 on any of `errors`."""
+
+    def checked_main(argv):
+        try:
+            main(argv)
+        except errors as e:
+            if "verbose" in flags.FLAGS and flags.FLAGS.verbose:
+                traceback.print_exc()
+            print(f"error: {one_line(e)}", file=sys.stderr)
+            sys.exit(ERROR_EXIT)
+
+    return checked_main
+
+
 def run(main: Callable[[list[str]], None], errors: tuple[type[BaseException], ...] = ()) -> None:
     """absl's app.run(main), with help exiting 0 and `errors` reported in one line."""
     if "verbose" not in flags.FLAGS:
@@ -53,17 +68,8 @@ def run(main: Callable[[list[str]], None], errors: tuple[type[BaseException], ..
             "verbose", False, "on an error, print its traceback", module_name=sys.argv[0]
         )
 
-    def checked_main(argv):
-        try:
-            main(argv)
-        except errors as e:
-            if flags.FLAGS.verbose:
-                traceback.print_exc()
-            print(f"error: {one_line(e)}", file=sys.stderr)
-            sys.exit(ERROR_EXIT)
-
     try:
-        app.run(checked_main)
+        app.run(checked(main, errors))
     except SystemExit as e:
         if e.code == 1 and asks_for_help(sys.argv):
             sys.exit(0)

@@ -492,7 +492,7 @@ def test_a_failed_start_leaves_the_directory_usable(tiny_llava, tiny_llava_dir, 
     shutil.copytree(tiny_llava_dir[0], ckpt)
     weights = ckpt / "model.safetensors"
     os.truncate(weights, os.path.getsize(weights) // 2)
-    with pytest.raises(ValueError, match="unreadable safetensors weights"):
+    with pytest.raises(ValueError, match="model.safetensors is truncated"):
         run(_settings(str(ckpt), "gqa", spec, out), log=_quiet)
     assert not os.path.exists(out / records.CONFIG_NAME) and not records.result_files(str(out))
     shutil.copy(os.path.join(tiny_llava_dir[0], "model.safetensors"), weights)

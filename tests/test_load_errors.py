@@ -355,8 +355,10 @@ def test_demo_model_loads_with_the_checks(ckpt):
 _DRIVER = r"""
 import contextlib, io, json, sys
 from absl import flags
-import eval.run as cli
+import eval.run
+from eval import cli
 data, out, *models = sys.argv[1:]
+main = cli.checked(eval.run.main, cli.expected_errors())
 for i, model in enumerate(models):
     flags.FLAGS.unparse_flags()
     flags.FLAGS(["run", f"--model={model}", "--task=gqa", f"--data_json={data}/data.json",
@@ -364,7 +366,7 @@ for i, model in enumerate(models):
     err, code = io.StringIO(), None
     with contextlib.redirect_stderr(err):
         try:
-            cli.main(["run"])
+            main(["run"])
         except SystemExit as e:
             code = e.code
     print(json.dumps({"code": code, "stderr": err.getvalue()}))
