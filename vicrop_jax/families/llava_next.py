@@ -2,7 +2,7 @@
 
 Prompt: the llava-v1.6-vicuna chat turn the HF processor expects, "USER: <image>\\n{question}"
 with the official ViCrop LLaVA suffix (" Answer the question using a single word or
-phrase.\\nASSISTANT:"). Maps are read on the base tile's N x N grid (`map_source="base"`): the
+phrase.\\nASSISTANT:"). Maps are read on the base tile's N x N grid: the
 base tile is the whole image squashed to the vision input side, the grid that the box
 search's base size refers to, and every image has it whatever tile grid its size selects.
 The projector is an MLP, so A_ti is the identity (as LLaVA-1.5).
