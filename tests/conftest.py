@@ -44,3 +44,15 @@ def tiny_instructblip(tiny_instructblip_dir):
 
     d, hf = tiny_instructblip_dir
     return vicrop_jax.load_model(d), hf
+
+
+@pytest.fixture(scope="session")
+def tiny_llava_next(tmp_path_factory):
+    """A tiny random LLaVA-NeXT checkpoint loaded through vicrop_jax, and its HF torch model."""
+    import vicrop_jax
+    from tests.hf_reference import make_tiny_llava_next
+
+    d = str(tmp_path_factory.mktemp("tiny_llava_next"))
+    hf = make_tiny_llava_next(d)
+    hf.set_attn_implementation("eager")
+    return vicrop_jax.load_model(d), hf

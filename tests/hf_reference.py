@@ -59,3 +59,46 @@ def make_tiny_instructblip(out_dir: str, seed: int = 0, with_processor: bool = T
     if with_processor:
         build_instructblip_processor(out_dir, tokenizer, qformer_tokenizer)
     return model
+
+
+# Pinpoints (height, width) in tiles of the tiny tower's 35 px: a wide, a tall and a square
+# grid, so that test images select each.
+NEXT_PINPOINTS = [[35, 70], [70, 35], [70, 70]]
+
+
+def make_tiny_llava_next(out_dir: str, seed: int = 0, **config_kw):
+    """Saves a tiny random HF LlavaNextForConditionalGeneration + processor; returns it."""
+    import torch
+    from transformers import (
+        LlavaNextConfig,
+        LlavaNextForConditionalGeneration,
+        LlavaNextImageProcessorPil,
+        LlavaNextProcessor,
+    )
+
+    from vicrop_jax.testing import IMAGE, PATCH
+
+    os.makedirs(out_dir, exist_ok=True)
+    tokenizer = build_tokenizer(out_dir)
+    image_token = tokenizer.convert_tokens_to_ids("<image>")
+    d = hf_config_dict(image_token_index=image_token, **config_kw)
+    d.update(model_type="llava_next", architectures=["LlavaNextForConditionalGeneration"],
+             image_grid_pinpoints=NEXT_PINPOINTS)  # fmt: skip
+    d.pop("image_seq_length")
+    cfg = LlavaNextConfig(**d)
+    torch.manual_seed(seed)
+    model = LlavaNextForConditionalGeneration(cfg).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    model.save_pretrained(out_dir)
+    image_processor = LlavaNextImageProcessorPil(
+        size={"shortest_edge": IMAGE}, crop_size={"height": IMAGE, "width": IMAGE},
+        image_grid_pinpoints=NEXT_PINPOINTS,
+    )  # fmt: skip
+    LlavaNextProcessor(
+        image_processor=image_processor, tokenizer=tokenizer, patch_size=PATCH,
+        vision_feature_select_strategy="default", num_additional_image_tokens=1,
+        image_token="<image>",
+    ).save_pretrained(out_dir)  # fmt: skip
+    return model

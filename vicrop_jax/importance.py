@@ -93,7 +93,7 @@ def maps_for_images(
     texts = [family.prompt(q) for q in questions]
     texts += [family.prompt(GENERAL_QUESTION)] * len(images)
     enc = encode(model.processor, texts, list(images) + list(images), pad_to_multiple_of)
-    pixels = place(np.transpose(enc["pixel_values"][: len(images)], (0, 2, 3, 1)))
+    pixels = place(family.map_pixels(model.config, enc, len(images)))
     detail = None
     if method == "pure_grad":
         detail = place(detail_masks(images, model.config.vision_config.image_size))

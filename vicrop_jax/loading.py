@@ -268,7 +268,8 @@ def count_image_tokens(input_ids: np.ndarray, token: int) -> int:
     return int((np.asarray(input_ids) == token).sum())
 
 
-def check_inputs(config, input_ids, pixel_values, qformer_input_ids=None) -> None:
+def check_inputs(config, input_ids, pixel_values, qformer_input_ids=None,
+                 image_sizes=None) -> None:  # fmt: skip
     """Host-side checks with clear messages (traced code cannot raise on values)."""
     ids = np.asarray(input_ids)
     if ids.ndim != 2:
@@ -277,16 +278,23 @@ def check_inputs(config, input_ids, pixel_values, qformer_input_ids=None) -> Non
         raise ValueError("input_ids is empty: the prompt has no tokens")
     n_tok = count_image_tokens(ids, config.image_token_index)
     n_img = 0 if pixel_values is None else int(np.shape(pixel_values)[0])
-    want = n_img * config.num_image_tokens
+    if image_sizes is not None:  # anyres: each image's count follows from its size
+        per = [
+            config.image_token_count(int(h), int(w)) for h, w in np.reshape(image_sizes, (-1, 2))
+        ]
+        want, per_text = sum(per), f"{per} per image"
+    else:
+        want, per_text = n_img * config.num_image_tokens, f"{config.num_image_tokens} per image"
     if n_tok != want:
         raise ValueError(
             f"the prompt has {n_tok} image tokens but {n_img} images were given, which need "
-            f"{want} ({config.num_image_tokens} per image); use the model's processor to expand "
-            "each <image> placeholder"
+            f"{want} ({per_text}); use the model's processor to expand each <image> placeholder"
         )
     if pixel_values is not None:
         v = config.vision_config
         shape = tuple(np.shape(pixel_values))
+        if image_sizes is not None:
+            shape = shape[:1] + shape[2:]  # [images, tiles, C, H, W]
         if len(shape) != 4 or shape[1:] != (v.num_channels, v.image_size, v.image_size):
             raise ValueError(
                 f"pixel_values must be [images, {v.num_channels}, {v.image_size}, "
@@ -327,6 +335,7 @@ def forward(
     qformer_input_ids=None,
     qformer_attention_mask=None,
     qformer_delta=None,
+    image_sizes=None,
 ) -> ModelOutput:
     """One jitted forward pass.
 
@@ -340,12 +349,14 @@ def forward(
       qformer_input_ids, qformer_attention_mask: InstructBLIP only: int[I, L], the
         instruction in the Q-Former's vocabulary, one row per image (as the processor gives).
       qformer_delta: InstructBLIP only: float[C, I, N, T, P] added to the cross-attentions.
+      image_sizes: LLaVA-NeXT only: int[I, 2] (height, width) as the processor gives, with
+        pixel_values float[I, tiles, C, H, W].
 
     Returns:
       ModelOutput: .logits float32[B, S, V], .attentions float32[L, B, N, S] (last query rows);
       InstructBLIP also .qformer_cross_attentions float32[C, I, N, T, P].
     """
-    check_inputs(model.config, input_ids, pixel_values, qformer_input_ids)
+    check_inputs(model.config, input_ids, pixel_values, qformer_input_ids, image_sizes)
     ids = jnp.asarray(input_ids, jnp.int32)
     mask = None if attention_mask is None else jnp.asarray(attention_mask, jnp.int32)
     extra = {}
@@ -355,7 +366,13 @@ def forward(
         extra["qformer_attention_mask"] = jnp.asarray(qformer_attention_mask, jnp.int32)
     if qformer_delta is not None:
         extra["qformer_delta"] = qformer_delta
+    if image_sizes is not None and pixel_values is not None:
+        pixels, extra["pack_index"] = family_of(model).models.anyres_inputs(
+            model.config, pixel_values, image_sizes
+        )
+    else:
+        pixels = nchw_to_nhwc(pixel_values)
     return _forward(
-        model.module, model.params, ids, nchw_to_nhwc(pixel_values), mask, attn_delta,
+        model.module, model.params, ids, pixels, mask, attn_delta,
         output_full_attentions, extra,
     )  # fmt: skip

@@ -79,11 +79,13 @@ def generate_answers(
     """
     enc = encode(model.processor, texts, images, pad_to_multiple_of)
     tok = model.processor.tokenizer
-    # Extra model inputs (InstructBLIP's Q-Former prompt) ride along to the prefill.
-    extra = {k: place(v) for k, v in enc.items() if k.startswith("qformer_")} or None
+    # Extra model inputs (InstructBLIP's Q-Former prompt, LLaVA-NeXT's packing table) ride
+    # along to the prefill.
+    pixels, extra = family_of(model).model_inputs(model.config, enc)
+    extra = {k: place(v) for k, v in extra.items()} or None
     out = greedy_generate(
         model.module, model.params_or(params),
-        place(enc["input_ids"]), place(np.transpose(enc["pixel_values"], (0, 2, 3, 1))),
+        place(enc["input_ids"]), place(pixels),
         place(enc["attention_mask"]), max_new_tokens=max_new_tokens,
         eos_ids=model.config.text_config.eos_ids,
         pad_id=pad_id(tok), extra=extra,

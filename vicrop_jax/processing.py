@@ -313,7 +313,9 @@ def _encode_shared(processor, texts, images, order, pad_to_multiple_of):
     pixels = preprocess(processor.image_processor, unique)
     stand_in = Image.new("RGB", (8, 8))
     out = _encode_all(processor, texts, [stand_in] * len(images), pad_to_multiple_of)
-    if out["pixel_values"].shape[1:] != pixels.shape[1:]:
+    # A processor whose token count depends on the image size (image_sizes: anyres) cannot
+    # take stand-ins either.
+    if "image_sizes" in out or out["pixel_values"].shape[1:] != pixels.shape[1:]:
         return _encode_all(processor, texts, images, pad_to_multiple_of)
     out["pixel_values"] = pixels[np.asarray(order)]
     return out

@@ -15,6 +15,9 @@ they ask the family of a model (`family_of(model)`) for:
                                    the first image, so one KV cache of that prefix serves
                                    the baseline, the map and the crop answer
                                    (vicrop_jax.prompt_cache)
+  model_inputs(config, enc)        the module's pixels and further prefill inputs from the
+                                   processor's arrays (Q-Former prompt, anyres packing table)
+  map_pixels(config, enc, n)       the first n images' pixels at the map's input side
   maps(...)                        the jitted pure cores of rel_att, grad_att and pure_grad
   map_options(config, **options)   validated static options of its cores
 
@@ -27,8 +30,9 @@ from __future__ import annotations
 from vicrop_jax.families.base import Family
 from vicrop_jax.families.instructblip import INSTRUCTBLIP
 from vicrop_jax.families.llava import LLAVA
+from vicrop_jax.families.llava_next import LLAVA_NEXT
 
-FAMILIES: dict[str, Family] = {f.name: f for f in (LLAVA, INSTRUCTBLIP)}
+FAMILIES: dict[str, Family] = {f.name: f for f in (LLAVA, INSTRUCTBLIP, LLAVA_NEXT)}
 
 
 def get_family(name: str) -> Family:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any, ClassVar
 
+import numpy as np
+
 from vicrop_jax.maps import relative_depth, resolve_layers
 
 
@@ -69,6 +71,17 @@ class Family:
         # families without one get the image tokens in front of the text (InstructBLIP).
         placeholders = prompt.count(self.image_placeholder) if self.image_placeholder else 0
         return len(ids) - placeholders + n_images * config.num_image_tokens
+
+    def model_inputs(self, config, enc: dict):
+        """The processor's arrays -> (pixels of the module's pass, float[I, H, W, C] NHWC;
+        further keyword inputs of the prefill, a dict of arrays)."""
+        del config
+        return np.transpose(enc["pixel_values"], (0, 2, 3, 1)), {}
+
+    def map_pixels(self, config, enc: dict, n: int):
+        """float[n, H, W, C] NHWC: the first n images' pixels at the map's input side."""
+        del config
+        return np.transpose(enc["pixel_values"][:n], (0, 2, 3, 1))
 
     def map_options(self, config, **options) -> dict[str, Any]:
         """Validated static options of `maps` (none by default)."""

@@ -145,6 +145,11 @@ class InstructBlip(Family):
     def prompt(self, question: str, n_images: int = 1) -> str:
         return blip_prompt(question, n_images)
 
+    def model_inputs(self, config, enc: dict):
+        """Pixels and the Q-Former's instruction (qformer_input_ids, qformer_attention_mask)."""
+        pixels, _ = super().model_inputs(config, enc)
+        return pixels, {k: v for k, v in enc.items() if k.startswith("qformer_")}
+
     def map_options(self, config, qformer_layer=None, **options):
         """qformer_layer: an index into the Q-Former's cross-attention layers (one int);
         default the paper's (2 of 6, or the same relative depth)."""
