@@ -17,9 +17,9 @@ question:
 
 `start_answers` is step 1 without the map (the baseline answers and the cache only), for
 maps asked with another question (V*'s short one) or by another method;
-`pipeline.answer_batch` runs every method's crop answer through `finish`. Each pass gives its tails a cache of their own
-slots that reads the prefix cache in place (KVCache.prefix_k/v): the question and general
-rows share one copy of the prefix, and no pass copies it.
+`pipeline.answer_batch` runs every method's crop answer through `finish`. Each pass gives its
+tails a cache of their own slots that reads the prefix cache in place (KVCache.prefix_k/v):
+the question and general rows share one copy of the prefix, and no pass copies it.
 
 Same maps and answers as the unshared passes (tests/test_pipeline.py and the eval engine's
 tests compare them; tests/test_prompt_cache.py checks logits and attention rows against HF
