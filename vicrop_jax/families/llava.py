@@ -25,12 +25,13 @@ from vicrop_jax.maps import (
 from vicrop_jax.models import llava as llava_models
 
 Array = jax.Array
-_SUFFIX = " Answer the question using a single word or phrase.\nASSISTANT:"
+# The official answer instruction (run.py), after the question.
+ANSWER_SUFFIX = " Answer the question using a single word or phrase.\nASSISTANT:"
 
 
 def llava_prompt(question: str, n_images: int = 1) -> str:
     """The official LLaVA-1.5 prompt with n_images image placeholders."""
-    return "<image>" * n_images + f"\nUSER: {question}" + _SUFFIX
+    return "<image>" * n_images + f"\nUSER: {question}" + ANSWER_SUFFIX
 
 
 def grid_map(cfg, m: Array) -> Array:

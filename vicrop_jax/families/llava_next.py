@@ -18,7 +18,7 @@ import numpy as np
 
 from convert import llava_next as llava_next_convert
 from vicrop_jax.families.base import Family
-from vicrop_jax.families.llava import _SUFFIX
+from vicrop_jax.families.llava import ANSWER_SUFFIX
 from vicrop_jax.maps import (
     METHODS,
     finite_map,
@@ -34,7 +34,7 @@ Array = jax.Array
 
 def llava_next_prompt(question: str, n_images: int = 1) -> str:
     """The LLaVA-NeXT (vicuna) prompt with n_images image placeholders."""
-    return "USER: " + "<image>" * n_images + f"\n{question}" + _SUFFIX
+    return "USER: " + "<image>" * n_images + f"\n{question}" + ANSWER_SUFFIX
 
 
 def grid_map(cfg, m: Array) -> Array:
