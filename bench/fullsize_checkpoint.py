@@ -357,6 +357,8 @@ def _define_flags():
     flags.DEFINE_enum("variant", "full", ["full", "wide2"], "see the module docstring")
     flags.DEFINE_integer("seed", 0, "weights seed")
     flags.DEFINE_float("shard_gb", 5.0, "largest shard, GB (10^9 bytes)")
+    flags.DEFINE_integer("text_layers", None, "LM layers in place of the variant's")
+    flags.DEFINE_integer("vision_layers", None, "CLIP layers in place of the variant's")
 
 
 def main(argv):
@@ -364,9 +366,14 @@ def main(argv):
     f = flags.FLAGS
     if not f.out:
         raise ValueError("--out is required")
-    r = write_checkpoint(f.out, f.variant, f.seed, int(f.shard_gb * 1e9))
+    config = None
+    if f.text_layers or f.vision_layers:
+        text_layers, vision_layers, dtype = VARIANTS[f.variant]
+        config = hub_config(f.text_layers or text_layers, f.vision_layers or vision_layers, dtype)
+    r = write_checkpoint(f.out, f.variant, f.seed, int(f.shard_gb * 1e9), config)
+    depth = f"{r['config']['text_config'].get('num_hidden_layers', 32)} LM layers"
     verb = "wrote" if r["written"] else "complete already:"
-    print(f"{verb} {f.out} ({f.variant}, seed {f.seed}): "
+    print(f"{verb} {f.out} ({f.variant}, {depth}, seed {f.seed}): "
           f"{r['total_size'] / 1e9:.2f} GB of weights in {len(r['files'])} shard(s) "
           f"in {r['seconds']:.1f} s; peak RSS {peak_rss_gib():.2f} GiB")  # fmt: skip
 
