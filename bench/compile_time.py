@@ -29,18 +29,23 @@ import jax
 import jax.numpy as jnp
 from absl import flags
 
-_PRESETS = flags.DEFINE_list("preset", ["llava-1.5-7b"], "vicrop_jax.models.llava.PRESETS names")
-_DTYPE = flags.DEFINE_enum("dtype", "bfloat16", ["float32", "bfloat16"], "weights and cache")
-_BATCH = flags.DEFINE_integer("batch", 1, "questions per pass")
-_TAIL = flags.DEFINE_integer("text_tokens", 32, "a prompt's text tokens after the first image")
-_MAX_NEW = flags.DEFINE_integer("max_new_tokens", 20, "answer tokens (official: 20)")
-_BAR = flags.DEFINE_float("bar_s", 60.0, "rel-att's passes (start + finish) must compile within")
-_PASSES = flags.DEFINE_list("passes", [], "only these passes (default: all)")
-_REPEAT = flags.DEFINE_integer(
-    "repeat", 1, "compile each pass this many times afresh and keep the fastest (the machine's "
-    "other work only ever adds time)",
-)  # fmt: skip
-_OUT = flags.DEFINE_string("out", None, "write the results as JSON here")
+
+def _define_flags():
+    """The command line's flags (defined when run as a program, so that modules importing
+    this one keep their own)."""
+    flags.DEFINE_list("preset", ["llava-1.5-7b"], "vicrop_jax.models.llava.PRESETS names")
+    flags.DEFINE_enum("dtype", "bfloat16", ["float32", "bfloat16"], "weights and cache")
+    flags.DEFINE_integer("batch", 1, "questions per pass")
+    flags.DEFINE_integer("text_tokens", 32, "a prompt's text tokens after the first image")
+    flags.DEFINE_integer("max_new_tokens", 20, "answer tokens (official: 20)")
+    flags.DEFINE_float("bar_s", 60.0, "rel-att's passes (start + finish) must compile within")
+    flags.DEFINE_list("passes", [], "only these passes (default: all)")
+    flags.DEFINE_integer(
+        "repeat", 1, "compile each pass this many times afresh and keep the fastest (the machine's "
+        "other work only ever adds time)",
+    )  # fmt: skip
+    flags.DEFINE_string("out", None, "write the results as JSON here")
+
 
 REL_ATT_PASSES = ("start_pass", "finish_pass")
 PAD_ID = 32001
@@ -151,35 +156,37 @@ def main(argv):
     from vicrop_jax.models.llava import LlavaConfig
     from vicrop_jax.testing import preset_config_dict
 
+    f = flags.FLAGS
     jax.config.update("jax_enable_compilation_cache", False)
     load_before = os.getloadavg()[0]
-    dtype = jnp.bfloat16 if _DTYPE.value == "bfloat16" else jnp.float32
+    dtype = jnp.bfloat16 if f.dtype == "bfloat16" else jnp.float32
     results = {}
-    for preset in _PRESETS.value:
+    for preset in f.preset:
         print(f"{preset}:", flush=True)
         config = LlavaConfig.from_dict(preset_config_dict(preset, 32000))
         results[preset] = compile_times(
-            config, _BATCH.value, dtype, text_tokens=_TAIL.value,
-            max_new_tokens=_MAX_NEW.value, passes=tuple(_PASSES.value), repeat=_REPEAT.value,
+            config, f.batch, dtype, text_tokens=f.text_tokens,
+            max_new_tokens=f.max_new_tokens, passes=tuple(f.passes), repeat=f.repeat,
         )  # fmt: skip
     device = jax.devices()[0]
     load = (load_before, os.getloadavg()[0])
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     cpu = platform.processor() or platform.machine()
-    print(f"\n# XLA compile time (fastest of {_REPEAT.value}): {_DTYPE.value}, batch "
-          f"{_BATCH.value}, text {_TAIL.value} tokens, {_MAX_NEW.value} answer tokens; backend "
+    print(f"\n# XLA compile time (fastest of {f.repeat}): {f.dtype}, batch "
+          f"{f.batch}, text {f.text_tokens} tokens, {f.max_new_tokens} answer tokens; backend "
           f"{device.platform} ({cpu}, {os.cpu_count()} CPUs, 1-min load average {load[0]:.1f} "
           f"before, {load[1]:.1f} after); peak RSS {peak:.2f} GiB\n")  # fmt: skip
-    print(table(results, _BAR.value))
-    if _OUT.value:
-        with open(_OUT.value, "w") as f:
-            json.dump({"dtype": _DTYPE.value, "batch": _BATCH.value, "repeat": _REPEAT.value,
-                       "text_tokens": _TAIL.value,
-                       "max_new_tokens": _MAX_NEW.value, "peak_rss_gib": peak, "load_average": load,
-                       "results": results}, f, indent=2)  # fmt: skip
+    print(table(results, f.bar_s))
+    if f.out:
+        with open(f.out, "w") as fh:
+            json.dump({"dtype": f.dtype, "batch": f.batch, "repeat": f.repeat,
+                       "text_tokens": f.text_tokens, "max_new_tokens": f.max_new_tokens,
+                       "peak_rss_gib": peak, "load_average": load, "results": results},
+                      fh, indent=2)  # fmt: skip
 
 
 if __name__ == "__main__":
     from eval import cli  # --help exits 0
 
+    _define_flags()
     cli.run(main)

@@ -23,10 +23,15 @@ import jax
 import jax.numpy as jnp
 from absl import flags
 
-_DIR = flags.DEFINE_string("dir", None, "HF checkpoint directory")
-_DTYPE = flags.DEFINE_enum("dtype", "bfloat16", ["float32", "bfloat16"], "params dtype")
-_LIMIT = flags.DEFINE_float("rss_limit_gib", 16.0, "stop once this process's RSS passes this")
-_AVAIL = flags.DEFINE_float("min_available_gib", 2.0, "stop once MemAvailable drops below this")
+
+def _define_flags():
+    """The command line's flags (defined when run as a program, so that modules importing
+    this one keep their own)."""
+    flags.DEFINE_string("dir", None, "HF checkpoint directory")
+    flags.DEFINE_enum("dtype", "bfloat16", ["float32", "bfloat16"], "params dtype")
+    flags.DEFINE_float("rss_limit_gib", 16.0, "stop once this process's RSS passes this")
+    flags.DEFINE_float("min_available_gib", 2.0, "stop once MemAvailable drops below this")
+
 
 GIB = 2**30
 
@@ -79,16 +84,17 @@ def main(argv):
     del argv
     import vicrop_jax
 
-    path = _DIR.value
+    f = flags.FLAGS
+    path = f.dir
     if not path:
         raise ValueError("--dir is required")
-    dtype = jnp.bfloat16 if _DTYPE.value == "bfloat16" else jnp.float32
+    dtype = jnp.bfloat16 if f.dtype == "bfloat16" else jnp.float32
     size = weight_bytes(path)
     before = rss_gib()
     print(f"{path}: {size / GIB:.2f} GiB of safetensors; RSS before {before:.2f} GiB, "
           f"MemAvailable {available_gib():.2f} GiB", flush=True)  # fmt: skip
     t0 = time.perf_counter()
-    done = guard(_LIMIT.value, _AVAIL.value, t0)
+    done = guard(f.rss_limit_gib, f.min_available_gib, t0)
     model = vicrop_jax.load_model(path, dtype=dtype)
     jax.block_until_ready(model.params)
     seconds = time.perf_counter() - t0
@@ -96,7 +102,7 @@ def main(argv):
     leaves = jax.tree.leaves(model.params)
     params = sum(x.size * x.dtype.itemsize for x in leaves)
     peak = peak_rss_gib()
-    result = {"dir": path, "dtype": _DTYPE.value, "weights_gib": size / GIB,
+    result = {"dir": path, "dtype": f.dtype, "weights_gib": size / GIB,
               "params_gib": params / GIB, "load_s": seconds, "peak_rss_gib": peak,
               "rss_after_gib": rss_gib(), "peak_over_weights": peak * GIB / size}  # fmt: skip
     print(json.dumps(result, indent=2))
@@ -105,4 +111,5 @@ def main(argv):
 if __name__ == "__main__":
     from eval import cli  # --help exits 0
 
+    _define_flags()
     cli.run(main)

@@ -35,8 +35,13 @@ from absl import flags
 
 from bench.fullsize_checkpoint import peak_rss_gib, write_checkpoint
 
-_DIR = flags.DEFINE_string("dir", "/tmp/vicrop_fullsize/wide2", "wide2 checkpoint (made if absent)")
-_OUT = flags.DEFINE_string("out", None, "write the figures as JSON here")
+
+def _define_flags():
+    """The command line's flags (defined when run as a program, so that modules importing
+    this one keep their own)."""
+    flags.DEFINE_string("dir", "/tmp/vicrop_fullsize/wide2", "wide2 checkpoint (made if absent)")
+    flags.DEFINE_string("out", None, "write the figures as JSON here")
+
 
 NEW_TOKENS = 8
 LOGITS_BAR, ROWS_BAR, MAP_RTOL = 1e-4, 1e-5, 1e-4
@@ -303,11 +308,12 @@ def main(argv):
     del argv
     import torch
 
+    f = flags.FLAGS
     torch.manual_seed(0)
-    result = run_parity(_DIR.value)
-    if _OUT.value:
-        with open(_OUT.value, "w") as f:
-            json.dump(result, f, indent=2)
+    result = run_parity(f.dir)
+    if f.out:
+        with open(f.out, "w") as fh:
+            json.dump(result, fh, indent=2)
     print(report(result))
     if result["failures"]:
         raise SystemExit(1)
@@ -317,4 +323,5 @@ if __name__ == "__main__":
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     from eval import cli  # --help exits 0
 
+    _define_flags()
     cli.run(main)
