@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from convert.checkpoint import CheckpointError, read_config
-from vicrop_jax.families import FAMILIES, family_of
+from vicrop_jax.families import FAMILIES, NOT_SUPPORTED, family_of
 from vicrop_jax.models.common import ModelOutput, check_config_dict
 
 _PROCESSOR_FILES = ("preprocessor_config.json", "processor_config.json")
@@ -66,6 +66,8 @@ def parse_config(d: dict):
     mt = d.get("model_type")
     if mt is None:
         raise CheckpointError("config.json has no model_type")
+    if mt in NOT_SUPPORTED:
+        raise CheckpointError(f"model_type {mt!r} is not supported: {NOT_SUPPORTED[mt]}")
     if mt not in FAMILIES:
         raise CheckpointError(
             f"unsupported model_type {mt!r}; supported: {', '.join(map(repr, FAMILIES))}"
@@ -269,7 +271,7 @@ def count_image_tokens(input_ids: np.ndarray, token: int) -> int:
 
 
 def check_inputs(config, input_ids, pixel_values, qformer_input_ids=None,
-                 image_sizes=None) -> None:  # fmt: skip
+                 image_sizes=None, image_grid_thw=None) -> None:  # fmt: skip
     """Host-side checks with clear messages (traced code cannot raise on values)."""
     ids = np.asarray(input_ids)
     if ids.ndim != 2:
@@ -278,6 +280,18 @@ def check_inputs(config, input_ids, pixel_values, qformer_input_ids=None,
         raise ValueError("input_ids is empty: the prompt has no tokens")
     n_tok = count_image_tokens(ids, config.image_token_index)
     n_img = 0 if pixel_values is None else int(np.shape(pixel_values)[0])
+    token_counts = getattr(family_of(config).models, "image_token_counts", None)
+    if token_counts is not None:  # dynamic resolution: counts follow from each image's grid
+        if pixel_values is not None and image_grid_thw is None:
+            raise ValueError("image_grid_thw is required with pixel_values (one row an image)")
+        per = [] if image_grid_thw is None else token_counts(config, image_grid_thw).tolist()
+        if n_tok != sum(per):
+            raise ValueError(
+                f"the prompt has {n_tok} image tokens but image_grid_thw's {len(per)} images "
+                f"need {sum(per)} ({per} per image); use the model's processor to expand each "
+                "image placeholder"
+            )
+        return
     if image_sizes is not None:  # anyres: each image's count follows from its size
         per = [
             config.image_token_count(int(h), int(w)) for h, w in np.reshape(image_sizes, (-1, 2))
@@ -336,6 +350,7 @@ def forward(
     qformer_attention_mask=None,
     qformer_delta=None,
     image_sizes=None,
+    image_grid_thw=None,
 ) -> ModelOutput:
     """One jitted forward pass.
 
@@ -351,12 +366,15 @@ def forward(
       qformer_delta: InstructBLIP only: float[C, I, N, T, P] added to the cross-attentions.
       image_sizes: LLaVA-NeXT only: int[I, 2] (height, width) as the processor gives, with
         pixel_values float[I, tiles, C, H, W].
+      image_grid_thw: Qwen2.5-VL only: int[I, 3] each image's patch grid as the processor
+        gives, with pixel_values float[patches, F] (the processor's flattened patches).
 
     Returns:
       ModelOutput: .logits float32[B, S, V], .attentions float32[L, B, N, S] (last query rows);
       InstructBLIP also .qformer_cross_attentions float32[C, I, N, T, P].
     """
-    check_inputs(model.config, input_ids, pixel_values, qformer_input_ids, image_sizes)
+    check_inputs(model.config, input_ids, pixel_values, qformer_input_ids, image_sizes,
+                 image_grid_thw)  # fmt: skip
     ids = jnp.asarray(input_ids, jnp.int32)
     mask = None if attention_mask is None else jnp.asarray(attention_mask, jnp.int32)
     extra = {}
@@ -366,7 +384,12 @@ def forward(
         extra["qformer_attention_mask"] = jnp.asarray(qformer_attention_mask, jnp.int32)
     if qformer_delta is not None:
         extra["qformer_delta"] = qformer_delta
-    if image_sizes is not None and pixel_values is not None:
+    if image_grid_thw is not None and pixel_values is not None:
+        enc = {"input_ids": input_ids, "attention_mask": attention_mask,
+               "pixel_values": pixel_values, "image_grid_thw": image_grid_thw}  # fmt: skip
+        pixels, more = family_of(model).model_inputs(model.config, enc)
+        extra.update({k: jnp.asarray(v) for k, v in more.items()})
+    elif image_sizes is not None and pixel_values is not None:
         pixels, extra["pack_index"] = family_of(model).models.anyres_inputs(
             model.config, pixel_values, image_sizes
         )

@@ -31,12 +31,21 @@ from vicrop_jax.families.base import Family
 from vicrop_jax.families.instructblip import INSTRUCTBLIP
 from vicrop_jax.families.llava import LLAVA
 from vicrop_jax.families.llava_next import LLAVA_NEXT
+from vicrop_jax.families.qwen2_5_vl import QWEN2_5_VL
+from vicrop_jax.models.qwen2_5_vl import UNSUPPORTED_MODEL_TYPES
 
-FAMILIES: dict[str, Family] = {f.name: f for f in (LLAVA, INSTRUCTBLIP, LLAVA_NEXT)}
+FAMILIES: dict[str, Family] = {f.name: f for f in (LLAVA, INSTRUCTBLIP, LLAVA_NEXT, QWEN2_5_VL)}
+# Model types refused by name, with the reason (neighbours of a supported family).
+NOT_SUPPORTED: dict[str, str] = {
+    mt: "only Qwen2.5-VL (model_type 'qwen2_5_vl') of the Qwen VL families is ported"
+    for mt in UNSUPPORTED_MODEL_TYPES
+}
 
 
 def get_family(name: str) -> Family:
     """The adapter of a family name (a config's model_type)."""
+    if name in NOT_SUPPORTED:
+        raise ValueError(f"model_type {name!r} is not supported: {NOT_SUPPORTED[name]}")
     try:
         return FAMILIES[name]
     except KeyError:
@@ -51,4 +60,4 @@ def family_of(model) -> Family:
     return get_family(config.model_type)
 
 
-__all__ = ["FAMILIES", "Family", "family_of", "get_family"]
+__all__ = ["FAMILIES", "NOT_SUPPORTED", "Family", "family_of", "get_family"]
