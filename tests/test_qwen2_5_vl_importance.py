@@ -1,0 +1,123 @@
+"""Qwen2.5-VL maps (families/qwen2_5_vl.py) vs the recipes run on the HF torch model.
+
+rel-att as the official code: the last position's attention at the layer, heads averaged,
+over the image tokens, question / general prompt, reshaped to the merged grid. grad-att and
+pure-grad by the paper's formulas with torch autograd. A batch of two images of different
+sizes, left-padded and bucketed, against single unpadded torch runs.
+"""
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+
+from tests.hf_reference import make_tiny_qwen2_5_vl
+from tests.test_qwen2_5_vl_parity import IMG, images, prompt
+from vicrop_jax.families import family_of
+from vicrop_jax.families.qwen2_5_vl import detail_patches, map_shapes
+
+QUESTION, GENERAL = (7, 8, 9), (10, 11)
+LAYER = 1
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    import vicrop_jax
+
+    d = str(tmp_path_factory.mktemp("tiny_qwen_maps"))
+    hf = make_tiny_qwen2_5_vl(d, seed=2)
+    model = vicrop_jax.load_model(d)
+    singles = [images("wide", seed=3), images("square", seed=4)]
+    rows = [prompt(g, QUESTION) for _, g in singles] + [prompt(g, GENERAL) for _, g in singles]
+    s = max(map(len, rows))
+    enc = {
+        "input_ids": np.array([[3] * (s - len(r)) + r for r in rows]),
+        "attention_mask": np.array([[0] * (s - len(r)) + [1] * len(r) for r in rows]),
+        "pixel_values": np.concatenate([p for p, _ in singles] * 2),
+        "image_grid_thw": np.concatenate([g for _, g in singles] * 2),
+    }
+    return model, hf, singles, enc
+
+
+def torch_pass(hf, ids, pv, grid, pix_grad=False):
+    ids = np.array([ids])
+    pix = torch.tensor(pv, requires_grad=pix_grad)
+    out = hf(input_ids=torch.tensor(ids), pixel_values=pix, image_grid_thw=torch.tensor(grid),
+             mm_token_type_ids=torch.tensor((ids == IMG).astype(np.int64)),
+             output_attentions=True)  # fmt: skip
+    return out, pix, ids[0] == IMG
+
+
+def v(out):
+    """The paper's v: log-probability of the most likely first answer token."""
+    return torch.log_softmax(out.logits[0, -1], -1).max()
+
+
+def our_maps(setup, method, detail=None):
+    model, _, _, enc = setup
+    return family_of(model).maps(model.module, model.params, enc, None, detail, method=method,
+                                 layers=(LAYER,), place=jnp.asarray)  # fmt: skip
+
+
+def check(got, want, shape, name):
+    h, w = shape
+    assert got.shape == (5, 6)  # the batch's largest grid in each dimension
+    np.testing.assert_allclose(got[:h, :w], want, rtol=1e-4, atol=1e-6, err_msg=name)
+    assert not got[h:].any() and not got[:, w:].any(), "outside the image's grid: zeros"
+
+
+def test_rel_att_matches_official_recipe(setup):
+    model, hf, singles, enc = setup
+    got = our_maps(setup, "rel_att")
+    shapes = map_shapes(model.config, enc["image_grid_thw"][:2])
+    assert tuple(shapes[0]) == (4, 6)  # H/8 x W/8 px of the tiny tower: not square
+    for i, (pv, grid) in enumerate(singles):
+        att = []
+        for text in (QUESTION, GENERAL):
+            with torch.no_grad():
+                out, _, img = torch_pass(hf, prompt(grid, text), pv, grid)
+            att.append(out.attentions[LAYER][0, :, -1, torch.tensor(img)].mean(0).numpy())
+        check(got[i], (att[0] / att[1]).reshape(shapes[i]), shapes[i], f"rel_att {i}")
+
+
+def test_grad_att_matches_paper_formula(setup):
+    model, hf, singles, enc = setup
+    got = our_maps(setup, "grad_att")
+    shapes = map_shapes(model.config, enc["image_grid_thw"][:2])
+    for i, (pv, grid) in enumerate(singles):
+        out, _, img = torch_pass(hf, prompt(grid, QUESTION), pv, grid)
+        att = out.attentions[LAYER]
+        (g,) = torch.autograd.grad(v(out), [att])
+        sel = torch.tensor(img)
+        want = (att[0, :, -1, sel] * torch.relu(g[0, :, -1, sel])).mean(0).detach().numpy()
+        check(got[i], want.reshape(shapes[i]), shapes[i], f"grad_att {i}")
+
+
+def test_pure_grad_matches_paper_formula(setup):
+    """Gradient w.r.t. the resized image (the patches unflattened back to pixels: a patch
+    holds its pixels in two frames), channel norm, question / general, times the detail
+    mask, mean over each merged token's 2 x 2 patches."""
+    model, hf, singles, enc = setup
+    v_cfg = model.config.vision_config
+    ps, m = v_cfg.patch_size, v_cfg.spatial_merge_size
+    rng = np.random.RandomState(5)
+    masks = [rng.rand(g[0, 1] * ps, g[0, 2] * ps) > 0.3 for _, g in singles]
+    family = family_of(model)
+    patches, extra = family.model_inputs(model.config, enc)
+    detail = jnp.asarray(detail_patches(model.config, masks, extra["patch_layout"][:2]))
+    got = our_maps(setup, "pure_grad", detail)
+    shapes = map_shapes(model.config, enc["image_grid_thw"][:2])
+    for i, (pv, grid) in enumerate(singles):
+        _, gh, gw = grid[0]
+        norms = []
+        for text in (QUESTION, GENERAL):
+            out, pix, _ = torch_pass(hf, prompt(grid, text), pv, grid, pix_grad=True)
+            (g,) = torch.autograd.grad(v(out), [pix])
+            # [patches, C * 2 * ps * ps] -> the image [C, H, W], both frames summed
+            g = g.numpy().reshape(gh // m, gw // m, m, m, 3, 2, ps, ps).sum(5)
+            image = g.transpose(4, 0, 2, 5, 1, 3, 6).reshape(3, gh * ps, gw * ps)
+            norms.append(np.sqrt((image.astype(np.float64) ** 2).sum(0)))
+        ratio = norms[0] / norms[1] * masks[i]
+        h, w = shapes[i]
+        want = ratio.reshape(h, m * ps, w, m * ps).mean((1, 3))
+        check(got[i], want, shapes[i], f"pure_grad {i}")
