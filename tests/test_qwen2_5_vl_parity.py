@@ -22,7 +22,7 @@ from convert.checkpoint import CheckpointError, save_safetensors
 from convert.qwen2_5_vl import export_params
 from tests.hf_reference import QWEN_IDS, make_tiny_qwen2_5_vl, qwen2_5_vl_config_dict
 from vicrop_jax.generate import greedy_generate
-from vicrop_jax.loading import parse_config
+from vicrop_jax.loading import checked_abstract_params, parse_config
 from vicrop_jax.models import qwen2_5_vl as qwen
 
 IMG, VS, VE = QWEN_IDS["image"], QWEN_IDS["vision_start"], QWEN_IDS["vision_end"]
@@ -114,6 +114,10 @@ def test_config_formats():
     assert a == b
     assert a.text_config.mrope_section == (1, 2, 2) and a.tie_word_embeddings
     assert a.vision_config.window_units == 2
+    deep = qwen2_5_vl_config_dict()
+    deep["vision_config"]["depth"] = 10**9  # sized by extrapolation, not traced
+    with pytest.raises(CheckpointError, match="vision_config.depth = 1000000000: the model's"):
+        checked_abstract_params(parse_config(deep))
     with pytest.raises(CheckpointError, match="'qwen2_vl' is not supported"):
         parse_config({**nested, "model_type": "qwen2_vl"})
     with pytest.raises(CheckpointError, match="'qwen3_vl' is not supported"):
@@ -323,3 +327,18 @@ def test_preset_param_counts_equal_hf():
         want = sum(p.numel() for p in hf.parameters())
         got = sum(x.size for x in jax.tree.leaves(qwen.abstract_params(cfg)))
         assert got == want, (name, got, want)
+
+
+def test_bfloat16_close_to_float32(tiny):
+    model, _, d = tiny
+    m16 = vicrop_jax.load_model(d, dtype=jnp.bfloat16)
+    pv, grid = images("wide")
+    ids = np.array([prompt(grid)])
+    o32 = vicrop_jax.forward(model, ids, pv, image_grid_thw=grid)
+    o16 = vicrop_jax.forward(m16, ids, pv, image_grid_thw=grid)
+    assert o16.attentions.dtype == jnp.float32  # softmax stays float32
+    logit_diff = float(jnp.abs(o16.logits - o32.logits).max())
+    att_diff = float(jnp.abs(o16.attentions - o32.attentions).max())
+    # bf16 weights and activations, float32 softmax and norms (the LLaVA bounds).
+    assert logit_diff < 0.1, logit_diff
+    assert att_diff < 0.02, att_diff

@@ -116,13 +116,14 @@ _PROBE_LAYERS = 6
 
 
 def _layer_counts(config, prefix: tuple[str, ...] = ()) -> list[tuple[tuple[str, ...], int]]:
-    """(field path, value) of every num_hidden_layers in a config and its nested configs."""
+    """(field path, value) of every layer count in a config and its nested configs
+    (`num_hidden_layers`; `depth`, Qwen2.5-VL's vision tower)."""
     out = []
     for f in dataclasses.fields(config):
         value = getattr(config, f.name)
         if dataclasses.is_dataclass(value):
             out += _layer_counts(value, (*prefix, f.name))
-        elif f.name == "num_hidden_layers":
+        elif f.name in ("num_hidden_layers", "depth"):
             out.append(((*prefix, f.name), value))
     return out
 

@@ -192,8 +192,9 @@ class PatchProjection(nn.Module):
                  cfg.patch_size)  # fmt: skip
         kernel = self.param("kernel", nn.initializers.lecun_normal(in_axis=(1, 2, 3, 4),
                                                                    out_axis=0), shape)  # fmt: skip
-        w = kernel.reshape(cfg.hidden_size, -1).astype(patches.dtype)
-        return jnp.einsum("ipf,ef->ipe", patches, w)  # [I, P, E]
+        # HF casts the pixels to the weights' dtype.
+        x = patches.astype(kernel.dtype)
+        return jnp.einsum("ipf,ef->ipe", x, kernel.reshape(cfg.hidden_size, -1))  # [I, P, E]
 
 
 class PatchEmbed(nn.Module):
