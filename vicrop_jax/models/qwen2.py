@@ -18,6 +18,7 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from vicrop_jax.models.common import KVCache, RMSNorm, config_from_dict
 from vicrop_jax.models.llama import apply_rope, attend
@@ -94,17 +95,34 @@ class Qwen2_5_VLTextConfig:
         return () if e is None else (tuple(e) if isinstance(e, tuple | list) else (e,))
 
 
-def mrope_cos_sin(cfg: Qwen2_5_VLTextConfig, positions: Array) -> tuple[Array, Array]:
+def mrope_cos_sin(cfg: Qwen2_5_VLTextConfig, positions: Array, table_size: int | None = None
+                  ) -> tuple[Array, Array]:  # fmt: skip
     """cos, sin float32[B, S, H] for M-RoPE positions int[3, B, S]: frequency j of the half
     head takes the temporal, height or width position by which `mrope_section` run it is in
-    (HF's recomposition), and the half is repeated."""
+    (HF's recomposition), and the half is repeated.
+
+    table_size: a static bound on the positions: cos and sin of every position below it are
+    then constants of the compiled program, looked up per axis (as llama.rope_cos_sin, so
+    that XLA's CPU fusion does not recompute them inside every layer).
+    """
     h = cfg.head_dim
     inv = 1.0 / (cfg.rope_theta ** (jnp.arange(0, h, 2, dtype=jnp.float32) / h))  # [H/2]
-    axis = jnp.concatenate([jnp.full((n,), a, jnp.int32) for a, n in enumerate(cfg.mrope_section)])
-    pos = jnp.moveaxis(positions[axis], 0, -1).astype(jnp.float32)  # [B, S, H/2]
-    freqs = pos * inv
-    emb = jnp.concatenate([freqs, freqs], axis=-1)
-    return jnp.cos(emb), jnp.sin(emb)
+    bounds = np.cumsum((0, *cfg.mrope_section))
+    if table_size is None:
+        axis = np.repeat(np.arange(3), cfg.mrope_section)
+        freqs = jnp.moveaxis(positions[axis], 0, -1).astype(jnp.float32) * inv  # [B, S, H/2]
+        emb = jnp.concatenate([freqs, freqs], axis=-1)
+        return jnp.cos(emb), jnp.sin(emb)
+    with jax.ensure_compile_time_eval():
+        freqs = jnp.arange(table_size, dtype=jnp.float32)[:, None] * inv  # [K, H/2]
+        tables = jnp.cos(freqs), jnp.sin(freqs)
+    out = []
+    for table in tables:
+        half = jnp.concatenate(
+            [table[positions[a], bounds[a] : bounds[a + 1]] for a in range(3)], axis=-1
+        )
+        out.append(jnp.concatenate([half, half], axis=-1))
+    return out[0], out[1]
 
 
 class Qwen2Attention(nn.Module):
@@ -224,7 +242,9 @@ class Qwen2Model(nn.Module):
         causal = jnp.arange(k_len)[None, :] <= q_slot[:, None]  # [S, K]
         own = jnp.arange(k_len)[None, :] == q_slot[:, None]  # a padding query sees itself
         mask = causal[None] & (kv_mask[:, None, :] | own[None])  # [B, S, K]
-        cos, sin = mrope_cos_sin(self.config, positions)
+        # Positions count at most one per real token (an image's run advances by its grid's
+        # larger side), so each is below the number of key slots: a static table bound.
+        cos, sin = mrope_cos_sin(self.config, positions, table_size=k_len)
         x = inputs_embeds
         ks, vs, rows, fulls = [], [], [], []
         final = len(self.layers) - 1
