@@ -67,8 +67,8 @@ QWEN_IDS = {"image": 127, "video": 128, "vision_start": 125, "vision_end": 126}
 
 def qwen2_5_vl_config_dict(tie_word_embeddings: bool = False) -> dict:
     """A transformers-5 Qwen2_5_VLConfig dict with tiny, distinct dimensions: 4 px patches,
-    16 px windows (2 x 2 merged tokens), full attention at block 1 of 3, head size 10 with
-    mrope_section [1, 2, 2]."""
+    16 px windows (2 x 2 merged tokens), window attention at block 0 and full attention at
+    block 1, head size 10 with mrope_section [1, 2, 2]."""
     return {
         "model_type": "qwen2_5_vl", "architectures": ["Qwen2_5_VLForConditionalGeneration"],
         "image_token_id": QWEN_IDS["image"], "video_token_id": QWEN_IDS["video"],
@@ -76,14 +76,14 @@ def qwen2_5_vl_config_dict(tie_word_embeddings: bool = False) -> dict:
         "vision_end_token_id": QWEN_IDS["vision_end"],
         "tie_word_embeddings": tie_word_embeddings,
         "vision_config": {
-            "model_type": "qwen2_5_vl_vision", "depth": 3, "hidden_size": 24,
+            "model_type": "qwen2_5_vl_vision", "depth": 2, "hidden_size": 24,
             "intermediate_size": 37, "num_heads": 2, "in_channels": 3, "patch_size": 4,
             "spatial_merge_size": 2, "temporal_patch_size": 2, "window_size": 16,
             "out_hidden_size": 40, "fullatt_block_indexes": [1], "hidden_act": "silu",
         },
         "text_config": {
             "model_type": "qwen2_5_vl_text", "vocab_size": 131, "hidden_size": 40,
-            "intermediate_size": 53, "num_hidden_layers": 3, "num_attention_heads": 4,
+            "intermediate_size": 53, "num_hidden_layers": 2, "num_attention_heads": 4,
             "num_key_value_heads": 2, "rms_norm_eps": 1e-6, "max_position_embeddings": 512,
             "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 3,
             "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0,
