@@ -114,6 +114,8 @@ def test_config_formats():
     assert a == b
     assert a.text_config.mrope_section == (1, 2, 2) and a.tie_word_embeddings
     assert a.vision_config.window_units == 2
+    with pytest.raises(CheckpointError, match="num_hidden_layers: must be a positive int, got '2'"):
+        parse_config({**flat, "num_hidden_layers": "2"})  # checked in the flat layout too
     deep = qwen2_5_vl_config_dict()
     deep["vision_config"]["depth"] = 10**9  # sized by extrapolation, not traced
     with pytest.raises(CheckpointError, match="vision_config.depth = 1000000000: the model's"):

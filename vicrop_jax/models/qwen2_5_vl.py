@@ -31,7 +31,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from vicrop_jax.models.common import KVCache, ModelOutput
+from vicrop_jax.models.common import KVCache, ModelOutput, check_config_dict
 from vicrop_jax.models.qwen2 import Qwen2_5_VLTextConfig, Qwen2Model
 from vicrop_jax.models.qwen2_5_vl_vision import (
     LAYOUT_REAL,
@@ -81,8 +81,9 @@ class Qwen2_5_VLConfig:
         if mt != "qwen2_5_vl":
             raise ValueError(f"expected model_type 'qwen2_5_vl', got {mt!r}")
         text = d.get("text_config")
-        if text is None:
+        if text is None:  # the generic check (loading.parse_config) sees nested configs only
             text = {k: v for k, v in d.items() if k not in (*_TOP_FIELDS, "vision_config")}
+            check_config_dict(Qwen2_5_VLTextConfig, text)
         text = dict(text)
         tie = bool(d.get("tie_word_embeddings", False) or text.get("tie_word_embeddings", False))
         text["tie_word_embeddings"] = tie
