@@ -10,11 +10,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from tests.hf_reference import make_tiny_qwen2_5_vl
 from tests.test_qwen2_5_vl_parity import IMG, images, prompt
+from vicrop_jax.detail_mask import detail_masks
 from vicrop_jax.families import family_of
-from vicrop_jax.families.qwen2_5_vl import detail_patches, map_shapes
+from vicrop_jax.families.qwen2_5_vl import map_shapes
 
 QUESTION, GENERAL = (7, 8, 9), (10, 11)
 LAYER = 1
@@ -101,10 +103,11 @@ def test_pure_grad_matches_paper_formula(setup):
     v_cfg = model.config.vision_config
     ps, m = v_cfg.patch_size, v_cfg.spatial_merge_size
     rng = np.random.RandomState(5)
-    masks = [rng.rand(g[0, 1] * ps, g[0, 2] * ps) > 0.3 for _, g in singles]
-    family = family_of(model)
-    patches, extra = family.model_inputs(model.config, enc)
-    detail = jnp.asarray(detail_patches(model.config, masks, extra["patch_layout"][:2]))
+    # The images the processor resized (to each grid x 4 px): the hook resizes them again.
+    pils = [Image.fromarray((rng.rand(37, 55, 3) * 255).astype(np.uint8)) for _ in singles]
+    masks = [detail_masks([im], (g[0, 1] * ps, g[0, 2] * ps))[0]
+             for im, (_, g) in zip(pils, singles, strict=True)]  # fmt: skip
+    detail = jnp.asarray(family_of(model).detail_masks(model.config, pils, enc))
     got = our_maps(setup, "pure_grad", detail)
     shapes = map_shapes(model.config, enc["image_grid_thw"][:2])
     for i, (pv, grid) in enumerate(singles):

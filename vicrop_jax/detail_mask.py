@@ -34,6 +34,7 @@ Axis letters: ``...`` any leading batch axes, H height, W width, C channels.
 from __future__ import annotations
 
 import functools
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -324,7 +325,7 @@ def detail_mask(image: jax.Array, size: int = 7) -> jax.Array:
     return hp > _median_like_numpy(hp)[..., None, None]
 
 
-def resize_for_mask(pil_image: Image.Image, resolution: int) -> np.ndarray:
+def resize_for_mask(pil_image: Image.Image, resolution: int | tuple[int, int]) -> np.ndarray:
     """Host step before ``detail_mask``: the official ``TF.resize(image, (res, res))``.
 
     torchvision resizes a PIL image with ``Image.resize`` and BILINEAR by default (PIL's
@@ -333,12 +334,22 @@ def resize_for_mask(pil_image: Image.Image, resolution: int) -> np.ndarray:
 
     Args:
       pil_image: any PIL image.
-      resolution: output side (336 for LLaVA-1.5, 224 for InstructBLIP).
+      resolution: output side (336 for LLaVA-1.5, 224 for InstructBLIP), or (height,
+        width) (Qwen2.5-VL: the size its processor resized the image to).
 
     Returns:
-      uint8[resolution, resolution, 3].
+      uint8[height, width, 3].
     """
+    h, w = (resolution, resolution) if isinstance(resolution, int) else resolution
     if pil_image.mode != "RGB":
         pil_image = pil_image.convert("RGB")
-    resized = pil_image.resize((resolution, resolution), Image.Resampling.BILINEAR)
+    resized = pil_image.resize((w, h), Image.Resampling.BILINEAR)
     return np.asarray(resized, dtype=np.uint8)
+
+
+def detail_masks(images: Sequence[Image.Image], resolution: int | tuple[int, int]) -> np.ndarray:
+    """bool[B, H, W] pure-grad detail masks of images resized to `resolution` (a side, or
+    (height, width))."""
+    return np.stack([
+        np.asarray(detail_mask(jnp.asarray(resize_for_mask(im, resolution)))) for im in images
+    ])  # fmt: skip

@@ -29,18 +29,24 @@ from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from PIL import Image
 
 from vicrop_jax import bbox as bbox_lib
-from vicrop_jax import detail_mask as detail
+from vicrop_jax.detail_mask import detail_masks
 from vicrop_jax.families import family_of, get_family
 from vicrop_jax.loading import Model
 from vicrop_jax.maps import METHODS, check_method, relative_depth
 from vicrop_jax.processing import GENERAL_QUESTION, check_question, encode, to_rgb
 
 Array = jax.Array
-__all__ = ["METHODS", "default_layer", "importance", "maps_for_images", "model_layers"]
+__all__ = [
+    "METHODS",
+    "default_layer",
+    "detail_masks",
+    "importance",
+    "maps_for_images",
+    "model_layers",
+]
 
 
 def default_layer(family: str, num_layers: int) -> int:
@@ -52,14 +58,6 @@ def default_layer(family: str, num_layers: int) -> int:
 def model_layers(model: Model, layer) -> tuple[int, ...]:
     """The LM layers a map reads: `layer` resolved, or the paper's default for the family."""
     return family_of(model).layers(model.config, layer)
-
-
-def detail_masks(images: Sequence[Image.Image], resolution: int) -> np.ndarray:
-    """bool[B, R, R] pure-grad detail masks of RGB images at the vision input side R."""
-    return np.stack([
-        np.asarray(detail.detail_mask(jnp.asarray(detail.resize_for_mask(im, resolution))))
-        for im in images
-    ])  # fmt: skip
 
 
 def maps_for_images(
@@ -96,7 +94,7 @@ def maps_for_images(
     pixels = place(family.map_pixels(model.config, enc, len(images)))
     detail = None
     if method == "pure_grad":
-        detail = place(detail_masks(images, model.config.vision_config.image_size))
+        detail = place(family.detail_masks(model.config, images, enc))
     layers = () if method == "pure_grad" else family.layers(model.config, layer)
     params = model.params_or(params)
     return family.maps(model.module, params, enc, pixels, detail, method=method, layers=layers,

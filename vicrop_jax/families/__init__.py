@@ -18,6 +18,7 @@ they ask the family of a model (`family_of(model)`) for:
   model_inputs(config, enc)        the module's pixels and further prefill inputs from the
                                    processor's arrays (Q-Former prompt, anyres packing table)
   map_pixels(config, enc, n)       the first n images' pixels at the map's input side
+  detail_masks(config, images, enc) pure-grad's detail masks as its `maps` takes them
   maps(...)                        the jitted pure cores of rel_att, grad_att and pure_grad
   map_options(config, **options)   validated static options of its cores
 

@@ -6,6 +6,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
+from vicrop_jax.detail_mask import detail_masks
 from vicrop_jax.maps import relative_depth, resolve_layers
 
 
@@ -82,6 +83,12 @@ class Family:
         """float[n, H, W, C] NHWC: the first n images' pixels at the map's input side."""
         del config
         return np.transpose(enc["pixel_values"][:n], (0, 2, 3, 1))
+
+    def detail_masks(self, config, images, enc: dict):
+        """pure-grad's detail masks of the B images, as `maps` takes them: bool[B, R, R] at
+        the vision input side R (images: RGB PIL images; enc: the processor's arrays)."""
+        del enc
+        return detail_masks(images, config.vision_config.image_size)
 
     def map_options(self, config, **options) -> dict[str, Any]:
         """Validated static options of `maps` (none by default)."""

@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from convert import qwen2_5_vl as qwen_convert
+from vicrop_jax.detail_mask import detail_masks
 from vicrop_jax.families.base import Family
 from vicrop_jax.maps import METHODS, finite_map, image_rows, log_max_softmax, safe_ratio
 from vicrop_jax.models import qwen2_5_vl as qwen_models
@@ -175,6 +176,16 @@ class Qwen2_5_VL(Family):
         """The first n images' padded patches float[n, P, F]."""
         patches, _ = self.model_inputs(config, enc)
         return patches[:n]
+
+    def detail_masks(self, config, images, enc: dict):
+        """pure-grad's detail masks at each image's resized size (its patch grid x 14 px),
+        in the patch layout of the maps' padded patches: float32[B, P, 14, 14]."""
+        ps = config.vision_config.patch_size
+        grids = qwen_models.check_grid(config, enc["image_grid_thw"])[: len(images)]
+        masks = [detail_masks([im], (int(h) * ps, int(w) * ps))[0]
+                 for im, (_, h, w) in zip(images, grids, strict=True)]  # fmt: skip
+        _, layout = qwen_models.patch_inputs(config, enc["pixel_values"], enc["image_grid_thw"])
+        return detail_patches(config, masks, layout[: len(images)])
 
     def maps(self, module, params, enc, pixels, detail, *, method, layers, place, **options):
         """float32[B, Hm, Wm] maps (each image's in its top-left corner, `map_shapes`).
