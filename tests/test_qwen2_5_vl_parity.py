@@ -157,6 +157,13 @@ def test_vision_tower(tiny):
     ))(model.params, jnp.asarray(px), jnp.asarray(layout))  # fmt: skip
     valid = np.asarray(qwen.token_mask(model.config, jnp.asarray(layout)))
     np.testing.assert_allclose(np.asarray(feats)[valid], ref, atol=1e-5, err_msg="merger output")
+    # A larger bucket of patches and of images (an empty one) gives the same tokens.
+    px, layout = qwen.patch_inputs(model.config, pv, grid, patches=192, images=3)
+    assert px.shape == (3, 192, 96) and not layout[2, :, 3].any()
+    feats = model.module.apply({"params": model.params}, jnp.asarray(px), jnp.asarray(layout),
+                               method=lambda m, x, lay: m.image_features(x, lay))  # fmt: skip
+    valid = np.asarray(qwen.token_mask(model.config, jnp.asarray(layout)))
+    np.testing.assert_allclose(np.asarray(feats)[valid], ref, atol=1e-5, err_msg="larger bucket")
 
 
 @pytest.mark.parametrize("names", [("wide",), ("wide", "small")])

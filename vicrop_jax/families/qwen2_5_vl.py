@@ -149,6 +149,9 @@ class Qwen2_5_VL(Family):
     # Official: layer 22 of Qwen2.5-VL-3B's 36.
     paper_layer = (22, 36)
     image_placeholder = IMAGE_PAD
+    # generate() stops at generation_config.json's eos ids (the Instruct checkpoints': the
+    # chat turn's <|im_end|> and <|endoftext|>).
+    eos_from_generation_config = True
 
     def prompt(self, question: str, n_images: int = 1) -> str:
         return qwen_prompt(question, n_images)
