@@ -285,6 +285,9 @@ def test_converter_layouts_tied_and_export(tiny, tmp_path):
     with open(os.path.join(d, "config.json")) as f:
         config = json.load(f)
     save_safetensors(tensors, hub, config)
+    with open(os.path.join(hub, "generation_config.json"), "w") as f:
+        json.dump({"eos_token_id": [2, 9], "repetition_penalty": 1.05}, f)
+    assert vicrop_jax.load_model(hub).config.text_config.eos_ids == (2, 9)  # as generate()
     v5 = str(tmp_path / "v5")  # transformers 5's own key layout
     v5_key = lambda k: re.sub(r"^model\.", "model.language_model.", k) if k.startswith(
         "model.") else re.sub(r"^visual\.", "model.visual.", k)  # fmt: skip
