@@ -188,3 +188,26 @@ def test_sampling_only_settings_are_accepted():
     got = GenerationSettings.from_generation_config(gen)
     assert got == GenerationSettings(repetition_penalty=1.05)
     assert dataclasses.asdict(got) == got.identity()
+
+
+def test_without_the_file_config_json_decides_as_in_transformers(tiny_llava_dir, tmp_path):
+    """No generation_config.json: transformers derives the settings from config.json (its
+    text config's legacy generation keys too), and so do we."""
+    from transformers import LlavaForConditionalGeneration
+
+    d = str(tmp_path / "legacy")
+    shutil.copytree(tiny_llava_dir[0], d)
+    os.remove(os.path.join(d, "generation_config.json"))
+    with open(os.path.join(d, "config.json")) as f:
+        config = json.load(f)
+    config["text_config"].update(repetition_penalty=1.25, num_beams=1, temperature=0.5)
+    with open(os.path.join(d, "config.json"), "w") as f:
+        json.dump(config, f)
+    hf = LlavaForConditionalGeneration.from_pretrained(d)
+    assert hf.generation_config.repetition_penalty == 1.25
+    assert vicrop_jax.loading.generation_settings(d).repetition_penalty == 1.25
+    config["text_config"]["no_repeat_ngram_size"] = 2
+    with open(os.path.join(d, "config.json"), "w") as f:
+        json.dump(config, f)
+    with pytest.raises(CheckpointError, match="config.json: no_repeat_ngram_size = 2"):
+        vicrop_jax.load_model(d, processor=False)

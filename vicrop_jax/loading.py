@@ -100,17 +100,26 @@ def read_generation_config(path: str) -> dict:
 
 
 def generation_settings(path: str) -> GenerationSettings:
-    """The settings of the directory's generation_config.json that HF generate(do_sample=
-    False) applies, for every family (defaults without the file).
+    """The generation settings HF generate(do_sample=False) applies for the directory, for
+    every family: generation_config.json's; without the file, what transformers derives from
+    config.json (GenerationConfig.from_model_config: its top-level keys, the text config's
+    where the top level has none), which legacy configs fill with generation defaults.
 
     Raises:
       CheckpointError: one line naming the file and a setting that changes greedy decoding
         but is not implemented (vicrop_jax.generate.GenerationSettings).
     """
+    gen = os.path.join(path, "generation_config.json")
+    d = read_generation_config(path)
+    if not os.path.isfile(gen):
+        hf = read_config(path)
+        hf = hf if isinstance(hf, dict) else {}  # parse_config names that problem
+        gen = os.path.join(path, "config.json")
+        text = hf.get("text_config") if isinstance(hf.get("text_config"), dict) else {}
+        d = {**text, **{k: v for k, v in hf.items() if v is not None}}
     try:
-        return GenerationSettings.from_generation_config(read_generation_config(path))
+        return GenerationSettings.from_generation_config(d)
     except ValueError as e:
-        gen = os.path.join(path, "generation_config.json")
         raise CheckpointError(f"{gen}: {e}") from None
 
 
