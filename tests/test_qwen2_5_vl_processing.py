@@ -135,6 +135,9 @@ def test_template_sources_and_max_pixels(ckpt, tmp_path):
     build_qwen2_5_vl_processor_files(other, template_in="tokenizer")
     theirs = qp.load_processor(other, max_pixels=28 * 28 * 64)
     assert theirs.chat_template == QWEN_CHAT_TEMPLATE and theirs.max_pixels == 28 * 28 * 64
+    # 700 x 896 after qwen_vl_utils; at most 50176 pixels: beta = 3.54, 7 x 9 merged cells
+    _, grids = qp.preprocess(theirs, [_image(700, 900, 3)])
+    assert grids.tolist() == [[1, 14, 18]]
     text = qp.prompt_text(proc, "q?", 2)
     assert qp.prompt_text(theirs, "q?", 2) == text
     assert text.count("<|vision_start|><|image_pad|><|vision_end|>") == 2
