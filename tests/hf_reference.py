@@ -92,14 +92,15 @@ def qwen2_5_vl_config_dict(tie_word_embeddings: bool = False) -> dict:
     }  # fmt: skip
 
 
-def make_tiny_qwen2_5_vl(out_dir: str, seed: int = 0, tie_word_embeddings: bool = False):
-    """Saves a tiny random HF Qwen2_5_VLForConditionalGeneration (transformers 5 layout,
-    no processor); returns it with eager attention."""
+def make_tiny_qwen2_5_vl(out_dir: str, seed: int = 0, tie_word_embeddings: bool = False,
+                         config: dict | None = None):  # fmt: skip
+    """Saves a tiny random HF Qwen2_5_VLForConditionalGeneration (no processor; config: a
+    config dict other than `qwen2_5_vl_config_dict`'s); returns it with eager attention."""
     import torch
     from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
     os.makedirs(out_dir, exist_ok=True)
-    cfg = Qwen2_5_VLConfig(**qwen2_5_vl_config_dict(tie_word_embeddings))
+    cfg = Qwen2_5_VLConfig(**(config or qwen2_5_vl_config_dict(tie_word_embeddings)))
     torch.manual_seed(seed)
     model = Qwen2_5_VLForConditionalGeneration(cfg).eval()
     # Perturb every tensor (fresh init leaves norms at 1, biases at 0); 0.15 so that greedy

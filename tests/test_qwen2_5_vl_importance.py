@@ -12,7 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
-from tests.hf_reference import make_tiny_qwen2_5_vl
+from tests.hf_reference import make_tiny_qwen2_5_vl, qwen2_5_vl_config_dict
 from tests.test_qwen2_5_vl_parity import IMG, images, prompt
 from vicrop_jax.detail_mask import detail_masks
 from vicrop_jax.families import family_of
@@ -124,3 +124,57 @@ def test_pure_grad_matches_paper_formula(setup):
         h, w = shapes[i]
         want = ratio.reshape(h, m * ps, w, m * ps).mean((1, 3))
         check(got[i], want, shapes[i], f"pure_grad {i}")
+
+
+def test_end_to_end_with_the_processor(tmp_path):
+    """load_model gives the image-only processor; its encoded batch (two images of different
+    sizes, left-padded) runs through vicrop_jax.forward as HF runs it, and rel-att maps come
+    back on each image's merged grid."""
+    import vicrop_jax
+    from vicrop_jax import processing_qwen2_5_vl as qp
+    from vicrop_jax.testing import QWEN_VOCAB, build_qwen2_5_vl_processor_files
+
+    d = str(tmp_path / "qwen_e2e")
+    tok = build_qwen2_5_vl_processor_files(d, max_pixels=28 * 28 * 64)
+    ids = {k: tok.convert_tokens_to_ids(f"<|{k}|>") for k in
+           ("image_pad", "video_pad", "vision_start", "vision_end")}  # fmt: skip
+    config = qwen2_5_vl_config_dict()
+    config.update(image_token_id=ids["image_pad"], video_token_id=ids["video_pad"],
+                  vision_start_token_id=ids["vision_start"],
+                  vision_end_token_id=ids["vision_end"])  # fmt: skip
+    config["vision_config"].update(patch_size=14, window_size=112)
+    config["text_config"].update(vocab_size=QWEN_VOCAB, eos_token_id=tok.eos_token_id,
+                                 bos_token_id=None, pad_token_id=tok.pad_token_id)  # fmt: skip
+    hf = make_tiny_qwen2_5_vl(d, seed=6, config=config)
+    model = vicrop_jax.load_model(d)
+    assert isinstance(model.processor, qp.Qwen2_5_VLImageProcessor)
+    family = family_of(model)
+    assert family.prompt("What?") == qp.prompt_text(model.processor, "What?" + qp.ANSWER_SUFFIX)
+    rng = np.random.RandomState(7)
+    pils = [Image.fromarray((rng.rand(h, w, 3) * 255).astype(np.uint8))
+            for h, w in ((150, 100), (70, 200))]  # fmt: skip
+    enc = qp.encode(
+        model.processor,
+        [("What?", [im]) for im in pils]
+        + [("Write a general description of the image.", [im]) for im in pils],
+    )
+    assert (enc["attention_mask"] == 0).any()
+    q = {k: enc[k][:2] for k in ("input_ids", "attention_mask")}
+    n = int(enc["image_grid_thw"][:2].prod(-1).sum())
+    out = vicrop_jax.forward(model, q["input_ids"], enc["pixel_values"][:n], q["attention_mask"],
+                             image_grid_thw=enc["image_grid_thw"][:2])  # fmt: skip
+    with torch.no_grad():
+        ref = hf(input_ids=torch.tensor(q["input_ids"]),
+                 attention_mask=torch.tensor(q["attention_mask"]),
+                 pixel_values=torch.tensor(enc["pixel_values"][:n]),
+                 image_grid_thw=torch.tensor(enc["image_grid_thw"][:2]),
+                 mm_token_type_ids=torch.tensor(enc["mm_token_type_ids"][:2]))  # fmt: skip
+    real = q["attention_mask"].astype(bool)
+    diff = np.abs(np.asarray(out.logits)[real] - ref.logits.numpy()[real]).max()
+    assert diff <= 1e-4, diff
+    maps = family.maps(model.module, model.params, enc, None, None, method="rel_att",
+                       layers=family.layers(model.config), place=jnp.asarray)  # fmt: skip
+    shapes = map_shapes(model.config, enc["image_grid_thw"][:2])
+    assert maps.shape == (2, *shapes.max(0))
+    for i, (h, w) in enumerate(shapes):
+        assert (maps[i, :h, :w] > 0).all() and not maps[i, h:].any() and not maps[i, :, w:].any()

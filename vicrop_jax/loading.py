@@ -304,7 +304,9 @@ def load_model(
     if family_of(config).eos_from_generation_config:
         config = _generation_eos(read_generation_config(path), config)
     params = load_params(path, config, dtype, check_finite)
-    proc = load_processor(path) if processor else None
+    proc = None
+    if processor:
+        proc = family_of(config).load_processor(path) or load_processor(path)
     return Model(config=config, params=params, processor=proc, hf_config=hf, path=path,
                  generation=generation)  # fmt: skip
 

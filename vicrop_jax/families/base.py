@@ -39,6 +39,12 @@ class Family:
     def prompt(self, question: str, n_images: int = 1) -> str:
         raise NotImplementedError
 
+    def load_processor(self, path: str):
+        """The family's own processor of a checkpoint directory, or None to use the
+        directory's HF processor (AutoProcessor, vicrop_jax.loading.load_processor)."""
+        del path
+        return None
+
     def abstract_params(self, config, dtype):
         """The param tree as ShapeDtypeStructs (nothing allocated)."""
         return self.models.abstract_params(config, dtype)

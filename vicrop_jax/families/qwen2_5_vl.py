@@ -13,23 +13,24 @@ Maps of a batch come back as float32[B, Hm, Wm]: image i's map fills its own mer
 from __future__ import annotations
 
 import functools
+import os
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from convert import qwen2_5_vl as qwen_convert
+from vicrop_jax import processing_qwen2_5_vl as qwen_processing
 from vicrop_jax.detail_mask import detail_masks
 from vicrop_jax.families.base import Family
 from vicrop_jax.maps import METHODS, finite_map, image_rows, log_max_softmax, safe_ratio
 from vicrop_jax.models import qwen2_5_vl as qwen_models
 
 Array = jax.Array
+TOKENIZER_FILES = {"tokenizer.json", "tokenizer_config.json", "vocab.json"}
 
-ANSWER_SUFFIX = " Answer the question using a single word or phrase."
-IMAGE_PAD = "<|image_pad|>"
 # One image in the chat template: the processor expands the pad to the image's tokens.
-IMAGE_TURN = "<|vision_start|>" + IMAGE_PAD + "<|vision_end|>"
+IMAGE_TURN = qwen_processing.VISION_START + qwen_processing.IMAGE_TOKEN + qwen_processing.VISION_END
 SYSTEM_TURN = "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
 
 
@@ -37,7 +38,7 @@ def qwen_prompt(question: str, n_images: int = 1) -> str:
     """The chat template's text for one user message (n_images images, then the question
     with the official suffix) and the assistant's turn opened (add_generation_prompt)."""
     return (SYSTEM_TURN + "<|im_start|>user\n" + IMAGE_TURN * n_images + question
-            + ANSWER_SUFFIX + "<|im_end|>\n<|im_start|>assistant\n")  # fmt: skip
+            + qwen_processing.ANSWER_SUFFIX + "<|im_end|>\n<|im_start|>assistant\n")  # fmt: skip
 
 
 def map_shapes(config, image_grid_thw) -> np.ndarray:
@@ -148,13 +149,21 @@ class Qwen2_5_VL(Family):
     converter = qwen_convert
     # Official: layer 22 of Qwen2.5-VL-3B's 36.
     paper_layer = (22, 36)
-    image_placeholder = IMAGE_PAD
+    image_placeholder = qwen_processing.IMAGE_TOKEN
     # generate() stops at generation_config.json's eos ids (the Instruct checkpoints': the
     # chat turn's <|im_end|> and <|endoftext|>).
     eos_from_generation_config = True
 
     def prompt(self, question: str, n_images: int = 1) -> str:
         return qwen_prompt(question, n_images)
+
+    def load_processor(self, path: str):
+        """The image-only processor (vicrop_jax.processing_qwen2_5_vl: transformers'
+        Qwen2_5_VLProcessor needs torchvision), or None without processor files."""
+        names = set(os.listdir(path))
+        if "preprocessor_config.json" not in names or not names & TOKENIZER_FILES:
+            return None
+        return qwen_processing.load_processor(path)
 
     def base_size(self, config) -> int:
         """The official box search's base size for Qwen2.5-VL: 224."""
