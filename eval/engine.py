@@ -207,6 +207,7 @@ class Engine:
       layer: LM layer(s) for the attention maps (int, list, "all"); None: the paper's.
       seed: seed of the random_crop control.
       mesh: a 1-D ("data",) mesh for data parallelism, or None for one device.
+      map_options: the family's map options (LLaVA-NeXT's map_source); None: its defaults.
     """
 
     def __init__(
@@ -218,6 +219,7 @@ class Engine:
         layer=None,
         seed: int = 0,
         mesh: Mesh | None = None,
+        map_options: dict | None = None,
     ):
         if model.processor is None:
             raise ValueError(f"model at {model.path!r} has no processor/tokenizer files")
@@ -236,7 +238,7 @@ class Engine:
         self.executor = Executor(
             model, params, layer=layer, max_new_tokens=max_new_tokens,
             batch_size=self.batch_size, pad_to_multiple_of=LENGTH_BUCKET,
-            place=None if mesh is None else self._place,
+            place=None if mesh is None else self._place, map_options=map_options,
         )  # fmt: skip
         self.layers, self.params = self.executor.layers, self.executor.params
 
@@ -268,8 +270,9 @@ class Engine:
         """Greedy answers; images[i] are the images of texts[i], in prompt order."""
         return self.executor.generate(texts, images)
 
-    def maps(self, images: list[Image.Image], questions: list[str], method: str) -> np.ndarray:
-        """Importance maps float32[n, N, N] of (image, question) pairs, full batches at a time."""
+    def maps(self, images: list[Image.Image], questions: list[str], method: str):
+        """Importance maps float32[n, N, N] of (image, question) pairs, full batches at a time
+        (a list of maps where the family's grid follows each image's size)."""
         return self.executor.maps(images, questions, method)
 
     # -- control boxes ---------------------------------------------------------------------

@@ -91,8 +91,10 @@ class Family:
         return {}
 
     def maps(self, module, params, enc: dict, pixels, detail, *, method: str,
-             layers: tuple[int, ...], place, **options):  # fmt: skip
+             layers: tuple[int, ...], place, images, **options):  # fmt: skip
         """float32[B, N, N] maps of B images from their encoded [questions; general] prompts
         (enc: the processor's arrays, 2B rows), pixels float[B, H, W, C] and the pure-grad
-        detail mask (or None); `place` puts a host array on the device(s)."""
+        detail mask (or None); `place` puts a host array on the device(s); images: the B
+        RGB images. A family whose map grid follows each image's size returns a list of B
+        float32[h_i, w_i] maps instead."""
         raise NotImplementedError
