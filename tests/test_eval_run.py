@@ -813,6 +813,39 @@ def test_engine_runs_instructblip_like_the_pipeline(tiny_instructblip):
     assert n == enc["input_ids"].shape[1] + model.config.num_query_tokens  # one more image
 
 
+def test_smoke_llava_next_like_the_pipeline(tiny_llava_next, tmp_path):
+    """eval.run on the tiny LLaVA-NeXT: every record's map on its image's tiles grid (the
+    default map_source "both"), the same answers and boxes as the library pipeline; a
+    map_source is part of the run's identity."""
+    from vicrop_jax import pipeline
+
+    model, _ = tiny_llava_next
+    spec = WRITERS["textvqa"](str(tmp_path / "data"))
+    out = tmp_path / "run"
+    s = _settings(model.path, "textvqa", spec, out, methods=("rel_att", "grad_att", "center_crop"))
+    recs = {r["id"]: r for r in records.read_records(run(s, model=model, log=_quiet))}
+    examples = datasets.load("textvqa", spec)
+    images = [datasets.load_image(e.image_file()) for e in examples]
+    grids = set()
+    for e, im in zip(examples, images, strict=True):
+        r = recs[e.id]
+        assert r["error"] is None, r["error"]
+        top, bottom, left, right = model.config.unpadded_span(im.size[1], im.size[0])
+        grids.add((bottom - top, right - left))
+        for m in ("rel_att", "grad_att"):
+            assert r["methods"][m]["map_stats"]["shape"] == [bottom - top, right - left], m
+    assert len(grids) > 1, "the images should select different tile grids"
+    for m in ("rel_att", "grad_att"):
+        ref = pipeline.ask_batch(model, images, [e.question for e in examples], method=m,
+                                 max_new_tokens=FAST["max_new_tokens"])  # fmt: skip
+        for e, a in zip(examples, ref, strict=True):
+            assert recs[e.id]["original_answer"] == a.original_answer
+            assert tuple(recs[e.id]["methods"][m]["bbox"]) == a.bbox, (e.id, m)
+            assert recs[e.id]["methods"][m]["crop_answer"] == a.crop_answer, (e.id, m)
+    with pytest.raises(ValueError, match="map_source"):
+        run(dataclasses.replace(s, map_source="base"), model=model, log=_quiet)
+
+
 def test_synthetic_task_writes_its_set_once_and_reports_by_subject_size(
     tiny_llava, tiny_llava_dir, tmp_path
 ):
