@@ -243,23 +243,32 @@ class Engine:
         self.layers, self.params = self.executor.layers, self.executor.params
 
     def _place(self, x: np.ndarray) -> jax.Array:
+        """Rows split over the data axis; an input whose leading axis is not per question
+        (LLaVA-NeXT's tiles and packing tables) is replicated when it does not divide."""
         spec = PartitionSpec("data", *([None] * (x.ndim - 1)))
+        if np.ndim(x) == 0 or np.shape(x)[0] % self.mesh.devices.size:
+            spec = PartitionSpec()
         return jax.device_put(np.asarray(x), NamedSharding(self.mesh, spec))
 
     def prompt(self, question: str, n_images: int = 1) -> str:
         return self.family.prompt(question, n_images)
 
-    def prompt_tokens(self, question: str, n_images: int = 2) -> int:
-        """Prompt length in tokens with every image's tokens in place."""
-        return self.family.prompt_tokens(self.tokenizer, self.model.config, question, n_images)
+    def prompt_tokens(self, question: str, n_images: int = 2, image_sizes=None) -> int:
+        """Prompt length in tokens with every image's tokens in place (image_sizes: (width,
+        height) of the first images, where the family's token count follows the size)."""
+        return self.family.prompt_tokens(self.tokenizer, self.model.config, question, n_images,
+                                         image_sizes)  # fmt: skip
 
-    def check_question(self, example: Example) -> None:
-        """Raises ValueError for an empty or too long question (too long for the model too)."""
+    def check_question(self, example: Example, image_size=None) -> None:
+        """Raises ValueError for an empty or too long question (too long for the model too);
+        image_size: the image's (width, height), the crop counted at the box search's base
+        size (its smallest box)."""
         check_question(example.question)
         if example.short_question is not None:
             check_question(example.short_question, "short_question")
         limit = self.model.config.text_config.max_position_embeddings
-        n = self.prompt_tokens(example.question)
+        sizes = None if image_size is None else [tuple(image_size), (self.base, self.base)]
+        n = self.prompt_tokens(example.question, image_sizes=sizes)
         if n + self.max_new_tokens > limit:
             raise ValueError(
                 f"question too long: the two-image prompt has {n} tokens, plus "

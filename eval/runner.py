@@ -452,7 +452,7 @@ def _run_shard(s: Settings, todo: list[Example], out, engine: Engine, log, total
                     rows.append(rec)
                     try:
                         image, ex, seconds, fingerprint = fut.result()
-                        engine.check_question(ex)
+                        engine.check_question(ex, image.size)
                     except (ImageError, OSError, ValueError, TypeError) as e:
                         rec["error"] = _error(e)
                         continue

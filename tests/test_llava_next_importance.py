@@ -118,7 +118,7 @@ def test_batched_maps_equal_single(tiny_llava_next):
     model, _ = tiny_llava_next
     imgs = [_image(4), _image(5, size=(66, 60))]
     qs = [QUESTION, "What color is the square?"]
-    for method, source in (("rel_att", "base"), ("grad_att", "base"), ("rel_att", "tiles")):
+    for method, source in (("grad_att", "base"), ("rel_att", "tiles")):
         batch = maps_for_images(model, imgs, qs, method=method, layer=2, map_source=source)
         for i in range(2):
             single = maps_for_images(model, [imgs[i]], [qs[i]], method=method, layer=2,

@@ -100,6 +100,7 @@ def maps_for_images(
     texts = [family.prompt(q) for q in questions]
     texts += [family.prompt(GENERAL_QUESTION)] * len(images)
     enc = encode(model.processor, texts, list(images) + list(images), pad_to_multiple_of)
+    enc = family.bucket_inputs(model.config, enc, pad_to_multiple_of)
     pixels = place(family.map_pixels(model.config, enc, len(images)))
     detail = None
     if method == "pure_grad":

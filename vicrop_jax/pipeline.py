@@ -77,11 +77,13 @@ def generate_answers(
     pad_to_multiple_of buckets prompt lengths; place(np.ndarray) -> jax.Array puts each input
     on device (e.g. sharded over a data mesh; the default is one device).
     """
+    family = family_of(model)
     enc = encode(model.processor, texts, images, pad_to_multiple_of)
+    enc = family.bucket_inputs(model.config, enc, pad_to_multiple_of)
     tok = model.processor.tokenizer
     # Extra model inputs (InstructBLIP's Q-Former prompt, LLaVA-NeXT's packing table) ride
     # along to the prefill.
-    pixels, extra = family_of(model).model_inputs(model.config, enc)
+    pixels, extra = family.model_inputs(model.config, enc)
     extra = {k: place(v) for k, v in extra.items()} or None
     out = greedy_generate(
         model.module, model.params_or(params),

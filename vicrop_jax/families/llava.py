@@ -53,7 +53,7 @@ def rel_att_from_rows(cfg, rows: Array, input_ids: Array, layers: tuple[int, ...
 
 def attention_token_values(module, params, input_ids: Array, attention_mask: Array,
                            pixels: Array, *, method: str, layers: tuple[int, ...], size: int,
-                           **inputs) -> Array:  # fmt: skip
+                           pair_inputs: dict | None = None, **inputs) -> Array:  # fmt: skip
     """rel-att's question-over-general ratio, or grad-att's A * relu(dv/dA), at each image
     token of a LLaVA-style model (an MLP projector: image tokens are the tower's tokens),
     heads and `layers` averaged (used inside jit).
@@ -63,6 +63,9 @@ def attention_token_values(module, params, input_ids: Array, attention_mask: Arr
         general prompt for the same images (grad_att reads the first B rows).
       pixels: the module's pixels of the B question images; inputs: its further image
         inputs (LLaVA-NeXT's pack_index).
+      pair_inputs: rel_att: image inputs with which one `image_features` call gives the 2B
+        rows' features (each image twice, LLaVA-NeXT's doubled packing table); None: the B
+        images' features, repeated.
       size: image tokens read per row (a static int; past a row's last image token the
         values are padding).
 
@@ -74,9 +77,13 @@ def attention_token_values(module, params, input_ids: Array, attention_mask: Arr
     tok, sel = cfg.image_token_index, jnp.asarray(layers)
     apply = functools.partial(module.apply, {"params": params})
     if method == "rel_att":
-        feats, _ = apply(pixels, method=lambda m, p: m.image_features(p, **inputs))
+        if pair_inputs is None:
+            feats, _ = apply(pixels, method=lambda m, p: m.image_features(p, **inputs))
+            feats = jnp.concatenate([feats, feats])
+        else:
+            feats, _ = apply(pixels, method=lambda m, p: m.image_features(p, **pair_inputs))
         out = apply(input_ids, None, attention_mask, only_last_logits=True,
-                    image_features=jnp.concatenate([feats, feats]))  # fmt: skip
+                    image_features=feats)  # fmt: skip
         s = input_ids.shape[1]
         att = image_rows(out.attentions[..., :s], input_ids, tok, size)[:, sel].mean(1)
         return safe_ratio(att[:b], att[b:])  # [B, size]

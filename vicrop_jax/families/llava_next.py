@@ -64,7 +64,9 @@ def llava_next_maps(
     input_ids: Array,
     attention_mask: Array,
     tiles: Array,
-    pack_index: Array,
+    index: Array,
+    index_q: Array,
+    index_pair: Array,
     base: Array,
     detail: Array | None,
     *,
@@ -77,8 +79,10 @@ def llava_next_maps(
     Args:
       input_ids, attention_mask: int[2B, S]: rows [0, B) the questions, rows [B, 2B) the
         general prompt for the same images.
-      tiles: float[P, H, W, C] the tiles of the 2B prompts' images (the B images twice), and
-        pack_index int[K] their packing table (models.llava_next.anyres_inputs).
+      tiles: float[P, H, W, C] the tiles of the 2B prompts' images (the B images twice,
+        models.llava_next.anyres_inputs), index int[K] their packing table; index_q the
+        first B images' table, index_pair the table of the 2B prompts over the first B
+        images' tiles (each image's rows twice).
       base: int[2B] each image's base-tile row in `tiles`.
       detail: bool[B, H, W] pure-grad detail mask at the base tile's size, else None.
       base_only: return the base grid's maps; else the values every grid is read from.
@@ -92,20 +96,17 @@ def llava_next_maps(
     cfg = module.config
     t = cfg.num_image_tokens
     if method in ("rel_att", "grad_att"):
-        # The first B images' tiles and tokens: the questions' half of the batch.
-        n_tiles = tiles.shape[0] // 2
-        half = pack_index.shape[0] // 2
-        index_q = jnp.where(pack_index[:half] == 2 * n_tiles * t, n_tiles * t, pack_index[:half])
         values = attention_token_values(
-            module, params, input_ids, attention_mask, tiles[:n_tiles], method=method,
-            layers=layers, size=t if base_only else input_ids.shape[1], pack_index=index_q,
+            module, params, input_ids, attention_mask, tiles[: tiles.shape[0] // 2],
+            method=method, layers=layers, size=t if base_only else input_ids.shape[1],
+            pair_inputs={"pack_index": index_pair}, pack_index=index_q,
         )  # fmt: skip
         return grid_map(cfg, values) if base_only else values
     elif method == "pure_grad":
 
         def v(px):
             o = module.apply({"params": params}, input_ids, px, attention_mask,
-                             only_last_logits=True, pack_index=pack_index)  # fmt: skip
+                             only_last_logits=True, pack_index=index)  # fmt: skip
             return log_max_softmax(o.logits)
 
         grad = jax.grad(v)(tiles)  # [P, H, W, C]
@@ -115,6 +116,20 @@ def llava_next_maps(
         n = norm.shape[0] // 2
         return safe_ratio(norm[:n], norm[n:])
     raise ValueError(f"unknown method {method!r}; choose from {METHODS}")
+
+
+def map_tables(cfg, image_sizes) -> tuple[np.ndarray, np.ndarray]:
+    """(index_q, index_pair) of `llava_next_maps` from the 2B prompts' image sizes (the B
+    images twice), padded to the pinpoints' lengths."""
+    sizes = np.asarray(image_sizes).reshape(-1, 2)
+    q = sizes[: len(sizes) // 2]
+    _, index_q = llava_next_models.pack_index(cfg, q)
+    # The second copy reads the first copy's tile rows (and the same newline row).
+    pair = np.concatenate([index_q, index_q])
+    return (
+        llava_next_models.bucket_index(cfg, q, index_q),
+        llava_next_models.bucket_index(cfg, np.concatenate([q, q]), pair, newline_of=q),
+    )
 
 
 def area_weights(n_src: int, n_dst: int) -> np.ndarray:
@@ -198,13 +213,50 @@ class LlavaNext(Family):
         return grid_map(config, values)
 
     def model_inputs(self, config, enc: dict):
+        """The tiles and the packing table, padded to the pinpoints' lengths."""
         tiles, index = llava_next_models.anyres_inputs(
-            config, enc["pixel_values"], enc["image_sizes"]
+            config, enc["pixel_values"], enc["image_sizes"], bucket=True
         )
         return tiles, {"pack_index": index}
 
+    def bucket_inputs(self, config, enc: dict, multiple: int | None) -> dict:
+        """Rows left-padded (masked) as if each image had its pinpoint's full token count
+        (`pinpoint_token_count`), the length then rounded up to `multiple`: the shapes of a
+        batch follow its images' pinpoints, not their unpadding (one program a pinpoint for
+        one image a row); left padding changes no result. None: unchanged."""
+        if multiple is None:
+            return enc
+        ids, mask = enc["input_ids"], enc["attention_mask"]
+        queue = [(config.image_token_count(int(h), int(w)), config.pinpoint_token_count(
+            int(h), int(w))) for h, w in np.asarray(enc["image_sizes"]).reshape(-1, 2)]  # fmt: skip
+        longest = 0
+        for r in range(ids.shape[0]):
+            real, need = int((ids[r] == config.image_token_index).sum()), int(mask[r].sum())
+            while real > 0:  # the row's images, in order
+                count, most = queue.pop(0)
+                real, need = real - count, need + most - count
+            longest = max(longest, need)
+        extra = -(-longest // multiple) * multiple - ids.shape[1]
+        if extra <= 0:
+            return enc
+        # Masked slots: any token id serves.
+        pad = ((0, 0), (extra, 0))
+        return {**enc, "input_ids": np.pad(ids, pad), "attention_mask": np.pad(mask, pad)}
+
     def map_pixels(self, config, enc: dict, n: int):
         return enc["pixel_values"][np.arange(n), 0].transpose(0, 2, 3, 1)
+
+    def image_tokens(self, config, n_images: int, image_sizes=None) -> int:
+        """Every tile's tokens: each image's base grid, unpadded tiles grid and newlines
+        (image_sizes (width, height)); an image without a size counts as the most any size
+        gets (the largest pinpoint's grid, nothing unpadded)."""
+        sizes = list(image_sizes or [])
+        if len(sizes) > n_images:
+            raise ValueError(f"{len(sizes)} image sizes for {n_images} images")
+        g, size = config.vision_config.grid, config.vision_config.image_size
+        most = max(h // size * g * (w // size * g + 1) for h, w in config.image_grid_pinpoints)
+        known = sum(config.image_token_count(int(h), int(w)) for w, h in sizes)
+        return known + (n_images - len(sizes)) * (config.num_image_tokens + most)
 
     def map_options(self, config, map_source=None, **options):
         """map_source: "base", "tiles" or "both" (the module docstring); default "both"."""
@@ -220,13 +272,16 @@ class LlavaNext(Family):
         on each image's tiles grid."""
         del pixels
         cfg = module.config
-        tiles, index = llava_next_models.anyres_inputs(cfg, enc["pixel_values"], enc["image_sizes"])
-        counts, _ = llava_next_models.pack_index(cfg, enc["image_sizes"])
+        sizes = enc["image_sizes"]
+        tiles, index = llava_next_models.anyres_inputs(cfg, enc["pixel_values"], sizes, True)
+        index_q, index_pair = map_tables(cfg, sizes)
+        counts, _ = llava_next_models.pack_index(cfg, sizes)
         base = base_tiles(counts)
         base_only = map_source == "base"
         raw = llava_next_maps(
-            module, params, place(enc["input_ids"]), place(enc["attention_mask"]), tiles,
-            index, jnp.asarray(base), detail, method=method, layers=layers,
+            module, params, place(enc["input_ids"]), place(enc["attention_mask"]),
+            place(tiles), place(index), place(index_q),
+            place(index_pair), place(base), detail, method=method, layers=layers,
             base_only=base_only,
         )  # fmt: skip
         if base_only:
