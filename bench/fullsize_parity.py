@@ -215,6 +215,7 @@ def run_parity(path: str) -> dict:
         model.module, model.params, jnp.asarray(enc["input_ids"]),
         nchw_to_nhwc(enc["pixel_values"]), jnp.asarray(enc["attention_mask"]),
         max_new_tokens=NEW_TOKENS, eos_ids=eos, pad_id=proc.tokenizer.pad_token_id,
+        generation=model.generation,
     )  # fmt: skip
     checks.equal("generate_tokens", trim(gen.tokens, gen.lengths)[0], ref_tokens)
     stage("jax_generate", t0)
@@ -230,7 +231,8 @@ def run_parity(path: str) -> dict:
     tokens, lengths = prompt_cache.finish_pass(
         model.module, model.params, cache, jnp.asarray(image_pixels(proc, [crop])),
         jnp.asarray(prompts.pair), jnp.asarray(prompts.pair_mask), max_new_tokens=NEW_TOKENS,
-        eos_ids=kwargs["eos_ids"], pad_id=kwargs["pad_id"],
+        eos_ids=kwargs["eos_ids"], pad_id=kwargs["pad_id"], generation=kwargs["generation"],
+        prefix=jnp.asarray(prompts.prefix),
     )  # fmt: skip
     stage("jax_shared_prefix_passes", t0)
     t0 = time.perf_counter()

@@ -65,7 +65,7 @@ from eval.engine import ATTENTION_METHODS, Engine, Item, local_mesh, parse_metho
 
 FORMAT_VERSION = 1
 # run_config.json keys compared only where the file holds them (its run resumes without).
-ADDED_KEYS = ("weights", "data_content")
+ADDED_KEYS = ("weights", "data_content", "generation")
 
 
 class TooManyErrors(RuntimeError):
@@ -81,6 +81,21 @@ def _weights_identity(model: str) -> dict:
         return {"weights": weights_fingerprint(model)}
     except (CheckpointError, OSError):
         return {}
+
+
+def _generation_identity(model: str) -> dict:
+    """{"generation": settings} from the checkpoint's generation_config.json (the logits
+    settings every greedy answer applies, and its eos ids), else {} (a directory that does
+    not load fails later, with the loader's message)."""
+    from convert.checkpoint import CheckpointError
+    from vicrop_jax.loading import generation_settings, read_generation_config
+
+    try:
+        settings = generation_settings(model).identity()
+        eos = read_generation_config(model).get("eos_token_id")
+    except (CheckpointError, OSError):
+        return {}
+    return {"generation": {**settings, "eos_token_id": eos}}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -167,6 +182,8 @@ class Settings:
             **({"map_source": self.map_source} if self.map_source else {}),
             # Retrained or replaced weights at the same path must not resume the old results.
             **_weights_identity(self.model),
+            # Nor a changed generation_config.json (a repetition penalty changes answers).
+            **_generation_identity(self.model),
         }
 
     def examples(self) -> list[Example]:

@@ -442,6 +442,26 @@ def test_other_weights_at_the_same_path_are_refused(tiny_llava, tiny_llava_dir, 
     assert records.read_config(str(out)) == config
 
 
+def test_a_changed_generation_config_is_refused(tiny_llava, tiny_llava_dir, tmp_path):
+    """A repetition penalty changes the answers: a changed generation_config.json at the same
+    path must not resume the old results."""
+    model, _ = tiny_llava
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(tiny_llava_dir[0], ckpt)
+    spec = write_unified(str(tmp_path / "data"), n=2)
+    out = tmp_path / "out"
+    s = _settings(str(ckpt), "gqa", spec, out)
+    run(s, model=model, log=_quiet)
+    config = records.read_config(str(out))
+    assert config["generation"] == {"repetition_penalty": 1.0, "eos_token_id": 2}
+    gen_path = ckpt / "generation_config.json"
+    gen = json.loads(gen_path.read_text())
+    gen_path.write_text(json.dumps({**gen, "repetition_penalty": 1.3}))
+    with pytest.raises(records.ConfigMismatch, match="generation") as e:
+        run(s, model=model, log=_quiet)
+    assert "1.3" in str(e.value) and "\n" not in str(e.value)
+
+
 def test_edited_data_or_images_are_refused(tiny_llava, tiny_llava_dir, tmp_path):
     """Data edited in place must not resume the old results: refused in one line."""
     model, _ = tiny_llava

@@ -20,6 +20,7 @@ import numpy as np
 
 from convert.checkpoint import CheckpointError, read_config
 from vicrop_jax.families import FAMILIES, family_of
+from vicrop_jax.generate import PLAIN_GREEDY, GenerationSettings
 from vicrop_jax.models.common import ModelOutput, check_config_dict
 
 _PROCESSOR_FILES = ("preprocessor_config.json", "processor_config.json")
@@ -28,13 +29,15 @@ _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model"
 
 @dataclasses.dataclass
 class Model:
-    """A loaded model: frozen config, params pytree, HF processor (or None), raw config dict."""
+    """A loaded model: frozen config, params pytree, HF processor (or None), raw config dict,
+    and the generation_config.json settings that every greedy decode applies."""
 
     config: Any
     params: Any
     processor: Any = None
     hf_config: dict | None = None
     path: str | None = None
+    generation: GenerationSettings = PLAIN_GREEDY
 
     @property
     def family(self) -> str:
@@ -77,17 +80,53 @@ def parse_config(d: dict):
         raise CheckpointError(str(e)) from None
 
 
-def _generation_eos(path: str, config):
-    """generation_config.json's eos_token_id, which generate() reads, in place of the
-    config's (for families whose hub configs carry stale ids)."""
+def read_generation_config(path: str) -> dict:
+    """The directory's generation_config.json as a dict ({} when absent).
+
+    Raises:
+      CheckpointError: the file is not a JSON object.
+    """
     gen = os.path.join(path, "generation_config.json")
     if not os.path.isfile(gen):
-        return config
+        return {}
     try:
-        with open(gen) as f:
-            eos = json.load(f).get("eos_token_id")
-    except (json.JSONDecodeError, AttributeError) as e:
+        with open(gen, encoding="utf-8") as f:
+            d = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise CheckpointError(f"{gen} is not a JSON object ({e})") from None
+    if not isinstance(d, dict):
+        raise CheckpointError(f"{gen} is not a JSON object (a {type(d).__name__})")
+    return d
+
+
+def generation_settings(path: str) -> GenerationSettings:
+    """The generation settings HF generate(do_sample=False) applies for the directory, for
+    every family: generation_config.json's; without the file, what transformers derives from
+    config.json (GenerationConfig.from_model_config: its top-level keys, the text config's
+    where the top level has none), which legacy configs fill with generation defaults.
+
+    Raises:
+      CheckpointError: one line naming the file and a setting that changes greedy decoding
+        but is not implemented (vicrop_jax.generate.GenerationSettings).
+    """
+    gen = os.path.join(path, "generation_config.json")
+    d = read_generation_config(path)
+    if not os.path.isfile(gen):
+        hf = read_config(path)
+        hf = hf if isinstance(hf, dict) else {}  # parse_config names that problem
+        gen = os.path.join(path, "config.json")
+        text = hf.get("text_config") if isinstance(hf.get("text_config"), dict) else {}
+        d = {**text, **{k: v for k, v in hf.items() if v is not None}}
+    try:
+        return GenerationSettings.from_generation_config(d)
+    except ValueError as e:
+        raise CheckpointError(f"{gen}: {e}") from None
+
+
+def _generation_eos(gen: dict, config):
+    """generation_config.json's eos_token_id, which generate() reads, in place of the
+    config's (for families whose hub configs carry stale ids)."""
+    eos = gen.get("eos_token_id")
     if eos is None:
         return config
     eos = tuple(eos) if isinstance(eos, list) else eos
@@ -252,16 +291,19 @@ def load_model(
       check_finite: refuse weights holding NaN or inf (False accepts them).
 
     Returns:
-      Model with .config, .params, .processor (None when the directory has none).
+      Model with .config, .params, .processor (None when the directory has none) and
+      .generation (generation_config.json's settings, see `generation_settings`).
     """
     path = os.fspath(path)
     hf = read_config(path)
     config = parse_config(hf)
+    generation = generation_settings(path)
     if family_of(config).eos_from_generation_config:
-        config = _generation_eos(path, config)
+        config = _generation_eos(read_generation_config(path), config)
     params = load_params(path, config, dtype, check_finite)
     proc = load_processor(path) if processor else None
-    return Model(config=config, params=params, processor=proc, hf_config=hf, path=path)
+    return Model(config=config, params=params, processor=proc, hf_config=hf, path=path,
+                 generation=generation)  # fmt: skip
 
 
 def count_image_tokens(input_ids: np.ndarray, token: int) -> int:

@@ -90,7 +90,7 @@ def generate_answers(
         place(enc["input_ids"]), place(pixels),
         place(enc["attention_mask"]), max_new_tokens=max_new_tokens,
         eos_ids=model.config.text_config.eos_ids,
-        pad_id=pad_id(tok), extra=extra,
+        pad_id=pad_id(tok), extra=extra, generation=model.generation,
     )  # fmt: skip
     return answer_texts(tok, out.tokens, out.lengths)
 

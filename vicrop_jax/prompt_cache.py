@@ -41,7 +41,17 @@ import numpy as np
 from PIL import Image
 
 from vicrop_jax.families import family_of
-from vicrop_jax.generate import answer_texts, decode, init_cache, pad_id, param_dtype, slice_rows
+from vicrop_jax.generate import (
+    PLAIN_GREEDY,
+    GenerationSettings,
+    answer_texts,
+    decode,
+    init_cache,
+    pad_id,
+    param_dtype,
+    prompt_tokens,
+    slice_rows,
+)
 from vicrop_jax.loading import Model
 from vicrop_jax.maps import safe_ratio
 from vicrop_jax.models.common import KVCache
@@ -165,9 +175,22 @@ def _prefix_cache(apply, module, params, prefix, pixels):
                  image_features=feats).cache  # fmt: skip
 
 
-@functools.partial(jax.jit, static_argnames=("module", "max_new_tokens", "eos_ids", "pad_id"))
+def _seen(generation: GenerationSettings, prefix, tails, tails_mask, vocab: int):
+    """bool[R, V]: the token ids of each row's whole prompt (the shared prefix, then its
+    left-padded tail) for the repetition penalty, as HF sees the unshared prompt; None
+    without a penalty."""
+    if generation.repetition_penalty == 1.0:
+        return None
+    shared = prompt_tokens(prefix[None, :], None, vocab)  # [1, V]
+    return shared | prompt_tokens(tails, tails_mask, vocab)
+
+
+_STATIC = ("module", "max_new_tokens", "eos_ids", "pad_id", "generation")
+
+
+@functools.partial(jax.jit, static_argnames=_STATIC)
 def answer_pass(module, params, prefix, pixels, q, q_mask, *, max_new_tokens, eos_ids,
-                pad_id):  # fmt: skip
+                pad_id, generation=PLAIN_GREEDY):  # fmt: skip
     """Prefix pass and question tails, then the baseline answers (jitted); no maps.
 
     q, q_mask int32[B, L1]. Returns (tokens int32[B, M], lengths int32[B], the prefix cache).
@@ -176,17 +199,20 @@ def answer_pass(module, params, prefix, pixels, q, q_mask, *, max_new_tokens, eo
     cache = _prefix_cache(apply, module, params, prefix, pixels)
     tail = _tail_cache(cache, 1, q.shape[1] + max_new_tokens)
     out = apply(q, None, q_mask, cache=tail, only_last_logits=True)
-    tokens, lengths = decode(apply, out.logits[:, -1], out.cache, max_new_tokens=max_new_tokens,
-                             eos_ids=eos_ids, pad_id=pad_id)  # fmt: skip
+    first = out.logits[:, -1]
+    seen = _seen(generation, prefix, q, q_mask, first.shape[-1])
+    tokens, lengths = decode(apply, first, out.cache, max_new_tokens=max_new_tokens,
+                             eos_ids=eos_ids, pad_id=pad_id, generation=generation,
+                             seen=seen)  # fmt: skip
     return tokens, lengths, cache
 
 
 @functools.partial(
     jax.jit,
-    static_argnames=("module", "layers", "image_start", "max_new_tokens", "eos_ids", "pad_id"),
+    static_argnames=(*_STATIC, "layers", "image_start"),
 )  # fmt: skip
 def start_pass(module, params, prefix, pixels, tails, tails_mask, *, layers, image_start,
-               max_new_tokens, eos_ids, pad_id):  # fmt: skip
+               max_new_tokens, eos_ids, pad_id, generation=PLAIN_GREEDY):  # fmt: skip
     """Prefix pass, [question; general] tails, rel-att maps, baseline answers (jitted).
 
     prefix int32[P]; pixels float[B, H, W, C]; tails, tails_mask int32[2B, L1]. Returns (maps
@@ -202,32 +228,40 @@ def start_pass(module, params, prefix, pixels, tails, tails_mask, *, layers, ima
     rows = out.attentions[jnp.asarray(layers)][..., image_start : image_start + t]  # [l,2B,N,T]
     att = rows.mean((0, 2))  # [2B, T]
     maps = family_of(module.config).grid_map(module.config, safe_ratio(att[:b], att[b:]))
+    first = out.logits[:b, -1]
     tokens, lengths = decode(
         apply,
-        out.logits[:b, -1],
+        first,
         slice_rows(out.cache, b),
         max_new_tokens=max_new_tokens,
         eos_ids=eos_ids,
         pad_id=pad_id,
+        generation=generation,
+        seen=_seen(generation, prefix, tails[:b], tails_mask[:b], first.shape[-1]),
     )
     return maps, tokens, lengths, cache
 
 
-@functools.partial(jax.jit, static_argnames=("module", "max_new_tokens", "eos_ids", "pad_id"))
+@functools.partial(jax.jit, static_argnames=_STATIC)
 def finish_pass(module, params, cache, crop_pixels, pair, pair_mask, *, max_new_tokens,
-                eos_ids, pad_id):  # fmt: skip
-    """The [original, crop] tails over the prefix cache, then their answers (jitted)."""
+                eos_ids, pad_id, generation=PLAIN_GREEDY, prefix=None):  # fmt: skip
+    """The [original, crop] tails over the prefix cache, then their answers (jitted).
+
+    prefix int32[P]: the shared prefix's ids, needed only for a repetition penalty."""
     apply = functools.partial(module.apply, {"params": params})
     feats, _ = apply(crop_pixels, method=lambda m, x: m.image_features(x))
     tail = _tail_cache(cache, 1, pair.shape[1] + max_new_tokens)
     out = apply(pair, None, pair_mask, cache=tail, only_last_logits=True, image_features=feats)
+    first = out.logits[:, -1]
     return decode(
         apply,
-        out.logits[:, -1],
+        first,
         out.cache,
         max_new_tokens=max_new_tokens,
         eos_ids=eos_ids,
         pad_id=pad_id,
+        generation=generation,
+        seen=_seen(generation, prefix, pair, pair_mask, first.shape[-1]),
     )
 
 
@@ -265,7 +299,8 @@ def start_inputs(model: Model, images: Sequence[Image.Image], questions: Sequenc
     args = (model.module, params, jnp.asarray(prompts.prefix), jnp.asarray(pixels),
             *(jnp.asarray(x) for x in tails))  # fmt: skip
     kwargs = dict(layers=family_of(model).layers(model.config, layer), image_start=image_start,
-                  max_new_tokens=max_new_tokens, eos_ids=eos_ids, pad_id=pad)  # fmt: skip
+                  max_new_tokens=max_new_tokens, eos_ids=eos_ids, pad_id=pad,
+                  generation=model.generation)  # fmt: skip
     return prompts, args, kwargs
 
 
@@ -289,7 +324,7 @@ def start_answers(model: Model, images: Sequence[Image.Image], questions: Sequen
     module, params, prefix, pixels, tails, tails_mask = args
     tokens, lengths, cache = answer_pass(
         module, params, prefix, pixels, tails[:b], tails_mask[:b], max_new_tokens=max_new_tokens,
-        eos_ids=kwargs["eos_ids"], pad_id=kwargs["pad_id"],
+        eos_ids=kwargs["eos_ids"], pad_id=kwargs["pad_id"], generation=model.generation,
     )  # fmt: skip
     answers = answer_texts(model.processor.tokenizer, tokens, lengths)
     return PromptCache(None, answers, prompts, cache, params, max_new_tokens)
@@ -303,6 +338,6 @@ def finish(model: Model, state: PromptCache, crops: Sequence[Image.Image]) -> li
     tokens, lengths = finish_pass(
         model.module, state.params, state.cache, jnp.asarray(pixels),
         jnp.asarray(p.pair), jnp.asarray(p.pair_mask), max_new_tokens=state.max_new_tokens,
-        eos_ids=eos_ids, pad_id=pad,
+        eos_ids=eos_ids, pad_id=pad, generation=model.generation, prefix=jnp.asarray(p.prefix),
     )  # fmt: skip
     return answer_texts(model.processor.tokenizer, tokens, lengths)

@@ -10,6 +10,7 @@ model's tokenizer with `build_tokenizer`.
 
 from __future__ import annotations
 
+import json
 import os
 
 import numpy as np
@@ -354,3 +355,76 @@ def patch_mean(x, patch: int) -> np.ndarray:
     """float[H, W] -> the mean over each patch x patch cell, float[H / patch, W / patch]."""
     h, w = x.shape
     return x.reshape(h // patch, patch, w // patch, patch).mean((1, 3))
+
+
+# --- Qwen2.5-VL (image-only processor files) -------------------------------------------------
+
+QWEN_SPECIAL_TOKENS = (
+    "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
+    "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>",
+)  # fmt: skip
+# Byte-level tokens (one per byte, no merges) then the special tokens: every id is below this.
+QWEN_VOCAB = 256 + len(QWEN_SPECIAL_TOKENS)
+
+# A Qwen2-VL-style chat template: the default system message, one user turn whose images come
+# as <|vision_start|><|image_pad|><|vision_end|> (videos with <|video_pad|>), and the
+# assistant's generation prompt.
+QWEN_CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if loop.first and message['role'] != 'system' %}"
+    "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
+    "{% endif %}"
+    "<|im_start|>{{ message['role'] }}\n"
+    "{% if message['content'] is string %}{{ message['content'] }}"
+    "{% else %}{% for item in message['content'] %}"
+    "{% if item['type'] == 'image' or 'image' in item %}"
+    "<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif item['type'] == 'video' or 'video' in item %}"
+    "<|vision_start|><|video_pad|><|vision_end|>"
+    "{% elif 'text' in item %}{{ item['text'] }}"
+    "{% endif %}{% endfor %}{% endif %}"
+    "<|im_end|>\n"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def build_qwen2_5_vl_processor_files(
+    out_dir: str, *, min_pixels: int = 56 * 56, max_pixels: int = 28 * 28 * 1280,
+    template_in: str = "chat_template.json",
+):  # fmt: skip
+    """A Qwen2.5-VL checkpoint's tokenizer and processor files in out_dir (the hub's layout):
+    a byte-level BPE tokenizer with Qwen's special tokens (ids below QWEN_VOCAB; pad
+    <|endoftext|>, eos <|im_end|>), QWEN_CHAT_TEMPLATE, and the Qwen2-VL image processor's
+    preprocessor_config.json (patch 14, merge 2, temporal patch 2). template_in: where the
+    template goes, "chat_template.json" or "tokenizer" (its own files). Returns the
+    tokenizer."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from tokenizers.pre_tokenizers import ByteLevel
+    from transformers import AddedToken, PreTrainedTokenizerFast
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import (
+        Qwen2VLImageProcessorPil,
+    )
+
+    os.makedirs(out_dir, exist_ok=True)
+    vocab = {c: i for i, c in enumerate(sorted(ByteLevel.alphabet()))}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>"
+    )
+    fast.add_special_tokens({"additional_special_tokens": [
+        AddedToken(t, normalized=False, special=True) for t in QWEN_SPECIAL_TOKENS
+    ]})  # fmt: skip
+    if template_in == "tokenizer":
+        fast.chat_template = QWEN_CHAT_TEMPLATE
+    elif template_in == "chat_template.json":
+        with open(os.path.join(out_dir, "chat_template.json"), "w") as f:
+            json.dump({"chat_template": QWEN_CHAT_TEMPLATE}, f)
+    else:
+        raise ValueError(f"template_in must be 'chat_template.json' or 'tokenizer', got "
+                         f"{template_in!r}")  # fmt: skip
+    fast.save_pretrained(out_dir)
+    Qwen2VLImageProcessorPil(min_pixels=min_pixels, max_pixels=max_pixels).save_pretrained(out_dir)
+    return fast
