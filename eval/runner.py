@@ -117,6 +117,8 @@ class Settings:
     # "auto": the maps are asked with the dataset's short question where it has one (V*, the
     # synthetic set), as the official code; "full": always with the question answered.
     map_question: str = "auto"
+    # LLaVA-NeXT's map grid ("base", "tiles", "both"); None: the family's default.
+    map_source: str | None = None
     # execution only
     shard_index: int = 0
     batch_size: int = 8
@@ -177,6 +179,7 @@ class Settings:
             "data_content": data_content(examples),
             # Only when set: directories written before the option resume unchanged.
             **({"map_question": self.map_question} if self.map_question != "auto" else {}),
+            **({"map_source": self.map_source} if self.map_source else {}),
             # Retrained or replaced weights at the same path must not resume the old results.
             **_weights_identity(self.model),
             # Nor a changed generation_config.json (a repetition penalty changes answers).
@@ -206,6 +209,11 @@ def data_content(examples: Sequence[Example]) -> str:
         fields = [getattr(ex, name) for name in names]
         digest.update(json.dumps(fields, sort_keys=True, ensure_ascii=False).encode() + b"\n")
     return digest.hexdigest()[:16]
+
+
+def map_options(s: Settings) -> dict:
+    """The family map options a run sets (none: the family's defaults)."""
+    return {"map_source": s.map_source} if s.map_source else {}
 
 
 def parse_layer(text: str | None):
@@ -435,6 +443,7 @@ def _engine(s: Settings, model, loader, log) -> Engine:
         layer=parse_layer(s.layer),
         seed=s.seed,
         mesh=mesh,
+        map_options=map_options(s),
     )
 
 
@@ -460,7 +469,7 @@ def _run_shard(s: Settings, todo: list[Example], out, engine: Engine, log, total
                     rows.append(rec)
                     try:
                         image, ex, seconds, fingerprint = fut.result()
-                        engine.check_question(ex)
+                        engine.check_question(ex, image.size)
                     except (ImageError, OSError, ValueError, TypeError) as e:
                         rec["error"] = _error(e)
                         continue
@@ -527,7 +536,8 @@ def visualize(
                                        high_res=m.endswith("_high"),
                                        short_question=ex.short_question,
                                        layer=parse_layer(settings.layer),
-                                       max_new_tokens=settings.max_new_tokens)
+                                       max_new_tokens=settings.max_new_tokens,
+                                       **map_options(settings))
                        for m in methods}  # fmt: skip
         except (ImageError, ValueError, TypeError) as e:
             log(f"not drawing {ex.id}: {_error(e)}")

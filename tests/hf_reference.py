@@ -118,8 +118,10 @@ def make_tiny_qwen2_5_vl(out_dir: str, seed: int = 0, tie_word_embeddings: bool 
 NEXT_PINPOINTS = [[35, 70], [70, 35], [70, 70]]
 
 
-def make_tiny_llava_next(out_dir: str, seed: int = 0, **config_kw):
-    """Saves a tiny random HF LlavaNextForConditionalGeneration + processor; returns it."""
+def make_tiny_llava_next(out_dir: str, seed: int = 0, text_config: dict | None = None,
+                         **config_kw):  # fmt: skip
+    """Saves a tiny random HF LlavaNextForConditionalGeneration + processor; returns it.
+    text_config: fields replacing the tiny Llama text config's (a Mistral one, say)."""
     import torch
     from transformers import (
         LlavaNextConfig,
@@ -137,6 +139,7 @@ def make_tiny_llava_next(out_dir: str, seed: int = 0, **config_kw):
     d.update(model_type="llava_next", architectures=["LlavaNextForConditionalGeneration"],
              image_grid_pinpoints=NEXT_PINPOINTS)  # fmt: skip
     d.pop("image_seq_length")
+    d["text_config"].update(text_config or {})
     cfg = LlavaNextConfig(**d)
     torch.manual_seed(seed)
     model = LlavaNextForConditionalGeneration(cfg).eval()

@@ -69,19 +69,26 @@ def maps_for_images(
     layer=None,
     params=None,
     qformer_layer: int | None = None,
+    map_source: str | None = None,
     pad_to_multiple_of: int | None = None,
     place=jnp.asarray,
-) -> Array:
-    """Host wrapper: preprocess B (image, question) pairs and compute their maps [B, N, N].
+) -> Array | list[np.ndarray]:
+    """Host wrapper: preprocess B (image, question) pairs and compute their maps [B, N, N]
+    (a list of B float32[h_i, w_i] maps where the grid follows each image's size).
 
     qformer_layer (InstructBLIP only): index into the Q-Former's cross-attention layers;
     default the paper's (2 of 6, or the same relative depth).
+    map_source (LLaVA-NeXT only): "base", "tiles" or "both" (vicrop_jax.families.llava_next);
+    default "both".
     pad_to_multiple_of: bucket prompt lengths (fewer compiled shapes).
     place: np.ndarray -> jax.Array for each batched input (e.g. sharded over a data mesh).
     """
     check_method(method)
     family = family_of(model)
-    options = family.map_options(model.config, qformer_layer=qformer_layer)
+    options = family.map_options(
+        model.config, **{k: v for k, v in (("qformer_layer", qformer_layer),
+                                          ("map_source", map_source)) if v is not None}
+    )  # fmt: skip
     if len(images) != len(questions):
         raise ValueError(f"{len(images)} images but {len(questions)} questions")
     if model.processor is None:
@@ -91,6 +98,7 @@ def maps_for_images(
     texts = [family.prompt(q) for q in questions]
     texts += [family.prompt(GENERAL_QUESTION)] * len(images)
     enc = encode(model.processor, texts, list(images) + list(images), pad_to_multiple_of)
+    enc = family.bucket_inputs(model.config, enc, pad_to_multiple_of)
     pixels = place(family.map_pixels(model.config, enc, len(images)))
     detail = None
     if method == "pure_grad":
@@ -98,7 +106,7 @@ def maps_for_images(
     layers = () if method == "pure_grad" else family.layers(model.config, layer)
     params = model.params_or(params)
     return family.maps(model.module, params, enc, pixels, detail, method=method, layers=layers,
-                       place=place, **options)  # fmt: skip
+                       place=place, images=images, **options)  # fmt: skip
 
 
 def importance(
@@ -112,6 +120,7 @@ def importance(
     high_res: bool = False,
     high_res_threshold: int | None = None,
     qformer_layer: int | None = None,
+    map_source: str | None = None,
 ) -> Array:
     """The ViCrop importance map of one image and question.
 
@@ -128,12 +137,16 @@ def importance(
       high_res_threshold: the tile size; default the family's official one (1024).
       qformer_layer: InstructBLIP only: the Q-Former cross-attention layer of A_ti (an index
         into the cross-attention layers; default the paper's 2 of 6, or the same relative depth).
+      map_source: LLaVA-NeXT only: "base" (the base tile's N x N grid), "tiles" (the
+        unpadded high-resolution grid) or "both" (averaged on the tiles grid; the default).
 
     Returns:
-      float32[N, N] (or [rows * N, cols * N] with high_res).
+      float32[N, N] (or [rows * N, cols * N] with high_res; LLaVA-NeXT's tiles and both
+      sources: [h, w], the image's unpadded tiles grid).
     """
     image = to_rgb(image)
-    kw = dict(method=method, layer=layer, params=params, qformer_layer=qformer_layer)
+    kw = dict(method=method, layer=layer, params=params, qformer_layer=qformer_layer,
+              map_source=map_source)  # fmt: skip
     if not high_res:
         return maps_for_images(model, [image], [question], **kw)[0]
     if high_res_threshold is None:
@@ -142,4 +155,18 @@ def importance(
     rows, cols = bbox_lib.high_res_grid(image.size, high_res_threshold)[:2]
     crops = [image.crop(tuple(int(c) for c in box)) for box in tiles]
     maps = maps_for_images(model, crops, [question] * len(crops), **kw)
-    return bbox_lib.merge_tile_maps(maps, rows, cols)
+    return bbox_lib.merge_tile_maps(one_grid(maps), rows, cols)
+
+
+def one_grid(maps) -> Array | np.ndarray:
+    """Maps of several images as one [n, h, w] array, or a clear error where their grids
+    differ (the *_high variants tile maps of one grid)."""
+    if not isinstance(maps, list):
+        return maps
+    shapes = sorted({tuple(m.shape) for m in maps})
+    if len(shapes) > 1:
+        raise ValueError(
+            f"the high-resolution variant needs one map grid for every tile, got {shapes}: "
+            "use map_source='base' with it"
+        )
+    return np.stack(maps)

@@ -70,14 +70,27 @@ class Family:
         families whose image tokens are the patches themselves."""
         raise NotImplementedError(f"{self.name} image tokens are not a patch grid")
 
-    def prompt_tokens(self, tokenizer, config, question: str, n_images: int) -> int:
-        """Prompt length in tokens once every image's tokens are in place."""
+    def prompt_tokens(self, tokenizer, config, question: str, n_images: int,
+                      image_sizes=None) -> int:  # fmt: skip
+        """Prompt length in tokens once every image's tokens are in place; image_sizes:
+        (width, height) of the images, for families whose token count follows the size."""
         prompt = self.prompt(question, n_images)
         ids = tokenizer(prompt)["input_ids"]
         # A placeholder is one added token that the processor expands to the image's tokens;
         # families without one get the image tokens in front of the text (InstructBLIP).
         placeholders = prompt.count(self.image_placeholder) if self.image_placeholder else 0
-        return len(ids) - placeholders + n_images * config.num_image_tokens
+        return len(ids) - placeholders + self.image_tokens(config, n_images, image_sizes)
+
+    def image_tokens(self, config, n_images: int, image_sizes=None) -> int:
+        """Image tokens of n images in a prompt (a fixed count per image by default)."""
+        del image_sizes
+        return n_images * config.num_image_tokens
+
+    def bucket_inputs(self, config, enc: dict, multiple: int | None) -> dict:
+        """The processor's arrays with prompt lengths bucketed for fewer compiled shapes
+        (`multiple`: the processor already padded to it; None: no bucketing)."""
+        del config, multiple
+        return enc
 
     def model_inputs(self, config, enc: dict):
         """The processor's arrays -> (pixels of the module's pass, float[I, H, W, C] NHWC;
@@ -104,8 +117,10 @@ class Family:
         return {}
 
     def maps(self, module, params, enc: dict, pixels, detail, *, method: str,
-             layers: tuple[int, ...], place, **options):  # fmt: skip
+             layers: tuple[int, ...], place, images, **options):  # fmt: skip
         """float32[B, N, N] maps of B images from their encoded [questions; general] prompts
         (enc: the processor's arrays, 2B rows), pixels float[B, H, W, C] and the pure-grad
-        detail mask (or None); `place` puts a host array on the device(s)."""
+        detail mask (or None); `place` puts a host array on the device(s); images: the B
+        RGB images. A family whose map grid follows each image's size returns a list of B
+        float32[h_i, w_i] maps instead."""
         raise NotImplementedError
