@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import struct
+import time
 
 import jax
 import jax.numpy as jnp
@@ -163,3 +164,64 @@ def test_an_index_key_that_no_shard_holds_names_it(ckpt, tmp_path):
                        f".*{shard}, but no shard holds it"):  # fmt: skip
         llava_convert.load_params(d, _expected(ckpt[1]))
 
+
+# ---------------------------------------------------------------- peak host memory
+
+_MEASURE = r"""
+import json, sys
+import jax, jax.numpy as jnp, numpy as np
+from vicrop_jax.loading import checked_abstract_params, load_params, parse_config
+
+def status_bytes(field):
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith(field + ":"))
+
+jnp.asarray(np.ones(8)).block_until_ready()  # the backend is up before the baseline
+path = sys.argv[1]
+with open(path + "/config.json") as f:
+    config = parse_config(json.load(f))
+checked_abstract_params(config, jnp.bfloat16)  # modules imported and traced once
+before = status_bytes("VmRSS")
+with open("/proc/self/clear_refs", "w") as f:
+    f.write("5")  # VmHWM := VmRSS
+params = jax.block_until_ready(load_params(path, config, jnp.bfloat16))
+loaded = sum(x.nbytes for x in jax.tree.leaves(params))
+print(json.dumps({"growth": status_bytes("VmHWM") - before, "loaded": loaded}))
+"""
+MIB = 1 << 20
+
+
+def _peak_growth(path: str) -> dict:
+    import subprocess
+    import sys
+
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, PYTHONPATH=repo, JAX_PLATFORMS="cpu")
+    t0 = time.perf_counter()
+    p = subprocess.run([sys.executable, "-c", _MEASURE, path], cwd=repo, env=env,
+                       capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert p.returncode == 0, p.stderr[-3000:]
+    print(f"{path}: {time.perf_counter() - t0:.1f} s")
+    return json.loads(p.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("file_dtype", ["bfloat16", "float32"])
+def test_peak_memory_grows_once_with_the_params(tmp_path, file_dtype):
+    """Peak RSS growth while loading as bfloat16, at two depths: its slope over the loaded
+    bytes is about 1 (the params, one tensor in flight), where reading the whole checkpoint
+    before placing it gives 2 (bfloat16 files) or 3 (float32 files cast to bfloat16)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError as e:
+        pytest.skip(f"this kernel cannot reset the peak RSS: {e}")
+    runs = []
+    for layers in (1, 6):  # 24 and 82 MB of bfloat16 params
+        cfg = small_config(file_dtype, text_layers=layers, hidden=768, vocab=4000)
+        d = write(str(tmp_path / f"l{layers}"), cfg, file_dtype, shard_bytes=30 * MIB)
+        runs.append(_peak_growth(d))
+    (small, large) = runs
+    slope = (large["growth"] - small["growth"]) / (large["loaded"] - small["loaded"])
+    assert 0.7 < slope <= 1.3, runs
+    for r in runs:
+        assert r["growth"] <= 1.3 * r["loaded"] + 48 * MIB, r
