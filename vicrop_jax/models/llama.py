@@ -23,6 +23,7 @@ from vicrop_jax.models.common import (
     RMSNorm,
     activation,
     config_from_dict,
+    pinned_promote_dtype,
     softmax_values,
 )
 
@@ -252,7 +253,9 @@ class LlamaAttention(nn.Module):
         cfg = self.config
         b, s, _ = x.shape
         n, g, h = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
-        dense = lambda f, name: nn.Dense(f, use_bias=cfg.attention_bias, name=name)
+        dense = lambda f, name: nn.Dense(
+            f, use_bias=cfg.attention_bias, name=name, promote_dtype=pinned_promote_dtype
+        )
         k = dense(g * h, "k_proj")(x).reshape(b, s, g, h)
         v = dense(g * h, "v_proj")(x).reshape(b, s, g, h)
         k = apply_rope(k, cos, sin)
@@ -292,9 +295,7 @@ class LlamaAttention(nn.Module):
             rows = rows if rest is None else rows.at[..., -empty:].add(rest.astype(rows.dtype))
             if probs is not None:
                 probs = jnp.pad(probs, ((0, 0), (0, 0), (0, 0), (0, empty)))
-        out = nn.Dense(cfg.hidden_size, use_bias=cfg.attention_bias, name="o_proj")(
-            out.reshape(b, q.shape[1], n * h)
-        )
+        out = dense(cfg.hidden_size, "o_proj")(out.reshape(b, q.shape[1], n * h))
         return out, new_kv, rows, probs
 
 
@@ -305,9 +306,12 @@ class LlamaMLP(nn.Module):
     def __call__(self, x):
         cfg = self.config
         act = activation(cfg.hidden_act)
-        gate = nn.Dense(cfg.intermediate_size, use_bias=cfg.mlp_bias, name="gate_proj")(x)
-        up = nn.Dense(cfg.intermediate_size, use_bias=cfg.mlp_bias, name="up_proj")(x)
-        return nn.Dense(cfg.hidden_size, use_bias=cfg.mlp_bias, name="down_proj")(act(gate) * up)
+        dense = lambda f, name: nn.Dense(
+            f, use_bias=cfg.mlp_bias, name=name, promote_dtype=pinned_promote_dtype
+        )
+        gate = dense(cfg.intermediate_size, "gate_proj")(x)
+        up = dense(cfg.intermediate_size, "up_proj")(x)
+        return dense(cfg.hidden_size, "down_proj")(act(gate) * up)
 
 
 class LlamaDecoderLayer(nn.Module):
