@@ -14,6 +14,7 @@ import sys
 import jax
 import numpy as np
 import pytest
+from jax.sharding import PartitionSpec as P
 
 from tests import mesh_check
 
@@ -61,10 +62,13 @@ def test_sharded_run_equals_one_device(runs, family, mesh):
 def test_params_and_cache_split_over_the_model_axis(runs, family, mesh):
     got = _load(runs, family, mesh)
     # q_proj kernel [D, N * H] = [64, 64]: its columns (whole heads) over model.
-    assert str(got["q_proj_spec"]) == "PartitionSpec(None, 'model')"
+    assert str(got["q_proj_spec"]) == str(P(None, "model"))
     assert tuple(got["q_proj_shard"]) == (64, 64 // mesh[1])
     if "cache_spec" in got:  # the prefix KV cache [B, P, G, H]: key/value heads over model
-        assert str(got["cache_spec"]).startswith("PartitionSpec(None, None, 'model'")
+        assert str(got["cache_spec"]) in (
+            str(P(None, None, "model")),
+            str(P(None, None, "model", None)),
+        )
 
 
 def test_llava_answers_on_a_model_mesh_take_the_shared_prompt_cache(runs):
@@ -109,8 +113,6 @@ def test_parse_mesh_shape():
 
 
 def test_every_param_of_every_family_has_a_rule():
-    from jax.sharding import PartitionSpec as P
-
     from vicrop_jax.families import FAMILIES
     from vicrop_jax.loading import param_specs
     from vicrop_jax.sharding import path_name
