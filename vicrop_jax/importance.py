@@ -28,6 +28,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import jax
+import numpy as np
 import jax.numpy as jnp
 from PIL import Image
 
