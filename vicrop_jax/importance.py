@@ -28,8 +28,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import jax
-import numpy as np
 import jax.numpy as jnp
+import numpy as np
 from PIL import Image
 
 from vicrop_jax import bbox as bbox_lib
