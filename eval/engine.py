@@ -249,7 +249,8 @@ class Engine:
 
     def prompt_tokens(self, question: str, n_images: int = 2) -> int:
         """Prompt length in tokens with every image's tokens in place."""
-        return self.family.prompt_tokens(self.tokenizer, self.model.config, question, n_images)
+        return self.family.prompt_tokens(self.tokenizer, self.model.config, question, n_images,
+                                         processor=self.model.processor)  # fmt: skip
 
     def check_question(self, example: Example) -> None:
         """Raises ValueError for an empty or too long question (too long for the model too)."""
@@ -268,8 +269,10 @@ class Engine:
         """Greedy answers; images[i] are the images of texts[i], in prompt order."""
         return self.executor.generate(texts, images)
 
-    def maps(self, images: list[Image.Image], questions: list[str], method: str) -> np.ndarray:
-        """Importance maps float32[n, N, N] of (image, question) pairs, full batches at a time."""
+    def maps(self, images: list[Image.Image], questions: list[str], method: str
+             ) -> list[np.ndarray]:  # fmt: skip
+        """Importance maps of (image, question) pairs (each on its image's own grid), full
+        batches at a time."""
         return self.executor.maps(images, questions, method)
 
     # -- control boxes ---------------------------------------------------------------------

@@ -10,7 +10,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from vicrop_jax import bbox, detail_mask, pipeline
+from vicrop_jax import bbox, detail_mask, pipeline, processing
 from vicrop_jax.families.instructblip import default_qformer_layer
 from vicrop_jax.importance import default_layer, importance
 from vicrop_jax.processing import GENERAL_QUESTION, blip_prompt, encode
@@ -119,14 +119,14 @@ def test_pure_grad_matches_paper(tiny_instructblip):
 
 def test_pipeline_and_importance_for_both_families(tiny_llava, tiny_instructblip, monkeypatch):
     calls = []
-    real = pipeline.encode
+    real = processing.encode
 
     def spy(proc, texts, images, *args):
         out = real(proc, texts, images, *args)
         calls.append((list(texts), len(images), out))
         return out
 
-    monkeypatch.setattr(pipeline, "encode", spy)
+    monkeypatch.setattr(processing, "encode", spy)
     img = _image(6, size=(90, 64))
     # max_new_tokens as in test_pipeline (LLaVA) and the generation parity test (InstructBLIP),
     # so a full run reuses their compiled functions.

@@ -36,13 +36,14 @@ from vicrop_jax.detail_mask import detail_masks
 from vicrop_jax.families import family_of, get_family
 from vicrop_jax.loading import Model
 from vicrop_jax.maps import METHODS, check_method, relative_depth
-from vicrop_jax.processing import GENERAL_QUESTION, check_question, encode, to_rgb
+from vicrop_jax.processing import GENERAL_QUESTION, check_question, to_rgb
 
 Array = jax.Array
 __all__ = [
     "METHODS",
     "default_layer",
     "detail_masks",
+    "image_maps",
     "importance",
     "maps_for_images",
     "model_layers",
@@ -72,13 +73,31 @@ def maps_for_images(
     pad_to_multiple_of: int | None = None,
     place=jnp.asarray,
 ) -> Array:
-    """Host wrapper: preprocess B (image, question) pairs and compute their maps [B, N, N].
+    """Host wrapper: preprocess B (image, question) pairs and compute their maps [B, N, N]
+    (Qwen2.5-VL: [B, Hm, Wm], each image's map in its top-left corner; `image_maps` cuts
+    each to its own grid).
 
     qformer_layer (InstructBLIP only): index into the Q-Former's cross-attention layers;
     default the paper's (2 of 6, or the same relative depth).
     pad_to_multiple_of: bucket prompt lengths (fewer compiled shapes).
     place: np.ndarray -> jax.Array for each batched input (e.g. sharded over a data mesh).
     """
+    return _maps_and_inputs(model, images, questions, method=method, layer=layer,
+                            params=params, qformer_layer=qformer_layer,
+                            pad_to_multiple_of=pad_to_multiple_of, place=place)[0]  # fmt: skip
+
+
+def image_maps(model: Model, images: Sequence[Image.Image], questions: Sequence[str],
+               **kwargs) -> list[Array]:  # fmt: skip
+    """Each (image, question) pair's map on its own grid: a list of B float32 [h, w]
+    ([N, N] for the fixed-grid families); keyword arguments as `maps_for_images`."""
+    maps, enc = _maps_and_inputs(model, images, questions, **kwargs)
+    return family_of(model).image_maps(model.config, maps, enc)
+
+
+def _maps_and_inputs(model, images, questions, *, method="rel_att", layer=None, params=None,
+                     qformer_layer=None, pad_to_multiple_of=None, place=jnp.asarray):  # fmt: skip
+    """`maps_for_images`' maps and the processor's arrays of its prompts."""
     check_method(method)
     family = family_of(model)
     options = family.map_options(model.config, qformer_layer=qformer_layer)
@@ -90,15 +109,16 @@ def maps_for_images(
     questions = [check_question(q) for q in questions]
     texts = [family.prompt(q) for q in questions]
     texts += [family.prompt(GENERAL_QUESTION)] * len(images)
-    enc = encode(model.processor, texts, list(images) + list(images), pad_to_multiple_of)
+    enc = family.encode(model.processor, texts, list(images) + list(images), pad_to_multiple_of)
     pixels = place(family.map_pixels(model.config, enc, len(images)))
     detail = None
     if method == "pure_grad":
         detail = place(family.detail_masks(model.config, images, enc))
     layers = () if method == "pure_grad" else family.layers(model.config, layer)
     params = model.params_or(params)
-    return family.maps(model.module, params, enc, pixels, detail, method=method, layers=layers,
+    maps = family.maps(model.module, params, enc, pixels, detail, method=method, layers=layers,
                        place=place, **options)  # fmt: skip
+    return maps, enc
 
 
 def importance(
@@ -130,16 +150,18 @@ def importance(
         into the cross-attention layers; default the paper's 2 of 6, or the same relative depth).
 
     Returns:
-      float32[N, N] (or [rows * N, cols * N] with high_res).
+      float32[N, N] (Qwen2.5-VL: [grid_h / 2, grid_w / 2], the image's merged grid), or the
+      tiles' maps merged, [rows * h, cols * w], with high_res.
     """
     image = to_rgb(image)
     kw = dict(method=method, layer=layer, params=params, qformer_layer=qformer_layer)
     if not high_res:
-        return maps_for_images(model, [image], [question], **kw)[0]
+        return image_maps(model, [image], [question], **kw)[0]
     if high_res_threshold is None:
         high_res_threshold = family_of(model).high_res_threshold
     tiles = bbox_lib.high_res_tiles(image.size, high_res_threshold)
     rows, cols = bbox_lib.high_res_grid(image.size, high_res_threshold)[:2]
     crops = [image.crop(tuple(int(c) for c in box)) for box in tiles]
-    maps = maps_for_images(model, crops, [question] * len(crops), **kw)
+    # The tiles are one size, so their maps share one grid.
+    maps = image_maps(model, crops, [question] * len(crops), **kw)
     return bbox_lib.merge_tile_maps(maps, rows, cols)

@@ -280,7 +280,8 @@ def load_params(path: str, config, dtype=jnp.float32, check_finite: bool = True)
 
 
 def load_model(
-    path: str, dtype=jnp.float32, processor: bool = True, check_finite: bool = True
+    path: str, dtype=jnp.float32, processor: bool = True, check_finite: bool = True,
+    processor_options: dict | None = None,
 ) -> Model:
     """Loads an HF checkpoint directory.
 
@@ -292,6 +293,7 @@ def load_model(
       dtype: dtype of the floating-point params (float32 or bfloat16).
       processor: also load the directory's tokenizer/image processor when present.
       check_finite: refuse weights holding NaN or inf (False accepts them).
+      processor_options: the family's processor settings (Qwen2.5-VL: max_pixels).
 
     Returns:
       Model with .config, .params, .processor (None when the directory has none) and
@@ -306,7 +308,8 @@ def load_model(
     params = load_params(path, config, dtype, check_finite)
     proc = None
     if processor:
-        proc = family_of(config).load_processor(path) or load_processor(path)
+        options = processor_options or {}
+        proc = family_of(config).load_processor(path, **options) or load_processor(path)
     return Model(config=config, params=params, processor=proc, hf_config=hf, path=path,
                  generation=generation)  # fmt: skip
 

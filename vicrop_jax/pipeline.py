@@ -32,10 +32,10 @@ from vicrop_jax import bbox as bbox_lib
 from vicrop_jax import prompt_cache
 from vicrop_jax.families import family_of
 from vicrop_jax.generate import answer_texts, greedy_generate, pad_id
-from vicrop_jax.importance import maps_for_images
+from vicrop_jax.importance import image_maps
 from vicrop_jax.loading import Model
 from vicrop_jax.maps import check_method
-from vicrop_jax.processing import check_question, encode, to_rgb
+from vicrop_jax.processing import check_question, to_rgb
 
 Box = tuple[int, int, int, int]
 
@@ -48,7 +48,7 @@ class Answer:
     original_answer: str
     crop_answer: str
     bbox: Box  # (left, top, right, bottom) in original-image pixels
-    att_map: np.ndarray  # float32 [N, N] (or the merged high-res map)
+    att_map: np.ndarray  # float32 [N, N], the image's own grid (or the merged high-res map)
     method: str
     timings: dict[str, float]  # seconds per stage, shared by the batch it ran in
 
@@ -77,11 +77,12 @@ def generate_answers(
     pad_to_multiple_of buckets prompt lengths; place(np.ndarray) -> jax.Array puts each input
     on device (e.g. sharded over a data mesh; the default is one device).
     """
-    enc = encode(model.processor, texts, images, pad_to_multiple_of)
+    family = family_of(model)
+    enc = family.encode(model.processor, texts, images, pad_to_multiple_of)
     tok = model.processor.tokenizer
     # Extra model inputs (InstructBLIP's Q-Former prompt, LLaVA-NeXT's packing table) ride
     # along to the prefill.
-    pixels, extra = family_of(model).model_inputs(model.config, enc)
+    pixels, extra = family.model_inputs(model.config, enc)
     extra = {k: place(v) for k, v in extra.items()} or None
     out = greedy_generate(
         model.module, model.params_or(params),
@@ -174,17 +175,19 @@ class Executor:
             )[: len(real)]  # fmt: skip
         return answers
 
-    def maps(self, images: list[Image.Image], questions: list[str], method: str) -> np.ndarray:
-        """Importance maps float32[n, N, N] of (image, question) pairs."""
+    def maps(self, images: list[Image.Image], questions: list[str], method: str
+             ) -> list[np.ndarray]:  # fmt: skip
+        """Importance maps of (image, question) pairs: n float32 arrays, each on its image's
+        own grid ([N, N] for the fixed-grid families)."""
         out = []
         for real, idx in self._chunks(len(images)):
-            m = maps_for_images(
+            m = image_maps(
                 self.model, [images[i] for i in idx], [questions[i] for i in idx],
                 method=method, layer=self.layers, params=self.params,
                 pad_to_multiple_of=self.pad_to_multiple_of, place=self.place,
             )  # fmt: skip
-            out.append(np.asarray(m)[: len(real)])
-        return np.concatenate(out)
+            out += [np.asarray(x) for x in m[: len(real)]]
+        return out
 
     def shares_prefix(self, n: int) -> bool:
         """Whether n questions run over one shared-prompt cache: the family's prompts share
@@ -225,6 +228,21 @@ def split_method(name: str) -> tuple[str, bool]:
     return base, base != name
 
 
+def select_boxes(maps: Sequence[np.ndarray], sizes: Sequence[tuple[int, int]], base: int
+                 ) -> list[Box]:  # fmt: skip
+    """The box of each map (maps of one shape searched as one batch)."""
+    boxes: list = [None] * len(maps)
+    by_shape = collections.defaultdict(list)
+    for i, m in enumerate(maps):
+        by_shape[np.shape(m)].append(i)
+    for idx in by_shape.values():
+        found = bbox_lib.select_bboxes(np.stack([maps[i] for i in idx]),
+                                       np.array([sizes[i] for i in idx]), base)  # fmt: skip
+        for i, b in zip(idx, np.asarray(found), strict=True):
+            boxes[i] = tuple(int(v) for v in b)
+    return boxes
+
+
 def _map_boxes(ex: Executor, method: str, images, map_questions, timed, threshold, shared_maps):
     """Boxes and maps of a map method for every image; shared_maps: rel_att's maps of the
     baseline's pass, or None."""
@@ -233,11 +251,10 @@ def _map_boxes(ex: Executor, method: str, images, map_questions, timed, threshol
     sizes = [im.size for im in images]
     if not high:
         if method == "rel_att" and shared_maps is not None:
-            maps = np.asarray(shared_maps)[: len(images)]
+            maps = list(np.asarray(shared_maps)[: len(images)])
         else:
             maps = timed("map", ex.maps, images, map_questions, base)
-        boxes = timed("box", bbox_lib.select_bboxes, maps, np.array(sizes), ex.base_size)
-        return [tuple(int(v) for v in b) for b in np.asarray(boxes)], list(maps)
+        return timed("box", select_boxes, maps, sizes, ex.base_size), maps
     tiles, qs, grids = [], [], []
     for im, q in zip(images, map_questions, strict=True):
         boxes = bbox_lib.high_res_tiles(im.size, threshold)

@@ -39,11 +39,28 @@ class Family:
     def prompt(self, question: str, n_images: int = 1) -> str:
         raise NotImplementedError
 
-    def load_processor(self, path: str):
+    def load_processor(self, path: str, **options):
         """The family's own processor of a checkpoint directory, or None to use the
-        directory's HF processor (AutoProcessor, vicrop_jax.loading.load_processor)."""
+        directory's HF processor (AutoProcessor, vicrop_jax.loading.load_processor).
+        options: the family's processor settings (none by default)."""
         del path
+        if options:
+            raise ValueError(f"{', '.join(options)}: no processor option of {self.name} models")
         return None
+
+    def encode(self, processor, texts: list[str], images: list, pad_to_multiple_of=None):
+        """The processor's arrays of `prompt` texts and their images (flattened in prompt
+        order): vicrop_jax.processing.encode by default."""
+        # Imported here: vicrop_jax.processing imports the family modules.
+        from vicrop_jax.processing import encode
+
+        return encode(processor, texts, images, pad_to_multiple_of)
+
+    def image_maps(self, config, maps, enc: dict) -> list:
+        """`maps`' output [B, ...] -> each image's map on its own grid, a list of B [h, w]
+        (enc: the processor's arrays of the maps' prompts); by default maps' rows."""
+        del config, enc
+        return [maps[i] for i in range(len(maps))]
 
     def abstract_params(self, config, dtype):
         """The param tree as ShapeDtypeStructs (nothing allocated)."""
@@ -70,8 +87,11 @@ class Family:
         families whose image tokens are the patches themselves."""
         raise NotImplementedError(f"{self.name} image tokens are not a patch grid")
 
-    def prompt_tokens(self, tokenizer, config, question: str, n_images: int) -> int:
-        """Prompt length in tokens once every image's tokens are in place."""
+    def prompt_tokens(self, tokenizer, config, question: str, n_images: int,
+                      processor=None) -> int:  # fmt: skip
+        """Prompt length in tokens once every image's tokens are in place (processor: the
+        model's, for families whose image token count it sets; unused by default)."""
+        del processor
         prompt = self.prompt(question, n_images)
         ids = tokenizer(prompt)["input_ids"]
         # A placeholder is one added token that the processor expands to the image's tokens;

@@ -157,13 +157,34 @@ class Qwen2_5_VL(Family):
     def prompt(self, question: str, n_images: int = 1) -> str:
         return qwen_prompt(question, n_images)
 
-    def load_processor(self, path: str):
+    def load_processor(self, path: str, max_pixels: int | None = None):
         """The image-only processor (vicrop_jax.processing_qwen2_5_vl: transformers'
-        Qwen2_5_VLProcessor needs torchvision), or None without processor files."""
+        Qwen2_5_VLProcessor needs torchvision), or None without processor files.
+        max_pixels: the image processor's (default the official 256 * 28 * 28)."""
         names = set(os.listdir(path))
         if "preprocessor_config.json" not in names or not names & TOKENIZER_FILES:
             return None
-        return qwen_processing.load_processor(path)
+        if max_pixels is None:
+            max_pixels = qwen_processing.VICROP_MAX_PIXELS
+        return qwen_processing.load_processor(path, max_pixels)
+
+    def encode(self, processor, texts, images, pad_to_multiple_of=None):
+        """The image-only processor's arrays of chat-template prompts (`prompt`)."""
+        return qwen_processing.encode_texts(processor, texts, images, pad_to_multiple_of)
+
+    def image_maps(self, config, maps, enc):
+        """[B, Hm, Wm] maps -> each image's map on its merged grid (`map_shapes`)."""
+        shapes = map_shapes(config, np.asarray(enc["image_grid_thw"])[: len(maps)])
+        return [maps[i, :h, :w] for i, (h, w) in enumerate(shapes)]
+
+    def prompt_tokens(self, tokenizer, config, question, n_images, processor=None):
+        """Prompt length in tokens with every image at the processor's largest size (its
+        max_pixels: at most max_pixels / 28**2 merged tokens an image)."""
+        if processor is None:
+            raise ValueError("Qwen2.5-VL prompt lengths need the processor (its max_pixels)")
+        prompt = self.prompt(question, n_images)
+        text = len(tokenizer(prompt)["input_ids"]) - n_images
+        return text + n_images * (processor.max_pixels // processor.factor**2)
 
     def base_size(self, config) -> int:
         """The official box search's base size for Qwen2.5-VL: 224."""
