@@ -136,8 +136,9 @@ def test_pipeline_and_importance_for_both_families(tiny_llava, tiny_instructblip
     ]:
         calls.clear()
         ans = pipeline.ask(model, img, QUESTION, max_new_tokens=n_new, share_prefill=False)
-        (base_texts, n_base, base), (crop_texts, n_crop, crop) = calls
-        assert (n_base, n_crop) == (1, 2)
+        # The baseline's, the map's ([question; general prompt]) and the crop answer's.
+        (base_texts, n_base, base), (map_texts, _, _), (crop_texts, n_crop, crop) = calls
+        assert (n_base, n_crop, len(map_texts)) == (1, 2, 2)
         cfg = model.config
         tokens = [(e["input_ids"] == cfg.image_token_index).sum() for e in (base, crop)]
         assert tokens == [cfg.num_image_tokens, 2 * cfg.num_image_tokens]
