@@ -117,6 +117,8 @@ class Settings:
     # "auto": the maps are asked with the dataset's short question where it has one (V*, the
     # synthetic set), as the official code; "full": always with the question answered.
     map_question: str = "auto"
+    # The processor's max_pixels (Qwen2.5-VL); None: the family's (official 256 * 28 * 28).
+    processor_max_pixels: int | None = None
     # execution only
     shard_index: int = 0
     batch_size: int = 8
@@ -137,6 +139,9 @@ class Settings:
             raise ValueError(f"shard_index {self.shard_index} not in [0, {self.shard_count})")
         if self.map_question not in ("auto", "full"):
             raise ValueError(f"map_question must be 'auto' or 'full', got {self.map_question!r}")
+        mp = self.processor_max_pixels
+        if mp is not None and (isinstance(mp, bool) or not isinstance(mp, int) or mp < 1):
+            raise ValueError(f"processor_max_pixels must be a positive int, got {mp!r}")
         if self.limit < 0 or self.batch_size < 1 or self.max_new_tokens < 1:
             raise ValueError("limit must be >= 0, batch_size and max_new_tokens >= 1")
         try:
@@ -177,6 +182,9 @@ class Settings:
             "data_content": data_content(examples),
             # Only when set: directories written before the option resume unchanged.
             **({"map_question": self.map_question} if self.map_question != "auto" else {}),
+            # A processor of another max_pixels sees other image tokens.
+            **({"processor_max_pixels": self.processor_max_pixels}
+               if self.processor_max_pixels is not None else {}),  # fmt: skip
             # Retrained or replaced weights at the same path must not resume the old results.
             **_weights_identity(self.model),
             # Nor a changed generation_config.json (a repetition penalty changes answers).
@@ -411,7 +419,9 @@ def load_run_model(s: Settings):
 
     from vicrop_jax.loading import load_model
 
-    return load_model(s.model, dtype=jnp.bfloat16 if s.dtype == "bfloat16" else jnp.float32)
+    options = {} if s.processor_max_pixels is None else {"max_pixels": s.processor_max_pixels}
+    return load_model(s.model, dtype=jnp.bfloat16 if s.dtype == "bfloat16" else jnp.float32,
+                      processor_options=options)  # fmt: skip
 
 
 def _engine(s: Settings, model, loader, log) -> Engine:

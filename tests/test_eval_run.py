@@ -645,7 +645,8 @@ def test_example_flagfiles_and_distributed_shards():
     assert got["methods"][0] == "rel_att_high" and "gt_crop" in got["methods"]
     assert got["dtype"] == "bfloat16" and got["vstar"] == "data/vstar_bench"
     assert got["new_tokens"] == 4
-    mine = [n for n in os.listdir(f"{REPO}/eval/flags") if n.endswith("_llava.flags")]
+    mine = [n for n in os.listdir(f"{REPO}/eval/flags")
+            if n.endswith(("_llava.flags", "_qwen25vl.flags"))]
     script = (
         "import sys; from absl import flags; import eval.run\n"
         "for f in sys.argv[1:]:\n"

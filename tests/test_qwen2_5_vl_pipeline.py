@@ -70,3 +70,45 @@ def test_ask_batch_each_method(setup, method):
     rows, cols, tw, th = bbox.high_res_grid(images[0].size, 160)
     gh, gw = grid(model, images[0].crop((0, 0, tw, th)))
     assert rows * cols > 1 and high.shape == (rows * gh, cols * gw), high.shape
+
+
+def test_eval_run_smoke_and_max_pixels_identity(setup, tmp_path):
+    """eval.run's runner on the tiny checkpoint (a *_high method and a control); a run of
+    another processor max_pixels refuses to resume the directory."""
+    from eval import records
+    from eval.runner import Settings, run
+    from tests.test_eval_datasets import write_textvqa
+
+    _, _, model, _ = setup
+    spec = write_textvqa(str(tmp_path / "data"), n=2)
+
+    def settings(max_pixels):
+        return Settings(model=setup[0], task="textvqa", data=spec, output_dir=str(tmp_path / "out"),
+                        methods=("rel_att_high", "center_crop"), batch_size=2, max_new_tokens=3,
+                        progress=False, processor_max_pixels=max_pixels)  # fmt: skip
+
+    path = run(settings(MAX_PIXELS), model=model, log=lambda msg: None)
+    recs = records.read_records(path)
+    assert len(recs) == 2
+    for r in recs:
+        assert r["error"] is None, r["error"]
+        assert isinstance(r["original_answer"], str) and isinstance(r["crop_answer"], str)
+        x1, y1, x2, y2 = r["bbox"]
+        assert 0 <= x1 < x2 <= r["image_size"][0] and 0 <= y1 < y2 <= r["image_size"][1]
+    with pytest.raises(records.ConfigMismatch, match="processor_max_pixels"):
+        run(settings(MAX_PIXELS // 2), model=model, log=lambda msg: None)
+
+
+def test_show_draws_a_qwen_map(setup, tmp_path):
+    import types
+
+    from vicrop_jax import show
+
+    d, _, _, images = setup
+    path = str(tmp_path / "im.png")
+    images[0].save(path)
+    flags = dict(model=d, image=path, question=QS[0], method="rel_att", layer=None,
+                 high_res=False, processor_max_pixels=MAX_PIXELS, exif_transpose=False,
+                 out=str(tmp_path / "s.png"))  # fmt: skip
+    line = show._show(types.SimpleNamespace(**flags))
+    assert "on the 330x240 image" in line and (tmp_path / "s.png").stat().st_size > 0

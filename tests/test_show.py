@@ -73,7 +73,7 @@ def test_show_reads_the_stored_frame_as_eval_does(tiny_llava, tmp_path):
     model, _ = tiny_llava
     path = _exif6_jpeg(str(tmp_path / "exif6.jpg"))
     flags = dict(model=model.path, image=path, question="What is written on the red circle?",
-                 method="rel_att", layer=None, high_res=False,
+                 method="rel_att", layer=None, high_res=False, processor_max_pixels=None,
                  out=str(tmp_path / "s.png"))  # fmt: skip
     line = show._show(types.SimpleNamespace(**flags, exif_transpose=False))
     assert "on the 320x240 image" in line
