@@ -177,14 +177,24 @@ class Qwen2_5_VL(Family):
         shapes = map_shapes(config, np.asarray(enc["image_grid_thw"])[: len(maps)])
         return [maps[i, :h, :w] for i, (h, w) in enumerate(shapes)]
 
-    def prompt_tokens(self, tokenizer, config, question, n_images, processor=None):
-        """Prompt length in tokens with every image at the processor's largest size (its
-        max_pixels: at most max_pixels / 28**2 merged tokens an image)."""
+    def prompt_tokens(self, tokenizer, config, question, n_images, image_sizes=None,
+                      processor=None):  # fmt: skip
+        """Prompt length in tokens: the images of image_sizes ((width, height) each) as the
+        processor sizes them, the others at its largest (max_pixels / 28**2 merged tokens)."""
         if processor is None:
             raise ValueError("Qwen2.5-VL prompt lengths need the processor (its max_pixels)")
-        prompt = self.prompt(question, n_images)
-        text = len(tokenizer(prompt)["input_ids"]) - n_images
-        return text + n_images * (processor.max_pixels // processor.factor**2)
+        text = len(tokenizer(self.prompt(question, n_images))["input_ids"]) - n_images
+        f = processor.factor
+        sizes = list(image_sizes or [])[:n_images]
+        tokens = (n_images - len(sizes)) * (processor.max_pixels // f**2)
+        for w, h in sizes:
+            h1, w1 = qwen_processing.smart_resize(
+                h, w, f, qwen_processing.FETCH_MIN_TOKENS * f * f,
+                qwen_processing.FETCH_MAX_TOKENS * f * f)  # fmt: skip
+            h2, w2 = qwen_processing.smart_resize(h1, w1, f, processor.min_pixels,
+                                                  processor.max_pixels)  # fmt: skip
+            tokens += h2 * w2 // f**2
+        return text + tokens
 
     def base_size(self, config) -> int:
         """The official box search's base size for Qwen2.5-VL: 224."""
