@@ -11,7 +11,7 @@ and through vicrop_jax.load_model, and checks on one synthetic-benchmark image a
     (<= 1e-5), against one torch forward pass;
   * the 24 x 24 rel-att, grad-att and pure-grad maps (vicrop_jax.importance, and rel-att
     from the shared-prefix pass too) at rtol 1e-4 against the official recipe on the torch
-    model (tests/test_importance.py's: attention of separate question and general-prompt
+    model (vicrop_jax.testing's: attention of separate question and general-prompt
     passes; -cross-entropy against the argmax backpropagated to the attention probabilities
     or the pixels), at the paper's layer for a 2-layer LM (14 of 32 -> 1);
   * the box each map selects (vicrop_jax.bbox against the official loop,
@@ -62,63 +62,26 @@ def _torch_inputs(proc, text, images):
     return proc(images=images, text=text, return_tensors="pt")
 
 
-def official_rel_att(hf, proc, image, question, layers, t, g):
-    """The official rel-att: separate question and general-prompt passes, heads averaged."""
-    import torch
-
-    from vicrop_jax.processing import GENERAL_QUESTION, llava_prompt
-
-    image_id = proc.tokenizer.convert_tokens_to_ids("<image>")
-    maps = []
-    for q in (question, GENERAL_QUESTION):
-        enc = _torch_inputs(proc, llava_prompt(q), image)
-        pos = enc["input_ids"][0].tolist().index(image_id)
-        with torch.no_grad():
-            att = hf(**enc, output_attentions=True).attentions
-        maps.append(np.mean([att[i][0, :, -1, pos : pos + t].mean(0).numpy() for i in layers], 0))
-    return (maps[0] / maps[1]).reshape(g, g)
-
-
-def official_grad_att(hf, proc, image, question, layers, t, g):
-    """The official grad-att: A * relu(dL/dA), L = -CE(last logits, argmax)."""
-    import torch
-
+def official_maps(hf, proc, image, question, layers, g, patch, side) -> dict:
+    """The official rel-att, grad-att and pure-grad maps on the torch model
+    (vicrop_jax.testing's recipe): {method: () -> float[g, g]}."""
+    from vicrop_jax import testing
+    from vicrop_jax.importance import detail_masks
     from vicrop_jax.processing import llava_prompt
 
-    enc = _torch_inputs(proc, llava_prompt(question), image)
-    pos = enc["input_ids"][0].tolist().index(proc.tokenizer.convert_tokens_to_ids("<image>"))
-    enc["pixel_values"].requires_grad_(True)  # the params are frozen: a path for autograd
-    out = hf(**enc, output_attentions=True)
-    z = out.logits[:, -1, :]
-    loss = -torch.nn.functional.cross_entropy(z, z.argmax(1))
-    atts = [out.attentions[i] for i in layers]
-    grads = torch.autograd.grad(loss, atts)
-    per = [
-        (a * torch.relu(gr))[0, :, -1, pos : pos + t].mean(0).detach().numpy()
-        for a, gr in zip(atts, grads, strict=True)
-    ]
-    return np.mean(per, 0).reshape(g, g)
+    def pure_grad():
+        ratio = testing.official_pixel_grad_norms(hf, proc, llava_prompt, image, question)
+        return testing.patch_mean(ratio * detail_masks([image], side)[0], patch)
 
-
-def official_pure_grad(hf, proc, image, question, patch, res):
-    """The official pure-grad: ratio of pixel-gradient norms (question / general), times the
-    detail mask, mean-pooled to patches."""
-    import torch
-
-    from vicrop_jax.importance import detail_masks
-    from vicrop_jax.processing import GENERAL_QUESTION, llava_prompt
-
-    norms = []
-    for q in (question, GENERAL_QUESTION):
-        enc = _torch_inputs(proc, llava_prompt(q), image)
-        enc["pixel_values"].requires_grad_(True)
-        z = hf(**enc).logits[:, -1, :]
-        loss = -torch.nn.functional.cross_entropy(z, z.argmax(1))
-        (gpix,) = torch.autograd.grad(loss, enc["pixel_values"])
-        norms.append(np.linalg.norm(gpix[0].numpy().transpose(1, 2, 0), axis=2))
-    grad = norms[0] / norms[1] * detail_masks([image], res)[0]
-    h, w = grad.shape
-    return grad.reshape(h // patch, patch, w // patch, patch).mean((1, 3))
+    return {
+        "rel_att": lambda: testing.official_rel_att(
+            hf, proc, llava_prompt, image, question, layers
+        ).reshape(g, g),
+        "grad_att": lambda: testing.official_grad_att(
+            hf, proc, llava_prompt, image, question, layers
+        ).reshape(g, g),
+        "pure_grad": pure_grad,
+    }
 
 
 def torch_generate(hf, proc, text, images) -> list[int]:
@@ -204,7 +167,7 @@ def run_parity(path: str) -> dict:
 
     cfg = model.config
     proc = model.processor
-    t, g = cfg.num_image_tokens, cfg.vision_config.grid
+    g = cfg.vision_config.grid
     side, patch = cfg.vision_config.image_size, cfg.vision_config.patch_size
     image, question = test_image()
     checks = Checks()
@@ -229,11 +192,7 @@ def run_parity(path: str) -> dict:
     # Maps against the official recipe, and the boxes they select.
     layers = model_layers(model, None)
     checks.figures["inputs"]["map_layers"] = list(layers)
-    official = {
-        "rel_att": lambda: official_rel_att(hf, proc, image, question, layers, t, g),
-        "grad_att": lambda: official_grad_att(hf, proc, image, question, layers, t, g),
-        "pure_grad": lambda: official_pure_grad(hf, proc, image, question, patch, side),
-    }
+    official = official_maps(hf, proc, image, question, layers, g, patch, side)
     ref_maps = {}
     for method, fn in official.items():
         t0 = time.perf_counter()

@@ -1,6 +1,7 @@
 """Device memory of the rel-att ViCrop passes at a full-size preset's shapes, no weights.
 
   python -m bench.memory --preset llava-1.5-7b --dtype bfloat16 --batch_sizes 1,8,32
+  python -m bench.memory --model DIR --batch_sizes 32     # DIR's config.json gives the shapes
 
 Compiles vicrop_jax.prefix's three jitted passes (start_pass: prefix, question and general
 tails, maps, baseline answers; answer_pass: the same without maps; finish_pass: the crops'
@@ -28,6 +29,8 @@ import jax.numpy as jnp
 from absl import flags
 
 _PRESET = flags.DEFINE_string("preset", "llava-1.5-7b", "vicrop_jax.models.llava.PRESETS name")
+_MODEL = flags.DEFINE_string("model", None, "a LLaVA checkpoint directory whose config.json "
+                             "gives the shapes instead of --preset")  # fmt: skip
 _DTYPE = flags.DEFINE_enum("dtype", "bfloat16", ["float32", "bfloat16"], "weights and cache")
 _BATCHES = flags.DEFINE_list("batch_sizes", ["32"], "questions per pass")
 _TAIL = flags.DEFINE_integer(
@@ -114,7 +117,13 @@ def main(argv):
     from vicrop_jax.models.llava import LlavaConfig
     from vicrop_jax.testing import preset_config_dict
 
-    config = LlavaConfig.from_dict(preset_config_dict(_PRESET.value, 32000))
+    if _MODEL.value:
+        from vicrop_jax.loading import parse_config, read_config
+
+        config, name = parse_config(read_config(_MODEL.value)), _MODEL.value
+    else:
+        name = _PRESET.value
+        config = LlavaConfig.from_dict(preset_config_dict(name, 32000))
     dtype = jnp.bfloat16 if _DTYPE.value == "bfloat16" else jnp.float32
     results = {}
     for b in (int(x) for x in _BATCHES.value):
@@ -122,12 +131,12 @@ def main(argv):
                                 max_new_tokens=_MAX_NEW.value, layer=_LAYER.value)  # fmt: skip
     budget = _BUDGET.value
     device = jax.devices()[0]
-    print(f"# XLA memory plan: {_PRESET.value}, {_DTYPE.value}, backend {device.platform} "
+    print(f"# XLA memory plan: {name}, {_DTYPE.value}, backend {device.platform} "
           f"({device.device_kind}); budget {budget:.1f} GiB\n")  # fmt: skip
     print(table(results, budget))
     if _OUT.value:
         with open(_OUT.value, "w") as f:
-            json.dump({"preset": _PRESET.value, "dtype": _DTYPE.value,
+            json.dump({"preset": name, "dtype": _DTYPE.value,
                        "device": device.device_kind, "budget_gib": budget,
                        "results": results}, f, indent=2)  # fmt: skip
 

@@ -10,17 +10,19 @@ Every checkpoint key must be used and every param filled, or one error lists all
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
+import math
 import os
 import re
 import struct
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 
 import jax
 import jax.numpy as jnp
+import ml_dtypes
 import numpy as np
-from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
@@ -45,8 +47,8 @@ def read_config(path: str) -> dict:
         raise CheckpointError(f"{cfg_path} is not valid JSON: {e}") from None
 
 
-def _shard_names(index: str) -> list[str]:
-    """The shard files a model.safetensors.index.json names, or a CheckpointError."""
+def _weight_map(index: str) -> dict[str, str]:
+    """The key -> shard file map of a model.safetensors.index.json, or a CheckpointError."""
     try:
         with open(index) as f:
             weight_map = json.load(f)["weight_map"]
@@ -60,7 +62,12 @@ def _shard_names(index: str) -> list[str]:
     bad = sorted(repr(n) for n in names if not isinstance(n, str))
     if bad:
         raise CheckpointError(f"{index} names shards that are not file names: {', '.join(bad)}")
-    return sorted(names)
+    return weight_map
+
+
+def _shard_names(index: str) -> list[str]:
+    """The shard files a model.safetensors.index.json names, or a CheckpointError."""
+    return sorted(set(_weight_map(index).values()))
 
 
 def safetensors_files(path: str) -> list[str]:
@@ -124,14 +131,65 @@ def weights_fingerprint(path: str) -> str:
 # safetensors refuses headers above 100 MB; a larger length means the file is something else.
 _MAX_HEADER_BYTES = 100 << 20
 _LFS_POINTER = b"version https://git-lfs"
+# safetensors dtype names -> numpy dtypes (little-endian; bfloat16 and float8 via ml_dtypes).
+_DTYPES = {
+    "BOOL": np.dtype(np.bool_), "U8": np.dtype("<u1"), "I8": np.dtype("<i1"),
+    "U16": np.dtype("<u2"), "I16": np.dtype("<i2"), "U32": np.dtype("<u4"),
+    "I32": np.dtype("<i4"), "U64": np.dtype("<u8"), "I64": np.dtype("<i8"),
+    "F16": np.dtype("<f2"), "F32": np.dtype("<f4"), "F64": np.dtype("<f8"),
+    "BF16": np.dtype(ml_dtypes.bfloat16), "F8_E4M3": np.dtype(ml_dtypes.float8_e4m3fn),
+    "F8_E5M2": np.dtype(ml_dtypes.float8_e5m2),
+}  # fmt: skip
 
 
-def check_safetensors_file(file: str) -> None:
-    """Reads a safetensors file's header and checks that the file holds all the tensor data it
-    describes, so that an empty, truncated or foreign file fails with one line naming it.
+@dataclasses.dataclass(frozen=True)
+class TensorEntry:
+    """Where one tensor's bytes lie in a safetensors file, as its header says."""
+
+    file: str
+    key: str
+    dtype: np.dtype
+    shape: tuple[int, ...]
+    offset: int  # of the first byte, from the start of the file
+    nbytes: int
+
+    def stand_in(self) -> np.ndarray:
+        """A zero-byte array of the tensor's shape and dtype (a broadcast scalar), for checks
+        that look at shapes and dtypes only."""
+        return np.broadcast_to(np.zeros((), self.dtype), self.shape)
+
+
+def _entry(file: str, key: str, value, data_start: int) -> TensorEntry:
+    """One header entry, or TypeError/ValueError/KeyError when it is malformed."""
+    shape = tuple(value["shape"])
+    start, end = (int(x) for x in value["data_offsets"])
+    if not all(isinstance(d, int) and d >= 0 for d in shape) or not 0 <= start <= end:
+        raise ValueError(key)
+    dtype = _DTYPES.get(value["dtype"])
+    if dtype is None:
+        raise CheckpointError(
+            f"{file}: tensor {key!r} has dtype {value['dtype']!r}, which is not read "
+            f"(supported: {', '.join(_DTYPES)})"
+        )
+    want = math.prod(shape) * dtype.itemsize
+    if end - start != want:
+        raise CheckpointError(
+            f"{file}: the header gives tensor {key!r} shape {list(shape)} {value['dtype']} "
+            f"({want} bytes) but {end - start} bytes of data; re-download or re-export it"
+        )
+    return TensorEntry(file, key, dtype, shape, data_start + start, want)
+
+
+def safetensors_header(file: str) -> dict[str, TensorEntry]:
+    """Reads a safetensors file's header, checks it and the file's size against it, and says
+    where each tensor lies; no tensor data is read.
+
+    Returns:
+      key -> TensorEntry, in the header's order.
 
     Raises:
-      CheckpointError: the file is empty, truncated, a Git LFS pointer or not safetensors.
+      CheckpointError: the file is empty, truncated, a Git LFS pointer or not safetensors; a
+        tensor's dtype is not one numpy reads, or its byte range does not fit its shape.
     """
     size = os.path.getsize(file)
     redo = "re-download or re-export it"
@@ -167,27 +225,91 @@ def check_safetensors_file(file: str) -> None:
             f"{file} is truncated: {data} bytes of tensor data, its header describes {want} "
             f"({want - data} missing); {redo}"
         )
+    entries = {}
+    for key, value in header.items():
+        if key == "__metadata__":
+            continue
+        try:
+            entries[key] = _entry(file, key, value, 8 + n)
+        except CheckpointError:
+            raise
+        except (ValueError, TypeError, KeyError, IndexError, AttributeError):
+            raise CheckpointError(
+                f"{file} has a damaged header (tensor {key!r}: {value!r}); {redo}"
+            ) from None
+    return entries
+
+
+def check_safetensors_file(file: str) -> None:
+    """Reads a safetensors file's header and checks that the file holds all the tensor data it
+    describes, so that an empty, truncated or foreign file fails with one line naming it.
+
+    Raises:
+      CheckpointError: the file is empty, truncated, a Git LFS pointer or not safetensors.
+    """
+    safetensors_header(file)
+
+
+def checkpoint_entries(path: str) -> dict[str, TensorEntry]:
+    """Every tensor of a checkpoint directory, from the safetensors headers alone.
+
+    Returns:
+      key -> TensorEntry, shard by shard in file order.
+
+    Raises:
+      CheckpointError: a file fails `safetensors_header`, a key is in two shards, or the shard
+        index maps a key to a shard that does not hold it.
+    """
+    files = safetensors_files(path)
+    out: dict[str, TensorEntry] = {}
+    for file in files:
+        for key, entry in safetensors_header(file).items():
+            if key in out:
+                raise CheckpointError(
+                    f"key {key!r} appears in more than one shard ({out[key].file}, {file})"
+                )
+            out[key] = entry
+    index = os.path.join(path, "model.safetensors.index.json")
+    if os.path.isfile(index):
+        for key, shard in _weight_map(index).items():
+            held = out.get(key)
+            if held is None or os.path.basename(held.file) != shard:
+                where = "no shard holds it" if held is None else f"it is in {held.file}"
+                raise CheckpointError(
+                    f"{index} maps key {key!r} to {os.path.join(path, shard)}, but {where}; "
+                    "re-download the checkpoint"
+                )
+    return out
+
+
+def read_tensor(entry: TensorEntry) -> np.ndarray:
+    """One tensor's data, read from its file into a fresh array (no mapping kept open).
+
+    Raises:
+      CheckpointError: the file ends before the tensor does (changed since its header was read).
+    """
+    out = np.empty(entry.shape, entry.dtype)
+    view = memoryview(out.reshape(-1).view(np.uint8))
+    with open(entry.file, "rb", buffering=0) as f:
+        f.seek(entry.offset)
+        done = 0
+        while done < entry.nbytes:
+            n = f.readinto(view[done:])
+            if not n:
+                raise CheckpointError(
+                    f"{entry.file} is truncated: tensor {entry.key!r} ends past the end of the "
+                    "file; re-download or re-export it"
+                )
+            done += n
+    return out
 
 
 def read_safetensors(path: str) -> dict[str, np.ndarray]:
     """All tensors of a checkpoint directory as numpy arrays (bfloat16 via ml_dtypes).
 
-    Every file's header is checked (`check_safetensors_file`) before any tensor is read.
+    Every file's header is checked (`checkpoint_entries`) before any tensor is read.
     """
-    files = safetensors_files(path)
-    for file in files:
-        check_safetensors_file(file)
-    out: dict[str, np.ndarray] = {}
-    for file in files:
-        try:
-            with safe_open(file, framework="flax") as f:
-                for key in f.keys():
-                    if key in out:
-                        raise CheckpointError(f"key {key!r} appears in more than one shard")
-                    out[key] = np.asarray(f.get_tensor(key))
-        except SafetensorError as e:
-            raise CheckpointError(f"{file} cannot be read: {e}") from None
-    return out
+    return {key: read_tensor(e) for key, e in checkpoint_entries(path).items()}
 
 
 def normalise_key(key: str, table: Iterable[tuple[str, str]]) -> str:
@@ -251,27 +373,133 @@ def _is_float(value: np.ndarray) -> bool:
     return jnp.issubdtype(value.dtype, jnp.floating)  # bfloat16 too, unlike np.issubdtype
 
 
-# `nonfinite_keys` scans a tensor in chunks of this many values (a bounded bool temporary).
+# `all_finite` scans a tensor in chunks of this many values (a bounded bool temporary).
 _FINITE_CHUNK = 1 << 22
 _SHOWN_KEYS = 5
 
 
-def nonfinite_keys(tensors: Mapping[str, np.ndarray]) -> list[str]:
-    """The keys of the float tensors that hold a NaN or an inf, in order.
+def all_finite(value: np.ndarray) -> bool:
+    """Whether a float tensor holds no NaN or inf (True for other dtypes).
 
     One pass over the data (np.isfinite in chunks): tens of milliseconds per 100 M values on
     one CPU core.
     """
-    bad = []
-    for key, value in tensors.items():
-        if not _is_float(value):
+    if not _is_float(value):
+        return True
+    flat = np.ravel(value, order="K")  # memory order: a view of a transposed kernel too
+    return all(
+        np.isfinite(flat[start : start + _FINITE_CHUNK]).all()
+        for start in range(0, flat.size, _FINITE_CHUNK)
+    )
+
+
+def nonfinite_keys(tensors: Mapping[str, np.ndarray]) -> list[str]:
+    """The keys of the float tensors that hold a NaN or an inf, in order."""
+    return [key for key, value in tensors.items() if not all_finite(value)]
+
+
+def _match(
+    shapes: Mapping[str, np.ndarray],
+    expected: Mapping,
+    table: Iterable[tuple[str, str]],
+    aliases: Mapping[tuple[str, ...], tuple[str, ...]],
+    fetch: Callable[[str], np.ndarray],
+) -> dict[tuple[str, ...], str]:
+    """Which checkpoint key fills each param, from shapes and dtypes alone (`shapes` holds an
+    array or a zero-byte stand-in per key); an alias is compared to its target through
+    `fetch`, two tensors at a time. Raises map_checkpoint's structural CheckpointError."""
+    want = _flatten(expected)
+    source: dict[tuple[str, ...], str] = {}  # path -> the checkpoint key that fills it
+    unused, mismatched, not_float = [], [], []
+    failed: set[tuple[str, ...]] = set()
+    alias_keys: dict[tuple[str, ...], str] = {}
+    for key, value in shapes.items():
+        if any(p.search(key) for p in IGNORED_KEYS):
             continue
-        flat = np.ravel(value, order="K")  # memory order: a view of a transposed kernel too
-        for start in range(0, flat.size, _FINITE_CHUNK):
-            if not np.isfinite(flat[start : start + _FINITE_CHUNK]).all():
-                bad.append(key)
-                break
-    return bad
+        path = _flax_path(normalise_key(key, table), expected)
+        if path in aliases:
+            alias_keys[path] = key
+            continue
+        if path not in want:
+            unused.append(key)
+            continue
+        if path in source:
+            unused.append(f"{key} (fills {'/'.join(path)} as {source[path]} does)")
+            continue
+        source[path] = key
+        value = to_flax(path[-1], value)
+        if tuple(value.shape) != tuple(want[path].shape):
+            mismatched.append(f"{key}: checkpoint {tuple(value.shape)} vs expected "
+                              f"{tuple(want[path].shape)} (as {'/'.join(path)})")  # fmt: skip
+            failed.add(path)
+        elif jnp.issubdtype(want[path].dtype, jnp.floating) and not _is_float(value):
+            not_float.append(f"{key}: {value.dtype} (as {'/'.join(path)})")
+            failed.add(path)
+    missing = ["/".join(p) for p in want if p not in source]
+    for path, key in alias_keys.items():
+        target = aliases[path]
+        if target in source and target not in failed:
+            a, b = shapes[key], shapes[source[target]]
+            # Same HF layout; two tensors in memory at a time.
+            if a.shape != b.shape or not np.array_equal(fetch(key), fetch(source[target])):
+                unused.append(f"{key} (differs from the tied {'/'.join(target)})")
+    if unused or missing or mismatched or not_float:
+        lines = []
+        if unused:
+            lines.append(f"{len(unused)} checkpoint keys not used: " + ", ".join(sorted(unused)))
+        if missing:
+            lines.append(f"{len(missing)} params not in the checkpoint: " + ", ".join(missing))
+        if mismatched:
+            lines.append(f"{len(mismatched)} shape mismatches: " + "; ".join(mismatched))
+        if not_float:
+            lines.append(f"{len(not_float)} float params given as non-float tensors: "
+                         + "; ".join(not_float))  # fmt: skip
+        raise CheckpointError("checkpoint does not match the model:\n  " + "\n  ".join(lines))
+    return source
+
+
+def place(value: np.ndarray, like) -> jax.Array:
+    """A host array as a jax array: with `like.sharding` (a ShapeDtypeStruct's) when it has
+    one, built shard by shard from `value`; else on the default device."""
+    sharding = getattr(like, "sharding", None)
+    if sharding is None:
+        return jnp.asarray(value)
+    return jax.make_array_from_callback(value.shape, sharding, lambda index: value[index])
+
+
+def _fill(
+    source: Mapping[tuple[str, ...], str],
+    expected: Mapping,
+    fetch: Callable[[str], np.ndarray],
+    check_finite: bool,
+) -> dict:
+    """Fetches, checks, casts and places one tensor at a time, in `source`'s order; the host
+    copy of each is dropped before the next is fetched."""
+    want = _flatten(expected)
+    got: dict[tuple[str, ...], jax.Array] = {}
+    bad: list[str] = []
+    for path, key in source.items():
+        value = fetch(key)
+        if check_finite and not all_finite(value):
+            bad.append(key)
+            got.clear()  # the load fails: keep scanning, free what was placed
+        if bad:
+            continue
+        like = want[path]
+        value = to_flax(path[-1], value)
+        if _is_float(value) and value.dtype != like.dtype:
+            value = value.astype(like.dtype)
+        got[path] = place(value, like)
+        del value
+    if bad:
+        shown = ", ".join(bad[:_SHOWN_KEYS]) + (
+            f" and {len(bad) - _SHOWN_KEYS} more" if len(bad) > _SHOWN_KEYS else ""
+        )
+        raise CheckpointError(
+            f"{len(bad)} checkpoint tensors hold NaN or inf: {shown}; the weights are "
+            "damaged (load with check_finite=False to accept them)"
+        )
+    return _unflatten({p: got[p] for p in want})
 
 
 def map_checkpoint(
@@ -287,7 +515,7 @@ def map_checkpoint(
       tensors: HF key -> array.
       expected: nested dicts of ShapeDtypeStruct (jax.eval_shape of the module's init, e.g.
         vicrop_jax.models.llava.abstract_params); floating-point params come back in their
-        leaf's dtype.
+        leaf's dtype, and with the leaf's `sharding` when it has one (`place`).
       table: ordered (regex, replacement) pairs normalising key prefixes.
       aliases: Flax paths that may be filled by a checkpoint key but need not be (e.g. a tied
         lm_head saved anyway): path -> the param it must equal, in the same layout.
@@ -297,66 +525,8 @@ def map_checkpoint(
       CheckpointError listing every unused key, missing param, shape mismatch and non-float
       tensor for a float param; or, after those, the tensors that hold NaN or inf.
     """
-    want = _flatten(expected)
-    got: dict[tuple[str, ...], np.ndarray] = {}
-    source: dict[tuple[str, ...], str] = {}  # path -> the checkpoint key that filled it
-    unused, mismatched, not_float, seen = [], [], [], set()
-    aliases = aliases or {}
-    alias_values: dict[tuple[str, ...], tuple[str, np.ndarray]] = {}
-    for key, value in tensors.items():
-        if any(p.search(key) for p in IGNORED_KEYS):
-            continue
-        path = _flax_path(normalise_key(key, table), expected)
-        if path in aliases:
-            alias_values[path] = (key, value)
-            continue
-        if path not in want:
-            unused.append(key)
-            continue
-        seen.add(path)
-        value = to_flax(path[-1], value)
-        if tuple(value.shape) != tuple(want[path].shape):
-            mismatched.append(f"{key}: checkpoint {tuple(value.shape)} vs expected "
-                              f"{tuple(want[path].shape)} (as {'/'.join(path)})")  # fmt: skip
-            continue
-        if jnp.issubdtype(want[path].dtype, jnp.floating) and not _is_float(value):
-            not_float.append(f"{key}: {value.dtype} (as {'/'.join(path)})")
-            continue
-        got[path], source[path] = value, key
-    missing = ["/".join(p) for p in want if p not in seen]
-    for path, (key, value) in alias_values.items():
-        target = got.get(aliases[path])
-        if target is not None and not np.array_equal(value, target):  # same HF layout
-            unused.append(f"{key} (differs from the tied {'/'.join(aliases[path])})")
-    if unused or missing or mismatched or not_float:
-        lines = []
-        if unused:
-            lines.append(f"{len(unused)} checkpoint keys not used: " + ", ".join(sorted(unused)))
-        if missing:
-            lines.append(f"{len(missing)} params not in the checkpoint: " + ", ".join(missing))
-        if mismatched:
-            lines.append(f"{len(mismatched)} shape mismatches: " + "; ".join(mismatched))
-        if not_float:
-            lines.append(f"{len(not_float)} float params given as non-float tensors: "
-                         + "; ".join(not_float))  # fmt: skip
-        raise CheckpointError("checkpoint does not match the model:\n  " + "\n  ".join(lines))
-
-    if check_finite:
-        bad = nonfinite_keys({source[p]: v for p, v in got.items()})
-        if bad:
-            shown = ", ".join(bad[:_SHOWN_KEYS]) + (
-                f" and {len(bad) - _SHOWN_KEYS} more" if len(bad) > _SHOWN_KEYS else ""
-            )
-            raise CheckpointError(
-                f"{len(bad)} checkpoint tensors hold NaN or inf: {shown}; the weights are "
-                "damaged (load with check_finite=False to accept them)"
-            )
-
-    def cast(v, like):
-        v = jnp.asarray(v)
-        return v.astype(like.dtype) if jnp.issubdtype(v.dtype, jnp.floating) else v
-
-    return _unflatten({p: cast(v, want[p]) for p, v in got.items()})
+    source = _match(tensors, expected, table, aliases or {}, tensors.__getitem__)
+    return _fill(source, expected, tensors.__getitem__, check_finite)
 
 
 _HEAD = ("lm_head", "kernel")
@@ -366,7 +536,11 @@ _EMBEDDING = ("language_model", "embed_tokens", "embedding")
 def load_params(
     path: str, expected: Mapping, table: Iterable[tuple[str, str]], check_finite: bool = True
 ) -> dict:
-    """Reads a checkpoint directory and maps it onto `expected` (a family's abstract params).
+    """Reads a checkpoint directory and maps it onto `expected` (a family's abstract params),
+    streamed: every check that needs only shapes and dtypes runs on the safetensors headers
+    before any tensor is read, then tensors are read one at a time in file order, checked,
+    cast to their leaf's dtype and placed (`map_checkpoint`), so the host holds the params
+    plus one tensor in flight, not a second copy of the checkpoint.
 
     A tree with an input embedding and no lm_head is a tied model (the head reuses the
     embedding): an lm_head saved anyway must equal the embedding, and is then not an unused key.
@@ -374,7 +548,15 @@ def load_params(
     """
     want = _flatten(expected)
     aliases = {_HEAD: _EMBEDDING} if _EMBEDDING in want and _HEAD not in want else {}
-    return map_checkpoint(read_safetensors(path), expected, table, aliases, check_finite)
+    entries = checkpoint_entries(path)
+    shapes = {key: e.stand_in() for key, e in entries.items()}
+
+    def fetch(key):
+        return read_tensor(entries[key])
+
+    source = _match(shapes, expected, table, aliases, fetch)
+    order = sorted(source.items(), key=lambda kv: (entries[kv[1]].file, entries[kv[1]].offset))
+    return _fill(dict(order), expected, fetch, check_finite)
 
 
 def hf_key(path: tuple[str, ...]) -> str:

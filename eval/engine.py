@@ -207,6 +207,7 @@ class Engine:
       layer: LM layer(s) for the attention maps (int, list, "all"); None: the paper's.
       seed: seed of the random_crop control.
       mesh: a 1-D ("data",) mesh for data parallelism, or None for one device.
+      map_options: the family's map options (LLaVA-NeXT's map_source); None: its defaults.
     """
 
     def __init__(
@@ -218,6 +219,7 @@ class Engine:
         layer=None,
         seed: int = 0,
         mesh: Mesh | None = None,
+        map_options: dict | None = None,
     ):
         if model.processor is None:
             raise ValueError(f"model at {model.path!r} has no processor/tokenizer files")
@@ -236,29 +238,37 @@ class Engine:
         self.executor = Executor(
             model, params, layer=layer, max_new_tokens=max_new_tokens,
             batch_size=self.batch_size, pad_to_multiple_of=LENGTH_BUCKET,
-            place=None if mesh is None else self._place,
+            place=None if mesh is None else self._place, map_options=map_options,
         )  # fmt: skip
         self.layers, self.params = self.executor.layers, self.executor.params
 
     def _place(self, x: np.ndarray) -> jax.Array:
+        """Rows split over the data axis; an input whose leading axis is not per question
+        (LLaVA-NeXT's tiles and packing tables) is replicated when it does not divide."""
         spec = PartitionSpec("data", *([None] * (x.ndim - 1)))
+        if np.ndim(x) == 0 or np.shape(x)[0] % self.mesh.devices.size:
+            spec = PartitionSpec()
         return jax.device_put(np.asarray(x), NamedSharding(self.mesh, spec))
 
     def prompt(self, question: str, n_images: int = 1) -> str:
         return self.family.prompt(question, n_images)
 
-    def prompt_tokens(self, question: str, n_images: int = 2) -> int:
-        """Prompt length in tokens with every image's tokens in place."""
+    def prompt_tokens(self, question: str, n_images: int = 2, image_sizes=None) -> int:
+        """Prompt length in tokens with every image's tokens in place (image_sizes: (width,
+        height) of the first images, where the family's token count follows the size)."""
         return self.family.prompt_tokens(self.tokenizer, self.model.config, question, n_images,
-                                         processor=self.model.processor)  # fmt: skip
+                                         image_sizes, processor=self.model.processor)  # fmt: skip
 
-    def check_question(self, example: Example) -> None:
-        """Raises ValueError for an empty or too long question (too long for the model too)."""
+    def check_question(self, example: Example, image_size=None) -> None:
+        """Raises ValueError for an empty or too long question (too long for the model too);
+        image_size: the image's (width, height), the crop counted at the box search's base
+        size (its smallest box)."""
         check_question(example.question)
         if example.short_question is not None:
             check_question(example.short_question, "short_question")
         limit = self.model.config.text_config.max_position_embeddings
-        n = self.prompt_tokens(example.question)
+        sizes = None if image_size is None else [tuple(image_size), (self.base, self.base)]
+        n = self.prompt_tokens(example.question, image_sizes=sizes)
         if n + self.max_new_tokens > limit:
             raise ValueError(
                 f"question too long: the two-image prompt has {n} tokens, plus "
@@ -269,10 +279,9 @@ class Engine:
         """Greedy answers; images[i] are the images of texts[i], in prompt order."""
         return self.executor.generate(texts, images)
 
-    def maps(self, images: list[Image.Image], questions: list[str], method: str
-             ) -> list[np.ndarray]:  # fmt: skip
-        """Importance maps of (image, question) pairs (each on its image's own grid), full
-        batches at a time."""
+    def maps(self, images: list[Image.Image], questions: list[str], method: str):
+        """Importance maps float32[n, N, N] of (image, question) pairs, full batches at a time
+        (a list of maps where the family's grid follows each image's size)."""
         return self.executor.maps(images, questions, method)
 
     # -- control boxes ---------------------------------------------------------------------

@@ -95,6 +95,13 @@ _MAP_QUESTION = flags.DEFINE_enum(
     "one (V*, the synthetic set; the official behaviour), else the question; full, always the "
     "question that is answered",
 )
+_MAP_SOURCE = flags.DEFINE_enum(
+    "map_source",
+    None,
+    ["base", "tiles", "both"],
+    "LLaVA-NeXT only: the grid the maps are read on: the base tile's, the unpadded tiles "
+    "grid, or both averaged on the tiles grid (default both)",
+)
 _HIGH_RES = flags.DEFINE_bool("high_res", False, "use the *_high variant of every map method")
 _MAX_NEW = flags.DEFINE_integer("max_new_tokens", 20, "most answer tokens (official: 20)")
 _DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "param dtype")
@@ -177,6 +184,7 @@ def settings_from_flags():
         output_dir=_OUTPUT_DIR.value,
         layer=_LAYER.value,
         map_question=_MAP_QUESTION.value,
+        map_source=_MAP_SOURCE.value,
         processor_max_pixels=_PROCESSOR_MAX_PIXELS.value,
         dtype=_DTYPE.value,
         max_new_tokens=_MAX_NEW.value,

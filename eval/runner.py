@@ -117,6 +117,8 @@ class Settings:
     # "auto": the maps are asked with the dataset's short question where it has one (V*, the
     # synthetic set), as the official code; "full": always with the question answered.
     map_question: str = "auto"
+    # LLaVA-NeXT's map grid ("base", "tiles", "both"); None: the family's default.
+    map_source: str | None = None
     # The processor's max_pixels (Qwen2.5-VL); None: the family's (official 256 * 28 * 28).
     processor_max_pixels: int | None = None
     # execution only
@@ -182,9 +184,9 @@ class Settings:
             "data_content": data_content(examples),
             # Only when set: directories written before the option resume unchanged.
             **({"map_question": self.map_question} if self.map_question != "auto" else {}),
+            **({"map_source": self.map_source} if self.map_source else {}),
             # A processor of another max_pixels sees other image tokens.
-            **({"processor_max_pixels": self.processor_max_pixels}
-               if self.processor_max_pixels is not None else {}),  # fmt: skip
+            **({"processor_max_pixels": mp} if (mp := self.processor_max_pixels) else {}),
             # Retrained or replaced weights at the same path must not resume the old results.
             **_weights_identity(self.model),
             # Nor a changed generation_config.json (a repetition penalty changes answers).
@@ -214,6 +216,11 @@ def data_content(examples: Sequence[Example]) -> str:
         fields = [getattr(ex, name) for name in names]
         digest.update(json.dumps(fields, sort_keys=True, ensure_ascii=False).encode() + b"\n")
     return digest.hexdigest()[:16]
+
+
+def map_options(s: Settings) -> dict:
+    """The family map options a run sets (none: the family's defaults)."""
+    return {"map_source": s.map_source} if s.map_source else {}
 
 
 def parse_layer(text: str | None):
@@ -445,6 +452,7 @@ def _engine(s: Settings, model, loader, log) -> Engine:
         layer=parse_layer(s.layer),
         seed=s.seed,
         mesh=mesh,
+        map_options=map_options(s),
     )
 
 
@@ -470,7 +478,7 @@ def _run_shard(s: Settings, todo: list[Example], out, engine: Engine, log, total
                     rows.append(rec)
                     try:
                         image, ex, seconds, fingerprint = fut.result()
-                        engine.check_question(ex)
+                        engine.check_question(ex, image.size)
                     except (ImageError, OSError, ValueError, TypeError) as e:
                         rec["error"] = _error(e)
                         continue
@@ -537,7 +545,8 @@ def visualize(
                                        high_res=m.endswith("_high"),
                                        short_question=ex.short_question,
                                        layer=parse_layer(settings.layer),
-                                       max_new_tokens=settings.max_new_tokens)
+                                       max_new_tokens=settings.max_new_tokens,
+                                       **map_options(settings))
                        for m in methods}  # fmt: skip
         except (ImageError, ValueError, TypeError) as e:
             log(f"not drawing {ex.id}: {_error(e)}")

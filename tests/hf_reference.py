@@ -123,8 +123,8 @@ def make_tiny_qwen2_5_vl_checkpoint(out_dir: str, seed: int = 6,
     from vicrop_jax.testing import QWEN_VOCAB, build_qwen2_5_vl_processor_files
 
     tok = build_qwen2_5_vl_processor_files(out_dir)
-    ids = {k: tok.convert_tokens_to_ids(f"<|{k}|>") for k in
-           ("image_pad", "video_pad", "vision_start", "vision_end", "im_end", "endoftext")}  # fmt: skip
+    names = ("image_pad", "video_pad", "vision_start", "vision_end", "im_end", "endoftext")
+    ids = {k: tok.convert_tokens_to_ids(f"<|{k}|>") for k in names}
     config = qwen2_5_vl_config_dict()
     config.update(image_token_id=ids["image_pad"], video_token_id=ids["video_pad"],
                   vision_start_token_id=ids["vision_start"],
@@ -145,8 +145,10 @@ def make_tiny_qwen2_5_vl_checkpoint(out_dir: str, seed: int = 6,
 NEXT_PINPOINTS = [[35, 70], [70, 35], [70, 70]]
 
 
-def make_tiny_llava_next(out_dir: str, seed: int = 0, **config_kw):
-    """Saves a tiny random HF LlavaNextForConditionalGeneration + processor; returns it."""
+def make_tiny_llava_next(out_dir: str, seed: int = 0, text_config: dict | None = None,
+                         **config_kw):  # fmt: skip
+    """Saves a tiny random HF LlavaNextForConditionalGeneration + processor; returns it.
+    text_config: fields replacing the tiny Llama text config's (a Mistral one, say)."""
     import torch
     from transformers import (
         LlavaNextConfig,
@@ -164,6 +166,7 @@ def make_tiny_llava_next(out_dir: str, seed: int = 0, **config_kw):
     d.update(model_type="llava_next", architectures=["LlavaNextForConditionalGeneration"],
              image_grid_pinpoints=NEXT_PINPOINTS)  # fmt: skip
     d.pop("image_seq_length")
+    d["text_config"].update(text_config or {})
     cfg = LlavaNextConfig(**d)
     torch.manual_seed(seed)
     model = LlavaNextForConditionalGeneration(cfg).eval()

@@ -646,7 +646,7 @@ def test_example_flagfiles_and_distributed_shards():
     assert got["dtype"] == "bfloat16" and got["vstar"] == "data/vstar_bench"
     assert got["new_tokens"] == 4
     mine = [n for n in os.listdir(f"{REPO}/eval/flags")
-            if n.endswith(("_llava.flags", "_qwen25vl.flags"))]
+            if n.endswith(("_llava.flags", "_llava_next.flags", "_qwen25vl.flags"))]  # fmt: skip
     script = (
         "import sys; from absl import flags; import eval.run\n"
         "for f in sys.argv[1:]:\n"
@@ -832,6 +832,34 @@ def test_engine_runs_instructblip_like_the_pipeline(tiny_instructblip):
     n = eng.prompt_tokens(qs[0], 2)
     enc = model.processor(images=images[0], text=eng.prompt(qs[0]), return_tensors="np")
     assert n == enc["input_ids"].shape[1] + model.config.num_query_tokens  # one more image
+
+
+def test_smoke_llava_next_like_the_pipeline(tiny_llava_next, tmp_path):
+    """eval.run on the tiny LLaVA-NeXT: each record's map on its image's tiles grid (the
+    default map_source "both"; two images of one pinpoint, unpadded to different grids), the
+    same answers and boxes as the library pipeline; a map_source is part of the identity."""
+    from vicrop_jax import pipeline
+
+    model, _ = tiny_llava_next
+    spec = WRITERS["textvqa"](str(tmp_path / "data"), n=2)
+    s = _settings(model.path, "textvqa", spec, tmp_path / "run")
+    recs = {r["id"]: r for r in records.read_records(run(s, model=model, log=_quiet))}
+    examples = datasets.load("textvqa", spec)
+    images = [datasets.load_image(e.image_file()) for e in examples]
+    ref = pipeline.ask_batch(model, images, [e.question for e in examples],
+                             max_new_tokens=FAST["max_new_tokens"])  # fmt: skip
+    grids = set()
+    for e, im, a in zip(examples, images, ref, strict=True):
+        r = recs[e.id]
+        assert r["error"] is None, r["error"]
+        top, bottom, left, right = model.config.unpadded_span(im.size[1], im.size[0])
+        grids.add((bottom - top, right - left))
+        assert r["map_stats"]["shape"] == [bottom - top, right - left] == list(a.att_map.shape)
+        assert r["original_answer"] == a.original_answer
+        assert tuple(r["bbox"]) == a.bbox and r["crop_answer"] == a.crop_answer
+    assert len(grids) == 2, "the images should unpad to different grids"
+    with pytest.raises(ValueError, match="map_source"):
+        run(dataclasses.replace(s, map_source="base"), model=model, log=_quiet)
 
 
 def test_synthetic_task_writes_its_set_once_and_reports_by_subject_size(

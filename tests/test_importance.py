@@ -2,13 +2,12 @@
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
-from vicrop_jax import detail_mask
+from vicrop_jax import detail_mask, testing
 from vicrop_jax.importance import importance, maps_for_images
 from vicrop_jax.maps import resolve_layers
-from vicrop_jax.processing import GENERAL_QUESTION, llava_prompt
+from vicrop_jax.processing import llava_prompt
 
 QUESTION = "What is written on the red circle?"
 
@@ -18,58 +17,14 @@ def _image(seed=0, size=(61, 47)):
     return Image.fromarray((rng.rand(size[1], size[0], 3) * 255).astype(np.uint8))
 
 
-def _torch_inputs(proc, question, image):
-    enc = proc(images=image, text=llava_prompt(question), return_tensors="pt")
-    pos = enc["input_ids"][0].tolist().index(proc.tokenizer.convert_tokens_to_ids("<image>"))
-    return enc, pos
-
-
-def _official_rel_att(hf, proc, image, layers, t, g):
-    maps = []
-    for q in (QUESTION, GENERAL_QUESTION):
-        enc, pos = _torch_inputs(proc, q, image)
-        with torch.no_grad():
-            att = hf(**enc, output_attentions=True).attentions
-        maps.append(np.mean([att[l][0, :, -1, pos : pos + t].mean(0).numpy() for l in layers], 0))
-    return (maps[0] / maps[1]).reshape(g, g)
-
-
-def _official_grad_att(hf, proc, image, layers, t, g):
-    enc, pos = _torch_inputs(proc, QUESTION, image)
-    out = hf(**enc, output_attentions=True)
-    z = out.logits[:, -1, :]
-    loss = -torch.nn.functional.cross_entropy(z, z.argmax(1))
-    atts = [out.attentions[l] for l in layers]
-    grads = torch.autograd.grad(loss, atts)
-    per = [
-        (a * torch.relu(gr))[0, :, -1, pos : pos + t].mean(0).detach().numpy()
-        for a, gr in zip(atts, grads, strict=True)
-    ]
-    return np.mean(per, 0).reshape(g, g)
-
-
-def _official_pure_grad(hf, proc, image, patch, res):
-    norms = []
-    for q in (QUESTION, GENERAL_QUESTION):
-        enc, _ = _torch_inputs(proc, q, image)
-        enc["pixel_values"].requires_grad_(True)
-        z = hf(**enc).logits[:, -1, :]
-        loss = -torch.nn.functional.cross_entropy(z, z.argmax(1))
-        (gpix,) = torch.autograd.grad(loss, enc["pixel_values"])
-        norms.append(np.linalg.norm(gpix[0].numpy().transpose(1, 2, 0), axis=2))
-    mask = np.asarray(detail_mask.detail_mask(np.asarray(detail_mask.resize_for_mask(image, res))))
-    grad = norms[0] / norms[1] * mask
-    h, w = grad.shape
-    return grad.reshape(h // patch, patch, w // patch, patch).mean((1, 3))
-
-
 @pytest.mark.parametrize("layer", [2, [1, 3], "all"])
 def test_rel_att_matches_official(tiny_llava, layer):
     model, hf = tiny_llava
     cfg = model.config
     img = _image(1)
     layers = resolve_layers(layer, cfg.text_config.num_hidden_layers)
-    ref = _official_rel_att(hf, model.processor, img, layers, cfg.num_image_tokens, 5)
+    ref = testing.official_rel_att(hf, model.processor, llava_prompt, img, QUESTION, layers)
+    ref = ref.reshape(5, 5)
     ours = np.asarray(importance(model.params, img, QUESTION, model=model, layer=layer))
     assert ours.shape == (5, 5)
     np.testing.assert_allclose(ours, ref, rtol=1e-4)
@@ -80,7 +35,8 @@ def test_grad_att_matches_official(tiny_llava, layer):
     model, hf = tiny_llava
     img = _image(2)
     layers = resolve_layers(layer, 5)
-    ref = _official_grad_att(hf, model.processor, img, layers, 25, 5)
+    ref = testing.official_grad_att(hf, model.processor, llava_prompt, img, QUESTION, layers)
+    ref = ref.reshape(5, 5)
     assert np.abs(ref).max() > 0, "reference map is all zeros: the test would be vacuous"
     ours = np.asarray(importance(model.params, img, QUESTION, model=model, method="grad_att",
                                  layer=layer))  # fmt: skip
@@ -90,7 +46,9 @@ def test_grad_att_matches_official(tiny_llava, layer):
 def test_pure_grad_matches_official(tiny_llava):
     model, hf = tiny_llava
     img = _image(3, size=(80, 52))
-    ref = _official_pure_grad(hf, model.processor, img, 7, 35)
+    ratio = testing.official_pixel_grad_norms(hf, model.processor, llava_prompt, img, QUESTION)
+    mask = np.asarray(detail_mask.detail_mask(detail_mask.resize_for_mask(img, 35)))
+    ref = testing.patch_mean(ratio * mask, 7)
     ours = np.asarray(importance(model.params, img, QUESTION, model=model, method="pure_grad"))
     assert ours.shape == (5, 5)
     np.testing.assert_allclose(ours, ref, rtol=1e-4, atol=1e-6 * np.abs(ref).max())

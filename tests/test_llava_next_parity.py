@@ -156,3 +156,135 @@ def test_preset_param_counts_match_hf(name):
     with torch.device("meta"):
         ref = LlavaNextForConditionalGeneration(HFConfig(text_config=text, image_token_index=32000))
     assert ours == sum(p.numel() for p in ref.parameters()), name
+
+
+def test_prompt_tokens_count_every_tile(tiny_llava_next):
+    """The family's prompt length equals the processor's: base grid, unpadded tiles grid and
+    newlines of each image, one image and [original, crop]."""
+    from vicrop_jax.families import family_of
+
+    model, _ = tiny_llava_next
+    fam, cfg, tok = family_of(model), model.config, model.processor.tokenizer
+    ims = images()
+    for imgs in ([ims[0]], [ims[1], ims[2]]):
+        enc = model.processor(images=imgs, text=[prompt(len(imgs))], return_tensors="np")
+        n = fam.prompt_tokens(tok, cfg, "What is written on the red circle?", len(imgs),
+                              [im.size for im in imgs])  # fmt: skip
+        assert n == enc["input_ids"].shape[1] > len(imgs) * cfg.num_image_tokens + 10
+    # without sizes: the most any image can get (the 2 x 2 pinpoint, nothing unpadded)
+    assert fam.image_tokens(cfg, 1) == 25 + 10 * 11
+
+
+def test_pinpoint_buckets_equal_unbucketed_passes(tiny_llava_next):
+    """With a length bucket, two images of one pinpoint but different unpadding share every
+    input shape (one compiled program), and answers and maps equal the unbucketed passes."""
+    from vicrop_jax.families import family_of
+    from vicrop_jax.families.llava_next import llava_next_maps
+    from vicrop_jax.importance import maps_for_images
+    from vicrop_jax.processing import encode
+
+    model, _ = tiny_llava_next
+    cfg, fam = model.config, family_of(model)
+    rng = np.random.RandomState(4)
+    a, b = (Image.fromarray((rng.rand(h, w, 3) * 255).astype(np.uint8)) for h, w in
+            [(20, 61), (30, 64)])  # fmt: skip
+    assert cfg.tile_grid(20, 61) == cfg.tile_grid(30, 64)
+    assert cfg.image_token_count(20, 61) != cfg.image_token_count(30, 64)
+    shapes = []
+    for im in (a, b):
+        enc = fam.bucket_inputs(cfg, encode(model.processor, [prompt()], [im], 32), 32)
+        tiles, extra = fam.model_inputs(cfg, enc)
+        shapes.append((enc["input_ids"].shape, tiles.shape, extra["pack_index"].shape))
+    assert shapes[0] == shapes[1], shapes
+    qs = ["What is written on the red circle?", "What color is the square?"]
+    imgs = [a, images()[2]]  # two pinpoints in one batch
+    want = generate_answers(model, [prompt()] * 2, imgs, 4)
+    assert generate_answers(model, [prompt()] * 2, imgs, 4, pad_to_multiple_of=32) == want
+    want = maps_for_images(model, [a, b], qs, method="rel_att", map_source="tiles")
+    got = maps_for_images(model, [a, b], qs, method="rel_att", map_source="tiles",
+                          pad_to_multiple_of=32)  # fmt: skip
+    for w, g in zip(want, got, strict=True):
+        np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-7)
+    maps_for_images(model, [a], qs[:1], method="grad_att", pad_to_multiple_of=32)
+    before = llava_next_maps._cache_size()
+    maps_for_images(model, [b], qs[:1], method="grad_att", pad_to_multiple_of=32)
+    assert llava_next_maps._cache_size() == before  # the pinpoint's program, reused
+
+
+def test_strips_and_aspects_outside_every_pinpoint(tiny_llava_next):
+    """A 1 x N strip and images far wider or taller than any pinpoint: HF picks the closest
+    pinpoint and unpads to one row or column; the same logits here."""
+    model, hf = tiny_llava_next
+    rng = np.random.RandomState(5)
+    ims = [Image.fromarray((rng.rand(h, w, 3) * 255).astype(np.uint8))
+           for h, w in [(1, 50), (700, 10)]]  # fmt: skip
+    inp = model.processor(images=ims, text=[prompt()] * 2, return_tensors="np", padding=True)
+    assert [model.config.unpadded_span(h, w) for h, w in inp["image_sizes"]] == [
+        (2, 3, 0, 10), (0, 10, 2, 3)
+    ]  # fmt: skip
+    with torch.no_grad():
+        ref = hf(**torch_inputs(inp))
+    out = vicrop_jax.forward(model, inp["input_ids"], inp["pixel_values"], inp["attention_mask"],
+                             image_sizes=inp["image_sizes"])  # fmt: skip
+    keep = inp["attention_mask"].astype(bool)
+    diff = np.abs(np.asarray(out.logits) - ref.logits.numpy())[keep].max()
+    assert diff <= 1e-4, diff
+
+
+def test_pinpoints_not_multiples_of_the_tile_are_refused(tiny_llava_next):
+    model, hf = tiny_llava_next
+    d = hf.config.to_dict()
+    d["image_grid_pinpoints"] = [[35, 70], [50, 35]]
+    with pytest.raises(ValueError, match=r"image_grid_pinpoints must be \(height, width\) "
+                                         r"multiples of 35"):  # fmt: skip
+        models.LlavaNextConfig.from_dict(d)
+
+
+@pytest.fixture(scope="module")
+def tiny_mistral_next(tmp_path_factory):
+    """The tiny LLaVA-NeXT with a Mistral decoder: GQA, rope theta 1e6 and a 16-token
+    sliding window, which a one-image prompt of about 130 tokens exceeds many times."""
+    from tests.hf_reference import make_tiny_llava_next
+
+    d = str(tmp_path_factory.mktemp("tiny_mistral_next"))
+    hf = make_tiny_llava_next(d, seed=1, text_config={
+        "model_type": "mistral", "sliding_window": 16, "num_key_value_heads": 2,
+        "rope_parameters": {"rope_type": "default", "rope_theta": 1e6},
+    })  # fmt: skip
+    hf.set_attn_implementation("eager")
+    return vicrop_jax.load_model(d), hf
+
+
+def test_mistral_sliding_window_parity(tiny_mistral_next):
+    model, hf = tiny_mistral_next
+    t = model.config.text_config
+    assert (t.sliding_window, t.rope_theta, t.num_key_value_heads) == (16, 1e6, 2)
+    im = images()[2]
+    inp = model.processor(images=[im], text=[prompt()], return_tensors="np")
+    assert inp["input_ids"].shape[1] > 4 * t.sliding_window
+    with torch.no_grad():
+        ref = hf(**torch_inputs(inp), output_attentions=True)
+    out = vicrop_jax.forward(model, inp["input_ids"], inp["pixel_values"], inp["attention_mask"],
+                             image_sizes=inp["image_sizes"])  # fmt: skip
+    logit_diff = np.abs(np.asarray(out.logits) - ref.logits.numpy()).max()
+    assert logit_diff <= 1e-4, logit_diff
+    for layer, a in enumerate(ref.attentions):
+        row = a[:, :, -1].numpy()
+        assert (row[..., : -t.sliding_window] == 0).all()  # the window bites
+        row_diff = np.abs(np.asarray(out.attentions[layer]) - row).max()
+        assert row_diff <= 1e-5, (layer, row_diff)
+    want = model.processor.tokenizer.decode(_hf_greedy(hf, inp, 6), skip_special_tokens=True)
+    assert generate_answers(model, [prompt()], [im], 6)[0] == want.strip()
+
+
+def test_mistral_window_default_follows_hf():
+    """A Mistral text config without sliding_window gets transformers' default (4096); an
+    explicit null means every key."""
+    from transformers import MistralConfig
+
+    from vicrop_jax.models.llama import LlamaConfig
+
+    window = lambda d: LlamaConfig.from_dict(d).sliding_window  # noqa: E731
+    assert window({"model_type": "mistral"}) == MistralConfig().sliding_window == 4096
+    assert window({"model_type": "mistral", "sliding_window": None}) is None
+    assert window({"model_type": "llama"}) is None

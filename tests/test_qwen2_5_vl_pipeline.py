@@ -55,15 +55,16 @@ def test_ask_batch_each_method(setup, method):
     from transformers import GenerationConfig
 
     gen = GenerationConfig.from_pretrained(d)
-    assert gen.repetition_penalty == 1.05
+    assert gen.repetition_penalty == 1.05 and not gen.do_sample
+    gen.max_new_tokens = NEW
     ans, im = answers[1], images[1]
     enc = qp.encode(model.processor, [(QS[1], [im, im.crop(ans.bbox)])])
     with torch.no_grad():
-        out = hf.generate(**{k: torch.tensor(v) for k, v in enc.items()},
-                          generation_config=gen, max_new_tokens=NEW, do_sample=False)  # fmt: skip
+        out = hf.generate(**{k: torch.tensor(v) for k, v in enc.items()}, generation_config=gen)
     new = out[0, enc["input_ids"].shape[1] :]
     assert model.processor.tokenizer.decode(new, skip_special_tokens=True).strip() == (
-        ans.crop_answer)
+        ans.crop_answer
+    )
     # importance(): high_res merges the tiles' maps, each cut to the tile's merged grid.
     high = importance(model.params, images[0], QS[0], model=model, method=method,
                       high_res=True, high_res_threshold=160)  # fmt: skip
@@ -108,7 +109,8 @@ def test_show_draws_a_qwen_map(setup, tmp_path):
     path = str(tmp_path / "im.png")
     images[0].save(path)
     flags = dict(model=d, image=path, question=QS[0], method="rel_att", layer=None,
-                 high_res=False, processor_max_pixels=MAX_PIXELS, exif_transpose=False,
+                 high_res=False, map_source=None, processor_max_pixels=MAX_PIXELS,
+                 exif_transpose=False,
                  out=str(tmp_path / "s.png"))  # fmt: skip
     line = show._show(types.SimpleNamespace(**flags))
     assert "on the 330x240 image" in line and (tmp_path / "s.png").stat().st_size > 0

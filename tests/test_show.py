@@ -73,7 +73,8 @@ def test_show_reads_the_stored_frame_as_eval_does(tiny_llava, tmp_path):
     model, _ = tiny_llava
     path = _exif6_jpeg(str(tmp_path / "exif6.jpg"))
     flags = dict(model=model.path, image=path, question="What is written on the red circle?",
-                 method="rel_att", layer=None, high_res=False, processor_max_pixels=None,
+                 method="rel_att", layer=None, high_res=False, map_source=None,
+                 processor_max_pixels=None,
                  out=str(tmp_path / "s.png"))  # fmt: skip
     line = show._show(types.SimpleNamespace(**flags, exif_transpose=False))
     assert "on the 320x240 image" in line
@@ -81,6 +82,34 @@ def test_show_reads_the_stored_frame_as_eval_does(tiny_llava, tmp_path):
     line = show._show(types.SimpleNamespace(**flags, exif_transpose=True))
     assert "on the 240x320 image" in line
     assert datasets.load_image(path, exif_transpose=True).size == (240, 320)
+
+
+def test_show_draws_either_llava_next_map(tiny_llava_next, tmp_path, monkeypatch):
+    """--map_source picks the grid that is drawn and boxed: the base tile's 5 x 5, or the
+    unpadded tiles grid of a wide image (a 1 x 2 grid of 5 x 10 cells, 3 rows kept); the
+    box is the official search's on that map."""
+    from bench.bbox_reference import reference_bbox
+
+    model, _ = tiny_llava_next
+    path = str(tmp_path / "wide.png")
+    _image(160, 60).save(path)
+    drawn = {}
+
+    def render(image, att_map, box, out, title):
+        drawn[out] = (np.asarray(att_map), tuple(int(v) for v in box))
+        return out
+
+    monkeypatch.setattr(show, "render", render)
+    for source, shape in (("base", (5, 5)), ("tiles", (3, 10)), ("both", (3, 10))):
+        flags = dict(model=model.path, image=path, question="What is written on the red circle?",
+                     method="rel_att", layer="2", high_res=False, map_source=source,
+                     processor_max_pixels=None, exif_transpose=False,
+                     out=str(tmp_path / f"{source}.png"))  # fmt: skip
+        line = show._show(types.SimpleNamespace(**flags))
+        att_map, box = drawn[flags["out"]]
+        assert att_map.shape == shape, source
+        assert box == tuple(reference_bbox(att_map, (160, 60), 35)), source
+        assert f"box {list(box)} on the 160x60 image" in line
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess:

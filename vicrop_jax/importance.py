@@ -29,6 +29,7 @@ from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from PIL import Image
 
 from vicrop_jax import bbox as bbox_lib
@@ -43,7 +44,6 @@ __all__ = [
     "METHODS",
     "default_layer",
     "detail_masks",
-    "image_maps",
     "importance",
     "maps_for_images",
     "model_layers",
@@ -70,37 +70,26 @@ def maps_for_images(
     layer=None,
     params=None,
     qformer_layer: int | None = None,
+    map_source: str | None = None,
     pad_to_multiple_of: int | None = None,
     place=jnp.asarray,
-) -> Array:
+) -> Array | list[np.ndarray]:
     """Host wrapper: preprocess B (image, question) pairs and compute their maps [B, N, N]
-    (Qwen2.5-VL: [B, Hm, Wm], each image's map in its top-left corner; `image_maps` cuts
-    each to its own grid).
+    (a list of B float32[h_i, w_i] maps where the grid follows each image's size).
 
     qformer_layer (InstructBLIP only): index into the Q-Former's cross-attention layers;
     default the paper's (2 of 6, or the same relative depth).
+    map_source (LLaVA-NeXT only): "base", "tiles" or "both" (vicrop_jax.families.llava_next);
+    default "both".
     pad_to_multiple_of: bucket prompt lengths (fewer compiled shapes).
     place: np.ndarray -> jax.Array for each batched input (e.g. sharded over a data mesh).
     """
-    return _maps_and_inputs(model, images, questions, method=method, layer=layer,
-                            params=params, qformer_layer=qformer_layer,
-                            pad_to_multiple_of=pad_to_multiple_of, place=place)[0]  # fmt: skip
-
-
-def image_maps(model: Model, images: Sequence[Image.Image], questions: Sequence[str],
-               **kwargs) -> list[Array]:  # fmt: skip
-    """Each (image, question) pair's map on its own grid: a list of B float32 [h, w]
-    ([N, N] for the fixed-grid families); keyword arguments as `maps_for_images`."""
-    maps, enc = _maps_and_inputs(model, images, questions, **kwargs)
-    return family_of(model).image_maps(model.config, maps, enc)
-
-
-def _maps_and_inputs(model, images, questions, *, method="rel_att", layer=None, params=None,
-                     qformer_layer=None, pad_to_multiple_of=None, place=jnp.asarray):  # fmt: skip
-    """`maps_for_images`' maps and the processor's arrays of its prompts."""
     check_method(method)
     family = family_of(model)
-    options = family.map_options(model.config, qformer_layer=qformer_layer)
+    options = family.map_options(
+        model.config, **{k: v for k, v in (("qformer_layer", qformer_layer),
+                                          ("map_source", map_source)) if v is not None}
+    )  # fmt: skip
     if len(images) != len(questions):
         raise ValueError(f"{len(images)} images but {len(questions)} questions")
     if model.processor is None:
@@ -110,6 +99,7 @@ def _maps_and_inputs(model, images, questions, *, method="rel_att", layer=None, 
     texts = [family.prompt(q) for q in questions]
     texts += [family.prompt(GENERAL_QUESTION)] * len(images)
     enc = family.encode(model.processor, texts, list(images) + list(images), pad_to_multiple_of)
+    enc = family.bucket_inputs(model.config, enc, pad_to_multiple_of)
     pixels = place(family.map_pixels(model.config, enc, len(images)))
     detail = None
     if method == "pure_grad":
@@ -117,8 +107,8 @@ def _maps_and_inputs(model, images, questions, *, method="rel_att", layer=None, 
     layers = () if method == "pure_grad" else family.layers(model.config, layer)
     params = model.params_or(params)
     maps = family.maps(model.module, params, enc, pixels, detail, method=method, layers=layers,
-                       place=place, **options)  # fmt: skip
-    return maps, enc
+                       place=place, images=images, **options)  # fmt: skip
+    return family.image_maps(model.config, maps, enc)
 
 
 def importance(
@@ -132,6 +122,7 @@ def importance(
     high_res: bool = False,
     high_res_threshold: int | None = None,
     qformer_layer: int | None = None,
+    map_source: str | None = None,
 ) -> Array:
     """The ViCrop importance map of one image and question.
 
@@ -148,20 +139,37 @@ def importance(
       high_res_threshold: the tile size; default the family's official one (1024).
       qformer_layer: InstructBLIP only: the Q-Former cross-attention layer of A_ti (an index
         into the cross-attention layers; default the paper's 2 of 6, or the same relative depth).
+      map_source: LLaVA-NeXT only: "base" (the base tile's N x N grid), "tiles" (the
+        unpadded high-resolution grid) or "both" (averaged on the tiles grid; the default).
 
     Returns:
-      float32[N, N] (Qwen2.5-VL: [grid_h / 2, grid_w / 2], the image's merged grid), or the
-      tiles' maps merged, [rows * h, cols * w], with high_res.
+      float32[N, N] (or [rows * N, cols * N] with high_res; LLaVA-NeXT's tiles and both
+      sources: [h, w], the image's unpadded tiles grid; Qwen2.5-VL: [grid_h / 2, grid_w / 2],
+      the image's merged grid).
     """
     image = to_rgb(image)
-    kw = dict(method=method, layer=layer, params=params, qformer_layer=qformer_layer)
+    kw = dict(method=method, layer=layer, params=params, qformer_layer=qformer_layer,
+              map_source=map_source)  # fmt: skip
     if not high_res:
-        return image_maps(model, [image], [question], **kw)[0]
+        return maps_for_images(model, [image], [question], **kw)[0]
     if high_res_threshold is None:
         high_res_threshold = family_of(model).high_res_threshold
     tiles = bbox_lib.high_res_tiles(image.size, high_res_threshold)
     rows, cols = bbox_lib.high_res_grid(image.size, high_res_threshold)[:2]
     crops = [image.crop(tuple(int(c) for c in box)) for box in tiles]
-    # The tiles are one size, so their maps share one grid.
-    maps = image_maps(model, crops, [question] * len(crops), **kw)
-    return bbox_lib.merge_tile_maps(maps, rows, cols)
+    maps = maps_for_images(model, crops, [question] * len(crops), **kw)
+    return bbox_lib.merge_tile_maps(one_grid(maps), rows, cols)
+
+
+def one_grid(maps) -> Array | np.ndarray:
+    """Maps of several images as one [n, h, w] array, or a clear error where their grids
+    differ (the *_high variants tile maps of one grid)."""
+    if not isinstance(maps, list):
+        return maps
+    shapes = sorted({tuple(m.shape) for m in maps})
+    if len(shapes) > 1:
+        raise ValueError(
+            f"the high-resolution variant needs one map grid for every tile, got {shapes}: "
+            "use map_source='base' with it"
+        )
+    return np.stack(maps)

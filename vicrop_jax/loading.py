@@ -280,7 +280,10 @@ def load_params(path: str, config, dtype=jnp.float32, check_finite: bool = True)
 
 
 def load_model(
-    path: str, dtype=jnp.float32, processor: bool = True, check_finite: bool = True,
+    path: str,
+    dtype=jnp.float32,
+    processor: bool = True,
+    check_finite: bool = True,
     processor_options: dict | None = None,
 ) -> Model:
     """Loads an HF checkpoint directory.

@@ -32,7 +32,7 @@ from vicrop_jax import bbox as bbox_lib
 from vicrop_jax import prompt_cache
 from vicrop_jax.families import family_of
 from vicrop_jax.generate import answer_texts, greedy_generate, pad_id
-from vicrop_jax.importance import image_maps
+from vicrop_jax.importance import maps_for_images, one_grid
 from vicrop_jax.loading import Model
 from vicrop_jax.maps import check_method
 from vicrop_jax.processing import check_question, to_rgb
@@ -48,7 +48,7 @@ class Answer:
     original_answer: str
     crop_answer: str
     bbox: Box  # (left, top, right, bottom) in original-image pixels
-    att_map: np.ndarray  # float32 [N, N], the image's own grid (or the merged high-res map)
+    att_map: np.ndarray  # float32 [N, N] (or the merged high-res map)
     method: str
     timings: dict[str, float]  # seconds per stage, shared by the batch it ran in
 
@@ -79,6 +79,7 @@ def generate_answers(
     """
     family = family_of(model)
     enc = family.encode(model.processor, texts, images, pad_to_multiple_of)
+    enc = family.bucket_inputs(model.config, enc, pad_to_multiple_of)
     tok = model.processor.tokenizer
     # Extra model inputs (InstructBLIP's Q-Former prompt, LLaVA-NeXT's packing table) ride
     # along to the prefill.
@@ -129,11 +130,14 @@ class Executor:
       place: np.ndarray -> jax.Array for each batched input (e.g. sharded over a data
         mesh); None: one device. The shared-prompt cache runs on one device only.
       base_size: the box search's base size; None: the family's (the vision input side).
+      map_options: the family's map options (LLaVA-NeXT's map_source, InstructBLIP's
+        qformer_layer); None: its defaults.
     """
 
     def __init__(self, model: Model, params=None, *, layer=None, max_new_tokens: int = 20,
                  batch_size: int | None = None, pad_to_multiple_of: int | None = None,
-                 place: Callable | None = None, base_size: int | None = None):  # fmt: skip
+                 place: Callable | None = None, base_size: int | None = None,
+                 map_options: Mapping | None = None):  # fmt: skip
         if model.processor is None:
             raise ValueError(f"model at {model.path!r} has no processor/tokenizer files")
         for name, v in (("max_new_tokens", max_new_tokens), ("batch_size", batch_size),
@@ -149,6 +153,8 @@ class Executor:
         self.one_device = place is None
         self.place = jnp.asarray if place is None else place
         self.base_size = self.family.base_size(model.config) if base_size is None else base_size
+        self.map_options = dict(map_options or {})
+        self.family.map_options(model.config, **self.map_options)  # a bad option fails here
 
     def prompt(self, question: str, n_images: int = 1) -> str:
         return self.family.prompt(question, n_images)
@@ -175,19 +181,20 @@ class Executor:
             )[: len(real)]  # fmt: skip
         return answers
 
-    def maps(self, images: list[Image.Image], questions: list[str], method: str
-             ) -> list[np.ndarray]:  # fmt: skip
-        """Importance maps of (image, question) pairs: n float32 arrays, each on its image's
-        own grid ([N, N] for the fixed-grid families)."""
-        out = []
+    def maps(self, images: list[Image.Image], questions: list[str],
+             method: str) -> np.ndarray | list[np.ndarray]:  # fmt: skip
+        """Importance maps of (image, question) pairs: float32[n, N, N], or a list of n maps
+        where the family's grid follows each image's size and the grids differ."""
+        out: list[np.ndarray] = []
         for real, idx in self._chunks(len(images)):
-            m = image_maps(
+            m = maps_for_images(
                 self.model, [images[i] for i in idx], [questions[i] for i in idx],
                 method=method, layer=self.layers, params=self.params,
                 pad_to_multiple_of=self.pad_to_multiple_of, place=self.place,
+                **self.map_options,
             )  # fmt: skip
-            out += [np.asarray(x) for x in m[: len(real)]]
-        return out
+            out += [np.asarray(x) for x in m][: len(real)]
+        return np.stack(out) if len({x.shape for x in out}) == 1 else out
 
     def shares_prefix(self, n: int) -> bool:
         """Whether n questions run over one shared-prompt cache: the family's prompts share
@@ -228,21 +235,6 @@ def split_method(name: str) -> tuple[str, bool]:
     return base, base != name
 
 
-def select_boxes(maps: Sequence[np.ndarray], sizes: Sequence[tuple[int, int]], base: int
-                 ) -> list[Box]:  # fmt: skip
-    """The box of each map (maps of one shape searched as one batch)."""
-    boxes: list = [None] * len(maps)
-    by_shape = collections.defaultdict(list)
-    for i, m in enumerate(maps):
-        by_shape[np.shape(m)].append(i)
-    for idx in by_shape.values():
-        found = bbox_lib.select_bboxes(np.stack([maps[i] for i in idx]),
-                                       np.array([sizes[i] for i in idx]), base)  # fmt: skip
-        for i, b in zip(idx, np.asarray(found), strict=True):
-            boxes[i] = tuple(int(v) for v in b)
-    return boxes
-
-
 def _map_boxes(ex: Executor, method: str, images, map_questions, timed, threshold, shared_maps):
     """Boxes and maps of a map method for every image; shared_maps: rel_att's maps of the
     baseline's pass, or None."""
@@ -251,17 +243,22 @@ def _map_boxes(ex: Executor, method: str, images, map_questions, timed, threshol
     sizes = [im.size for im in images]
     if not high:
         if method == "rel_att" and shared_maps is not None:
-            maps = list(np.asarray(shared_maps)[: len(images)])
+            maps = np.asarray(shared_maps)[: len(images)]
         else:
             maps = timed("map", ex.maps, images, map_questions, base)
-        return timed("box", select_boxes, maps, sizes, ex.base_size), maps
+        if isinstance(maps, list):  # one grid per image: one search each
+            boxes = timed("box", lambda: [bbox_lib.select_bbox(m, s, ex.base_size)
+                                          for m, s in zip(maps, sizes, strict=True)])  # fmt: skip
+        else:
+            boxes = timed("box", bbox_lib.select_bboxes, maps, np.array(sizes), ex.base_size)
+        return [tuple(int(v) for v in np.asarray(b)) for b in boxes], list(maps)
     tiles, qs, grids = [], [], []
     for im, q in zip(images, map_questions, strict=True):
         boxes = bbox_lib.high_res_tiles(im.size, threshold)
         tiles += [im.crop(tuple(int(c) for c in t)) for t in boxes]
         qs += [q] * len(boxes)
         grids.append(bbox_lib.high_res_grid(im.size, threshold)[:2])
-    tile_maps = timed("map", ex.maps, tiles, qs, base)
+    tile_maps = one_grid(timed("map", ex.maps, tiles, qs, base))
     maps, boxes, start = [], [], 0
     t0 = time.perf_counter()
     for (rows, cols), size in zip(grids, sizes, strict=True):
@@ -362,6 +359,7 @@ def ask_batch(
     share_prefill: bool = True,
     base_size: int | None = None,
     high_res_threshold: int | None = None,
+    map_source: str | None = None,
 ) -> list[Answer]:
     """ViCrop for a batch of (image, question) pairs.
 
@@ -382,6 +380,8 @@ def ask_batch(
       base_size: the box search's base size; default the family's (the vision input side,
         as the official code).
       high_res_threshold: the *_high variants' tile size; default the family's (1024).
+      map_source: LLaVA-NeXT only: the grid the map is read on, "base", "tiles" or "both"
+        (vicrop_jax.families.llava_next; default "both").
 
     Returns:
       One Answer per item (an empty list for no items).
@@ -389,7 +389,9 @@ def ask_batch(
     check_method(method)
     if len(images) != len(questions):
         raise ValueError(f"{len(images)} images but {len(questions)} questions")
-    ex = Executor(model, params, layer=layer, max_new_tokens=max_new_tokens, base_size=base_size)
+    options = {} if map_source is None else {"map_source": map_source}
+    ex = Executor(model, params, layer=layer, max_new_tokens=max_new_tokens, base_size=base_size,
+                  map_options=options)  # fmt: skip
     if not images:
         return []
     timer = StageTimer()

@@ -1,6 +1,7 @@
 """Visualise a ViCrop map: the map over the image with the chosen box, saved as PNG.
 
 python -m vicrop_jax.show --model DIR --image F --question Q --method rel_att --out F.png
+    [--map_source base|tiles|both]   (LLaVA-NeXT: which grid's map is drawn and boxed)
 
 The image is read as the official code reads it (`vicrop_jax.processing.read_image`:
 `Image.open(F).convert("RGB")`, the stored pixel frame); --exif_transpose turns it upright.
@@ -109,8 +110,14 @@ def _define_flags():
     flags.DEFINE_enum("method", "rel_att", ["rel_att", "grad_att", "pure_grad"], "map")
     flags.DEFINE_string("layer", None, "LM layer: int, comma list or 'all'")
     flags.DEFINE_bool("high_res", False, "the *_high variant")
-    flags.DEFINE_integer("processor_max_pixels", None,
-                         "the image processor's max_pixels (Qwen2.5-VL; default the official)")
+    flags.DEFINE_enum("map_source", None, ["base", "tiles", "both"],
+                      "LLaVA-NeXT only: the base tile's grid, the unpadded tiles grid, or both "
+                      "averaged on the tiles grid (default both)")  # fmt: skip
+    flags.DEFINE_integer(
+        "processor_max_pixels",
+        None,
+        "the image processor's max_pixels (Qwen2.5-VL; default the official)",
+    )
     flags.DEFINE_bool("exif_transpose", False, "turn the image upright by its EXIF orientation")
     flags.DEFINE_string("out", "vicrop.png", "output PNG")
     flags.DEFINE_bool("verbose", False, "on failure, print the traceback too")
@@ -142,7 +149,7 @@ def _show(f) -> str:
     model = vicrop_jax.load_model(f.model, processor_options=options)
     att = np.asarray(importance(model.params, image, f.question, model=model,
                                 method=f.method, layer=parse_layer(f.layer),
-                                high_res=f.high_res))  # fmt: skip
+                                high_res=f.high_res, map_source=f.map_source))  # fmt: skip
     box = np.asarray(bbox.select_bbox(att, image.size, base_size(model)))
     out = render(image, att, box, f.out, f.question)
     return f"box {box.tolist()} on the {image.size[0]}x{image.size[1]} image -> {out}"

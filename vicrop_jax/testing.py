@@ -13,6 +13,8 @@ from __future__ import annotations
 import json
 import os
 
+import numpy as np
+
 WORDS = (
     "USER: ASSISTANT: Answer the question using a single word or phrase. Write general "
     "description of image. What is written on red green blue circle? square? triangle? "
@@ -281,6 +283,78 @@ def make_random_instructblip_checkpoint(out_dir: str, seed: int = 0) -> str:
     params = init_params(InstructBlipConfig.from_dict(hf), seed=seed, dtype=jnp.float32)
     save_safetensors(export_params(params), out_dir, hf)
     return out_dir
+
+
+# --- The official map recipe on an HF torch model (test and benchmark references) -------------
+
+
+def official_image_attention(hf, proc, text, image, layers) -> np.ndarray:
+    """The last query's attention over every image token of `text` (one image), heads
+    averaged, then averaged over `layers`: float[K], tokens in prompt order."""
+    import torch
+
+    enc = proc(images=image, text=text, return_tensors="pt")
+    keep = enc["input_ids"][0] == proc.tokenizer.convert_tokens_to_ids("<image>")
+    with torch.no_grad():
+        att = hf(**enc, output_attentions=True).attentions
+    return np.mean([att[i][0, :, -1][:, keep].mean(0).numpy() for i in layers], 0)
+
+
+def official_rel_att(hf, proc, prompt, image, question, layers) -> np.ndarray:
+    """The official rel-att per image token: the question's attention over the general
+    prompt's, separate passes (prompt: question -> text). float[K]."""
+    from vicrop_jax.processing import GENERAL_QUESTION
+
+    q = official_image_attention(hf, proc, prompt(question), image, layers)
+    return q / official_image_attention(hf, proc, prompt(GENERAL_QUESTION), image, layers)
+
+
+def _neg_ce_of_argmax(logits):
+    import torch
+
+    z = logits[:, -1, :]
+    return -torch.nn.functional.cross_entropy(z, z.argmax(1))
+
+
+def official_grad_att(hf, proc, prompt, image, question, layers) -> np.ndarray:
+    """The official grad-att per image token: A * relu(dL/dA) of the last query, heads
+    averaged, averaged over `layers`; L = -CE(last logits, their argmax). float[K]."""
+    import torch
+
+    enc = proc(images=image, text=prompt(question), return_tensors="pt")
+    keep = enc["input_ids"][0] == proc.tokenizer.convert_tokens_to_ids("<image>")
+    enc["pixel_values"].requires_grad_(True)  # a path for autograd when params are frozen
+    out = hf(**enc, output_attentions=True)
+    atts = [out.attentions[i] for i in layers]
+    grads = torch.autograd.grad(_neg_ce_of_argmax(out.logits), atts)
+    per = [
+        (a * torch.relu(g))[0, :, -1][:, keep].mean(0).detach().numpy()
+        for a, g in zip(atts, grads, strict=True)
+    ]
+    return np.mean(per, 0)
+
+
+def official_pixel_grad_norms(hf, proc, prompt, image, question) -> np.ndarray:
+    """pure-grad's ratio before the mask: the channel L2 norm of dL/d(pixel_values) for the
+    question over the same for the general prompt, in pixel_values' layout without its
+    batch and channel axes ([H, W], or [tiles, H, W] for anyres processors)."""
+    import torch
+
+    from vicrop_jax.processing import GENERAL_QUESTION
+
+    norms = []
+    for q in (question, GENERAL_QUESTION):
+        enc = proc(images=image, text=prompt(q), return_tensors="pt")
+        enc["pixel_values"].requires_grad_(True)
+        (g,) = torch.autograd.grad(_neg_ce_of_argmax(hf(**enc).logits), enc["pixel_values"])
+        norms.append(np.linalg.norm(g[0].numpy(), axis=-3))
+    return norms[0] / norms[1]
+
+
+def patch_mean(x, patch: int) -> np.ndarray:
+    """float[H, W] -> the mean over each patch x patch cell, float[H / patch, W / patch]."""
+    h, w = x.shape
+    return x.reshape(h // patch, patch, w // patch, patch).mean((1, 3))
 
 
 # --- Qwen2.5-VL (image-only processor files) -------------------------------------------------

@@ -15,12 +15,23 @@ they ask the family of a model (`family_of(model)`) for:
                                    the first image, so one KV cache of that prefix serves
                                    the baseline, the map and the crop answer
                                    (vicrop_jax.prompt_cache)
+  load_processor(path, **options)  the family's own processor (Qwen2.5-VL's image-only one,
+                                   options: max_pixels), or None for the HF AutoProcessor
+  encode(processor, texts, images) the processor's arrays of prompts and their images
+  image_tokens(config, n, sizes)   image tokens of n images in a prompt (anyres: by size)
+  bucket_inputs(config, enc, m)    prompt lengths bucketed for fewer compiled shapes
+                                   (anyres: one program a pinpoint)
   model_inputs(config, enc)        the module's pixels and further prefill inputs from the
                                    processor's arrays (Q-Former prompt, anyres packing table)
   map_pixels(config, enc, n)       the first n images' pixels at the map's input side
   detail_masks(config, images, enc) pure-grad's detail masks as its `maps` takes them
   maps(...)                        the jitted pure cores of rel_att, grad_att and pure_grad
-  map_options(config, **options)   validated static options of its cores
+                                   ([B, N, N], or one map a image where the grid follows
+                                   the image's size: LLaVA-NeXT's tiles grid)
+  image_maps(config, maps, enc)    `maps`' output as maps_for_images returns it (Qwen2.5-VL:
+                                   each [Hm, Wm] map cut to its image's merged grid)
+  map_options(config, **options)   validated static options of its cores (InstructBLIP's
+                                   qformer_layer, LLaVA-NeXT's map_source)
 
 A new family is a models file (vicrop_jax/models/), a converter table (convert/), an adapter
 here registered in FAMILIES, and their tests.

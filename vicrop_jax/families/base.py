@@ -57,10 +57,11 @@ class Family:
         return encode(processor, texts, images, pad_to_multiple_of)
 
     def image_maps(self, config, maps, enc: dict) -> list:
-        """`maps`' output [B, ...] -> each image's map on its own grid, a list of B [h, w]
-        (enc: the processor's arrays of the maps' prompts); by default maps' rows."""
+        """`maps`' output -> what maps_for_images returns: [B, N, N], or a list of B
+        float32[h_i, w_i] where the grid follows each image's size (enc: the processor's
+        arrays of the maps' prompts); `maps` unchanged by default."""
         del config, enc
-        return [maps[i] for i in range(len(maps))]
+        return maps
 
     def abstract_params(self, config, dtype):
         """The param tree as ShapeDtypeStructs (nothing allocated)."""
@@ -88,16 +89,28 @@ class Family:
         raise NotImplementedError(f"{self.name} image tokens are not a patch grid")
 
     def prompt_tokens(self, tokenizer, config, question: str, n_images: int,
-                      processor=None) -> int:  # fmt: skip
-        """Prompt length in tokens once every image's tokens are in place (processor: the
-        model's, for families whose image token count it sets; unused by default)."""
+                      image_sizes=None, processor=None) -> int:  # fmt: skip
+        """Prompt length in tokens once every image's tokens are in place; image_sizes:
+        (width, height) of the images, for families whose token count follows the size;
+        processor: the model's, for families whose image token count it sets (unused here)."""
         del processor
         prompt = self.prompt(question, n_images)
         ids = tokenizer(prompt)["input_ids"]
         # A placeholder is one added token that the processor expands to the image's tokens;
         # families without one get the image tokens in front of the text (InstructBLIP).
         placeholders = prompt.count(self.image_placeholder) if self.image_placeholder else 0
-        return len(ids) - placeholders + n_images * config.num_image_tokens
+        return len(ids) - placeholders + self.image_tokens(config, n_images, image_sizes)
+
+    def image_tokens(self, config, n_images: int, image_sizes=None) -> int:
+        """Image tokens of n images in a prompt (a fixed count per image by default)."""
+        del image_sizes
+        return n_images * config.num_image_tokens
+
+    def bucket_inputs(self, config, enc: dict, multiple: int | None) -> dict:
+        """The processor's arrays with prompt lengths bucketed for fewer compiled shapes
+        (`multiple`: the processor already padded to it; None: no bucketing)."""
+        del config, multiple
+        return enc
 
     def model_inputs(self, config, enc: dict):
         """The processor's arrays -> (pixels of the module's pass, float[I, H, W, C] NHWC;
@@ -124,8 +137,10 @@ class Family:
         return {}
 
     def maps(self, module, params, enc: dict, pixels, detail, *, method: str,
-             layers: tuple[int, ...], place, **options):  # fmt: skip
+             layers: tuple[int, ...], place, images, **options):  # fmt: skip
         """float32[B, N, N] maps of B images from their encoded [questions; general] prompts
         (enc: the processor's arrays, 2B rows), pixels float[B, H, W, C] and the pure-grad
-        detail mask (or None); `place` puts a host array on the device(s)."""
+        detail mask (or None); `place` puts a host array on the device(s); images: the B
+        RGB images. A family whose map grid follows each image's size returns a list of B
+        float32[h_i, w_i] maps instead."""
         raise NotImplementedError

@@ -162,8 +162,9 @@ class InstructBlip(Family):
             raise ValueError("qformer_layer must be one int")
         return {"qformer_layer": chosen[0]}
 
-    def maps(self, module, params, enc, pixels, detail, *, method, layers, place,
+    def maps(self, module, params, enc, pixels, detail, *, method, layers, place, images,
              qformer_layer: int):  # fmt: skip
+        del images
         return blip_maps(
             module, params, place(enc["input_ids"]), place(enc["attention_mask"]),
             place(enc["qformer_input_ids"]), place(enc["qformer_attention_mask"]), pixels,

@@ -51,6 +51,56 @@ def rel_att_from_rows(cfg, rows: Array, input_ids: Array, layers: tuple[int, ...
     return grid_map(cfg, safe_ratio(att[:b], att[b:]))
 
 
+def attention_token_values(module, params, input_ids: Array, attention_mask: Array,
+                           pixels: Array, *, method: str, layers: tuple[int, ...], size: int,
+                           pair_inputs: dict | None = None, **inputs) -> Array:  # fmt: skip
+    """rel-att's question-over-general ratio, or grad-att's A * relu(dv/dA), at each image
+    token of a LLaVA-style model (an MLP projector: image tokens are the tower's tokens),
+    heads and `layers` averaged (used inside jit).
+
+    Args:
+      input_ids, attention_mask: int[2B, S]: rows [0, B) the questions, rows [B, 2B) the
+        general prompt for the same images (grad_att reads the first B rows).
+      pixels: the module's pixels of the B question images; inputs: its further image
+        inputs (LLaVA-NeXT's pack_index).
+      pair_inputs: rel_att: image inputs with which one `image_features` call gives the 2B
+        rows' features (each image twice, LLaVA-NeXT's doubled packing table); None: the B
+        images' features, repeated.
+      size: image tokens read per row (a static int; past a row's last image token the
+        values are padding).
+
+    Returns:
+      float32[B, size]: each row's first `size` image tokens, in prompt order.
+    """
+    cfg = module.config
+    b = input_ids.shape[0] // 2
+    tok, sel = cfg.image_token_index, jnp.asarray(layers)
+    apply = functools.partial(module.apply, {"params": params})
+    if method == "rel_att":
+        if pair_inputs is None:
+            feats, _ = apply(pixels, method=lambda m, p: m.image_features(p, **inputs))
+            feats = jnp.concatenate([feats, feats])
+        else:
+            feats, _ = apply(pixels, method=lambda m, p: m.image_features(p, **pair_inputs))
+        out = apply(input_ids, None, attention_mask, only_last_logits=True,
+                    image_features=feats)  # fmt: skip
+        s = input_ids.shape[1]
+        att = image_rows(out.attentions[..., :s], input_ids, tok, size)[:, sel].mean(1)
+        return safe_ratio(att[:b], att[b:])  # [B, size]
+    if method == "grad_att":
+        ids, mask = input_ids[:b], attention_mask[:b]
+        nl, nh = cfg.text_config.num_hidden_layers, cfg.text_config.num_attention_heads
+        delta0 = jnp.zeros((nl, b, nh, ids.shape[1]), jnp.float32)
+
+        def v(delta):
+            o = apply(ids, pixels, mask, attn_delta=delta, only_last_logits=True, **inputs)
+            return log_max_softmax(o.logits), o.attentions
+
+        grad, rows = jax.grad(v, has_aux=True)(delta0)
+        return image_rows(rows * jax.nn.relu(grad), ids, tok, size)[:, sel].mean(1)  # [B, size]
+    raise ValueError(f"{method!r} is not an attention method")
+
+
 @functools.partial(jax.jit, static_argnames=("module", "method", "layers"))
 def llava_maps(
     module,
@@ -75,32 +125,17 @@ def llava_maps(
       float32[B, N, N].
     """
     cfg = module.config
-    b = pixels.shape[0]
-    t = cfg.num_image_tokens
-    tok = cfg.image_token_index
-    sel = jnp.asarray(layers)
-    apply = functools.partial(module.apply, {"params": params})
-    if method == "rel_att":
-        feats, _ = apply(pixels, method=lambda m, p: m.image_features(p))
-        out = apply(input_ids, None, attention_mask, only_last_logits=True,
-                    image_features=jnp.concatenate([feats, feats]))  # fmt: skip
-        return rel_att_from_rows(cfg, out.attentions, input_ids, layers)
-    elif method == "grad_att":
-        ids, mask = input_ids[:b], attention_mask[:b]
-        nl, nh = cfg.text_config.num_hidden_layers, cfg.text_config.num_attention_heads
-        delta0 = jnp.zeros((nl, b, nh, ids.shape[1]), jnp.float32)
-
-        def v(delta):
-            o = apply(ids, pixels, mask, attn_delta=delta, only_last_logits=True)
-            return log_max_softmax(o.logits), o.attentions
-
-        grad, rows = jax.grad(v, has_aux=True)(delta0)
-        m = image_rows(rows * jax.nn.relu(grad), ids, tok, t)[:, sel].mean(1)  # [B, T]
-        return grid_map(cfg, m)
+    if method in ("rel_att", "grad_att"):
+        values = attention_token_values(
+            module, params, input_ids, attention_mask, pixels, method=method, layers=layers,
+            size=cfg.num_image_tokens,
+        )  # fmt: skip
+        return grid_map(cfg, values)
     elif method == "pure_grad":
 
         def v(px):
-            o = apply(input_ids, px, attention_mask, only_last_logits=True)
+            o = module.apply({"params": params}, input_ids, px, attention_mask,
+                             only_last_logits=True)  # fmt: skip
             return log_max_softmax(o.logits)
 
         grad = jax.grad(v)(jnp.concatenate([pixels, pixels]))  # [2B, H, W, C]
@@ -125,8 +160,9 @@ class Llava(Family):
         """Image-token values [B, T] -> the map [B, N, N] (pure; used inside jit)."""
         return grid_map(config, values)
 
-    def maps(self, module, params, enc, pixels, detail, *, method, layers, place, **options):
-        del options
+    def maps(self, module, params, enc, pixels, detail, *, method, layers, place, images,
+             **options):  # fmt: skip
+        del images, options
         return llava_maps(module, params, place(enc["input_ids"]), place(enc["attention_mask"]),
                           pixels, detail, method=method, layers=layers)  # fmt: skip
 

@@ -230,10 +230,12 @@ class Qwen2_5_VL(Family):
         _, layout = qwen_models.patch_inputs(config, enc["pixel_values"], enc["image_grid_thw"])
         return detail_patches(config, masks, layout[: len(images)])
 
-    def maps(self, module, params, enc, pixels, detail, *, method, layers, place, **options):
-        """float32[B, Hm, Wm] maps (each image's in its top-left corner, `map_shapes`).
-        detail: the pure-grad masks float[B, P, ps, ps] in patch layout (`detail_patches`)."""
-        del pixels, options
+    def maps(self, module, params, enc, pixels, detail, *, method, layers, place, images=None,
+             **options):  # fmt: skip
+        """float32[B, Hm, Wm] maps (each image's in its top-left corner, `map_shapes`;
+        `image_maps` cuts them). detail: the pure-grad masks float[B, P, ps, ps] in patch
+        layout (`detail_patches`)."""
+        del pixels, images, options
         cfg = module.config
         patches, extra = self.model_inputs(cfg, enc)
         values = qwen_token_maps(

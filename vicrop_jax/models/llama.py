@@ -23,6 +23,7 @@ from vicrop_jax.models.common import (
     RMSNorm,
     activation,
     config_from_dict,
+    pinned_promote_dtype,
     softmax_values,
 )
 
@@ -55,6 +56,8 @@ class LlamaConfig:
     bos_token_id: int | None = 1
     eos_token_id: int | tuple[int, ...] | None = 2
     pad_token_id: int | None = None
+    # Mistral: a query sees keys fewer than this many positions back (None: every key).
+    sliding_window: int | None = None
 
     def __post_init__(self):
         if self.num_key_value_heads is None:
@@ -68,6 +71,10 @@ class LlamaConfig:
             )
         if self.rope_type not in ("default", "linear", "llama3"):
             raise ValueError(f"unsupported rope_type {self.rope_type!r} (default, linear, llama3)")
+        if self.sliding_window is not None and (
+            isinstance(self.sliding_window, bool) or int(self.sliding_window) < 1
+        ):
+            raise ValueError(f"sliding_window must be a positive int, got {self.sliding_window!r}")
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> LlamaConfig:
@@ -86,6 +93,8 @@ class LlamaConfig:
             extra["rope_original_max_position_embeddings"] = int(
                 rope["original_max_position_embeddings"]
             )
+        if d.get("model_type") == "mistral" and "sliding_window" not in d:
+            extra["sliding_window"] = 4096  # transformers' MistralConfig default
         d = {k: v for k, v in d.items() if k not in ("rope_theta",)}
         return config_from_dict(cls, d, **extra)
 
@@ -244,7 +253,9 @@ class LlamaAttention(nn.Module):
         cfg = self.config
         b, s, _ = x.shape
         n, g, h = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
-        dense = lambda f, name: nn.Dense(f, use_bias=cfg.attention_bias, name=name)
+        dense = lambda f, name: nn.Dense(
+            f, use_bias=cfg.attention_bias, name=name, promote_dtype=pinned_promote_dtype
+        )
         k = dense(g * h, "k_proj")(x).reshape(b, s, g, h)
         v = dense(g * h, "v_proj")(x).reshape(b, s, g, h)
         k = apply_rope(k, cos, sin)
@@ -284,9 +295,7 @@ class LlamaAttention(nn.Module):
             rows = rows if rest is None else rows.at[..., -empty:].add(rest.astype(rows.dtype))
             if probs is not None:
                 probs = jnp.pad(probs, ((0, 0), (0, 0), (0, 0), (0, empty)))
-        out = nn.Dense(cfg.hidden_size, use_bias=cfg.attention_bias, name="o_proj")(
-            out.reshape(b, q.shape[1], n * h)
-        )
+        out = dense(cfg.hidden_size, "o_proj")(out.reshape(b, q.shape[1], n * h))
         return out, new_kv, rows, probs
 
 
@@ -297,9 +306,12 @@ class LlamaMLP(nn.Module):
     def __call__(self, x):
         cfg = self.config
         act = activation(cfg.hidden_act)
-        gate = nn.Dense(cfg.intermediate_size, use_bias=cfg.mlp_bias, name="gate_proj")(x)
-        up = nn.Dense(cfg.intermediate_size, use_bias=cfg.mlp_bias, name="up_proj")(x)
-        return nn.Dense(cfg.hidden_size, use_bias=cfg.mlp_bias, name="down_proj")(act(gate) * up)
+        dense = lambda f, name: nn.Dense(
+            f, use_bias=cfg.mlp_bias, name=name, promote_dtype=pinned_promote_dtype
+        )
+        gate = dense(cfg.intermediate_size, "gate_proj")(x)
+        up = dense(cfg.intermediate_size, "up_proj")(x)
+        return dense(cfg.hidden_size, "down_proj")(act(gate) * up)
 
 
 class LlamaDecoderLayer(nn.Module):
@@ -379,9 +391,18 @@ class LlamaModel(nn.Module):
         own = jnp.arange(k_len)[None, :] == q_slot[:, None]
         mask = causal[None] & (kv_mask[:, None, :] | own[None])  # [B, S, K]
         prefix = (None, None) if cache is None else (cache.prefix_k, cache.prefix_v)
-        if prefix[0] is not None:  # the prefix is unpadded and precedes every query
-            p = prefix[0][0].shape[1]
-            mask = jnp.concatenate([jnp.ones((*mask.shape[:2], p), bool), mask], axis=-1)
+        p = 0 if prefix[0] is None else prefix[0][0].shape[1]
+        window = self.config.sliding_window
+        if window is not None:
+            # Counted in positions (real tokens), so a left-padded row keeps its unpadded
+            # run's window (HF counts padding slots too); keys after a prefix follow it.
+            key_pos = p + jnp.cumsum(kv_mask, axis=1) - 1  # [B, K]
+            mask &= positions[:, :, None] - key_pos[:, None, :] < window
+        if p:  # the prefix is unpadded and precedes every query
+            seen = jnp.ones((*mask.shape[:2], p), bool)
+            if window is not None:
+                seen = positions[:, :, None] - jnp.arange(p)[None, None] < window
+            mask = jnp.concatenate([seen, mask], axis=-1)
         # Positions count real tokens, so each is below the number of key slots (prefix
         # included): a static bound for the lookup table.
         cos, sin = rope_cos_sin(self.config, positions, table_size=mask.shape[-1])

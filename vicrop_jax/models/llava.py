@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 
 from vicrop_jax.models.clip import CLIPVisionConfig, CLIPVisionModel
-from vicrop_jax.models.common import KVCache, ModelOutput, activation
+from vicrop_jax.models.common import KVCache, ModelOutput, activation, pinned_promote_dtype
 from vicrop_jax.models.llama import LlamaConfig, LlamaModel, run_decoder
 
 Array = jax.Array
@@ -154,7 +154,9 @@ class LlavaForConditionalGeneration(nn.Module):
         self.multi_modal_projector = LlavaMultiModalProjector(cfg)
         self.language_model = LlamaModel(cfg.text_config)
         if not cfg.tie_word_embeddings:
-            self.lm_head = nn.Dense(cfg.text_config.vocab_size, use_bias=False)
+            self.lm_head = nn.Dense(
+                cfg.text_config.vocab_size, use_bias=False, promote_dtype=pinned_promote_dtype
+            )
 
     def image_features(self, pixel_values: Array) -> tuple[Array, Array]:
         """pixel_values float[I, H, W, C] -> (projected [I, T, D], selected vision [I, T, Dv])."""

@@ -80,13 +80,6 @@ class LlavaNextConfig:
         text = dict(d.get("text_config") or {})
         if text.get("model_type", "llama") not in ("llama", "mistral"):
             raise ValueError(f"unsupported LLaVA-NeXT language model {text.get('model_type')!r}")
-        if text.get("sliding_window") is not None:
-            # Mistral's window only masks keys further back than it (4096 tokens and more);
-            # the decoder here attends to every key, so such a config is refused, not guessed.
-            raise ValueError(
-                f"text_config.sliding_window={text['sliding_window']} is not supported "
-                "(full attention only)"
-            )
         tie = bool(d.get("tie_word_embeddings", False) or text.get("tie_word_embeddings", False))
         text["tie_word_embeddings"] = tie
         fields = {f.name for f in dataclasses.fields(cls)} - {"vision_config", "text_config"}
@@ -150,6 +143,13 @@ class LlavaNextConfig:
         top, bottom, left, right = self.unpadded_span(height, width)
         return self.num_image_tokens + (bottom - top) * (right - left + 1)
 
+    def pinpoint_token_count(self, height: int, width: int) -> int:
+        """The most image tokens any image of this size's pinpoint gets (nothing unpadded):
+        the length its tokens are bucketed to, so that one program serves the pinpoint."""
+        rows, cols = self.tile_grid(height, width)
+        g = self.vision_config.grid
+        return self.num_image_tokens + rows * g * (cols * g + 1)
+
 
 def pack_index(config: LlavaNextConfig, image_sizes) -> tuple[np.ndarray, np.ndarray]:
     """Host-side packing table of a batch of images (HF's pack_image_features as a gather).
@@ -182,19 +182,40 @@ def pack_index(config: LlavaNextConfig, image_sizes) -> tuple[np.ndarray, np.nda
     return counts, np.concatenate(out).astype(np.int32)
 
 
-def anyres_inputs(config: LlavaNextConfig, pixel_values, image_sizes) -> tuple[Array, Array]:
-    """The processor's arrays -> the module's: (tiles float[P, H, W, C], pack_index int[K]).
+def bucket_index(config: LlavaNextConfig, image_sizes, index: np.ndarray,
+                 newline_of=None) -> np.ndarray:  # fmt: skip
+    """A packing table padded at the end (with the newline row) to the sum of the images'
+    `pinpoint_token_count`: its length then depends on the pinpoints alone. The padding rows
+    are never read (image tokens take the table's rows in order, HF's masked_scatter).
+    newline_of: the image sizes whose tiles the table reads (default image_sizes)."""
+    sizes = np.asarray(image_sizes).reshape(-1, 2)
+    total = sum(config.pinpoint_token_count(int(h), int(w)) for h, w in sizes)
+    read = sizes if newline_of is None else np.asarray(newline_of).reshape(-1, 2)
+    tiles = sum(1 + int(np.prod(config.tile_grid(int(h), int(w)))) for h, w in read)
+    newline = tiles * config.num_image_tokens
+    return np.concatenate([index, np.full(total - index.shape[0], newline, np.int32)])
+
+
+def anyres_inputs(
+    config: LlavaNextConfig, pixel_values, image_sizes, bucket: bool = False
+) -> tuple[np.ndarray, np.ndarray]:
+    """The processor's arrays -> the module's, on the host (a caller places them): (tiles
+    float[P, H, W, C], pack_index int32[K]).
 
     pixel_values: float[I, P_max, C, H, W] (HF layout, tiles zero-padded to the batch's
-    most) or already float[P, H, W, C]; image_sizes: int[I, 2] (height, width).
+    most) or already float[P, H, W, C]; image_sizes: int[I, 2] (height, width). bucket: pad
+    the table to the images' pinpoint lengths (`bucket_index`; shapes then follow the
+    pinpoints only).
     """
     counts, index = pack_index(config, image_sizes)
+    if bucket:
+        index = bucket_index(config, image_sizes, index)
     px = np.asarray(pixel_values)
     if px.ndim == 5:
         px = np.concatenate([px[i, :n] for i, n in enumerate(counts)]).transpose(0, 2, 3, 1)
     elif px.shape[0] != counts.sum():
         raise ValueError(f"{px.shape[0]} tiles given, the image sizes need {counts.sum()}")
-    return jnp.asarray(px), jnp.asarray(index)
+    return np.ascontiguousarray(px), index
 
 
 def _vicuna(hidden, inter, layers, heads) -> LlamaConfig:
@@ -206,7 +227,7 @@ def _vicuna(hidden, inter, layers, heads) -> LlamaConfig:
 
 
 # llava-hf/llava-v1.6-{vicuna-7b,vicuna-13b,mistral-7b}-hf (Mistral: GQA, rope theta 1e6,
-# no sliding window in the released config).
+# sliding_window null in the released config: every key attended).
 PRESETS: dict[str, LlavaNextConfig] = {
     "llava-v1.6-vicuna-7b": LlavaNextConfig(text_config=_vicuna(4096, 11008, 32, 32)),
     "llava-v1.6-vicuna-13b": LlavaNextConfig(text_config=_vicuna(5120, 13824, 40, 40)),
