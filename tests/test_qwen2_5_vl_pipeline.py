@@ -75,7 +75,8 @@ def test_ask_batch_each_method(setup, method):
 
 def test_eval_run_smoke_and_max_pixels_identity(setup, tmp_path):
     """eval.run's runner on the tiny checkpoint (a *_high method and a control); a run of
-    another processor max_pixels refuses to resume the directory."""
+    another processor max_pixels refuses to resume the directory; eval.analysis's
+    attention ratio refuses the family."""
     from eval import records
     from eval.runner import Settings, run
     from tests.test_eval_datasets import write_textvqa
@@ -98,6 +99,11 @@ def test_eval_run_smoke_and_max_pixels_identity(setup, tmp_path):
         assert 0 <= x1 < x2 <= r["image_size"][0] and 0 <= y1 < y2 <= r["image_size"][1]
     with pytest.raises(records.ConfigMismatch, match="processor_max_pixels"):
         run(settings(MAX_PIXELS // 2), model=model, log=lambda msg: None)
+    # The attention-ratio analysis reads one fixed patch grid: refused before any pass.
+    from eval.analysis import layer_maps
+
+    with pytest.raises(ValueError, match="fixed patch grid"):
+        layer_maps(model, setup[3], QS)
 
 
 def test_show_draws_a_qwen_map(setup, tmp_path):
