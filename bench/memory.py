@@ -2,6 +2,14 @@
 
   python -m bench.memory --preset llava-1.5-7b --dtype bfloat16 --batch_sizes 1,8,32
   python -m bench.memory --model DIR --batch_sizes 32     # DIR's config.json gives the shapes
+  python -m bench.memory --preset llava-1.5-13b --mesh_shape data:1,model:2 --budget_gib 24
+
+With --mesh_shape, the per-device plan of the preset (any family's PRESETS) on a (data, model)
+mesh: each param's bytes on one device from its family's partition rules
+(vicrop_jax.sharding; jax.eval_shape of the params, nothing compiled or allocated, no device
+needed), and the KV cache of a batch (rows over data, key/value heads over model); a mesh
+whose model axis does not divide a split dimension is refused. Activations are not in it:
+the compiled plans below give them on one device.
 
 Compiles vicrop_jax.prefix's three jitted passes (start_pass: prefix, question and general
 tails, maps, baseline answers; answer_pass: the same without maps; finish_pass: the crops'
@@ -40,6 +48,13 @@ _MAX_NEW = flags.DEFINE_integer("max_new_tokens", 20, "answer tokens (official: 
 _LAYER = flags.DEFINE_integer("layer", 14, "rel-att map layer")
 _BUDGET = flags.DEFINE_float("budget_gib", 80e9 / 2**30, "device memory to compare against")
 _OUT = flags.DEFINE_string("out", None, "write the results as JSON here")
+_MESH = flags.DEFINE_string(
+    "mesh_shape", "", "plan the preset on a (data, model) mesh, e.g. data:1,model:2 (per-device "
+    "weights and KV cache; no compile); empty: XLA's plans of the passes on one device"
+)  # fmt: skip
+_CACHE = flags.DEFINE_integer(
+    "cache_tokens", 1280, "KV cache slots a row holds in the mesh plan (prompt + answer)"
+)
 
 GIB = 2**30
 
@@ -97,6 +112,70 @@ def pass_plans(config, batch: int, dtype, *, text_tokens: int, max_new_tokens: i
     return out
 
 
+def find_preset(name: str):
+    """The config of a preset name from any family's models.PRESETS."""
+    from vicrop_jax.families import FAMILIES
+
+    for fam in FAMILIES.values():
+        if name in getattr(fam.models, "PRESETS", {}):
+            return fam.models.PRESETS[name]
+    known = sorted(p for f in FAMILIES.values() for p in getattr(f.models, "PRESETS", {}))
+    raise ValueError(f"unknown preset {name!r}; choose from {', '.join(known)}")
+
+
+def mesh_plan(config, shape: tuple[int, int], dtype, *, batch: int, cache_tokens: int) -> dict:
+    """Bytes one device holds on a (data, model) mesh of `shape`: the params by the family's
+    partition rules (split over model / replicated), the largest param shard, and the KV
+    cache of `batch` rows of `cache_tokens` slots. Nothing is allocated."""
+    from vicrop_jax import sharding
+    from vicrop_jax.families import family_of
+    from vicrop_jax.loading import param_specs
+
+    family = family_of(config)
+    sizes = dict(zip(sharding.AXES, shape, strict=True))
+    sharding.check_model_axis(family.model_split_sizes(config), sizes[sharding.MODEL])
+    params = family.abstract_params(config, dtype)
+    specs = param_specs(config, params)
+    split = replicated = largest = 0
+    leaves = jax.tree.leaves(specs, is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec))
+    for x, spec in zip(jax.tree.leaves(params), leaves, strict=True):
+        n = sharding.shard_bytes(x.shape, x.dtype, spec, sizes)
+        largest = max(largest, n)
+        if any(a is not None for a in spec):
+            split += n
+        else:
+            replicated += n
+    t = config.text_config
+    layer = (batch, cache_tokens, t.num_key_value_heads, t.head_dim)
+    cache = 2 * t.num_hidden_layers * sharding.shard_bytes(layer, dtype, sharding.CACHE_SPEC, sizes)
+    return {
+        "mesh": list(shape),
+        "weights_split_gib": split / GIB,
+        "weights_replicated_gib": replicated / GIB,
+        "largest_param_gib": largest / GIB,
+        "kv_cache_gib": cache / GIB,
+        "total_gib": (split + replicated + cache) / GIB,
+        "batch": batch,
+        "cache_tokens": cache_tokens,
+    }
+
+
+def mesh_table(plans: list[dict], budget: float) -> str:
+    lines = [
+        "| mesh (data x model) | batch | weights split GiB | weights replicated GiB | "
+        "KV cache GiB | total GiB | fits |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for p in plans:
+        fits = "yes" if p["total_gib"] <= budget else "**no**"
+        lines.append(
+            f"| {p['mesh'][0]} x {p['mesh'][1]} | {p['batch']} | {p['weights_split_gib']:.2f} | "
+            f"{p['weights_replicated_gib']:.2f} | {p['kv_cache_gib']:.2f} | "
+            f"{p['total_gib']:.2f} | {fits} |"
+        )
+    return "\n".join(lines)
+
+
 def table(results: dict, budget: float) -> str:
     lines = [
         "| batch | pass | args GiB | out GiB | temp GiB | total GiB | fits |",
@@ -115,6 +194,7 @@ def table(results: dict, budget: float) -> str:
 def main(argv):
     del argv
     from vicrop_jax.models.llava import LlavaConfig
+    from vicrop_jax.sharding import parse_mesh_shape
     from vicrop_jax.testing import preset_config_dict
 
     if _MODEL.value:
@@ -122,9 +202,23 @@ def main(argv):
 
         config, name = parse_config(read_config(_MODEL.value)), _MODEL.value
     else:
-        name = _PRESET.value
-        config = LlavaConfig.from_dict(preset_config_dict(name, 32000))
+        config, name = None, _PRESET.value
     dtype = jnp.bfloat16 if _DTYPE.value == "bfloat16" else jnp.float32
+    if _MESH.value:
+        shape = parse_mesh_shape(_MESH.value)
+        config = config or find_preset(name)
+        plans = [mesh_plan(config, shape, dtype, batch=int(b), cache_tokens=_CACHE.value)
+                 for b in _BATCHES.value]  # fmt: skip
+        print(f"# per-device plan: {name}, {_DTYPE.value}, mesh data {shape[0]} x "
+              f"model {shape[1]}, {_CACHE.value} cache slots a row; budget "
+              f"{_BUDGET.value:.1f} GiB a device; activations not included\n")  # fmt: skip
+        print(mesh_table(plans, _BUDGET.value))
+        if _OUT.value:
+            with open(_OUT.value, "w") as f:
+                json.dump({"preset": name, "dtype": _DTYPE.value, "plans": plans}, f,
+                          indent=2)  # fmt: skip
+        return
+    config = config or LlavaConfig.from_dict(preset_config_dict(name, 32000))
     results = {}
     for b in (int(x) for x in _BATCHES.value):
         results[b] = pass_plans(config, b, dtype, text_tokens=_TAIL.value,
@@ -144,4 +238,4 @@ def main(argv):
 if __name__ == "__main__":
     from eval import cli  # --help exits 0
 
-    cli.run(main)
+    cli.run(main, (ValueError,))

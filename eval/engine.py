@@ -22,9 +22,10 @@ The orchestration of a batch (baseline, maps, boxes, crop answers, the shared-pr
 where the family allows it) is the library's, `vicrop_jax.pipeline.answer_batch`; the engine
 adds the control boxes, the batching and placement, and the records' fields.
 
-With several local devices, batches are data-parallel: the batch axis of every input is
-sharded over a 1-D mesh ("data") and the params are replicated; the batch size is rounded up
-to a multiple of the device count.
+With several local devices, the model runs on a 2-D (data, model) mesh (vicrop_jax.sharding;
+by default every device on data): the batch axis of every input is split over data, the params
+over model by their family's partition rules (replicated when the model axis is 1); the batch
+size is rounded up to a multiple of the data axis.
 """
 
 from __future__ import annotations
@@ -36,15 +37,16 @@ from collections.abc import Sequence
 
 import jax
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.sharding import Mesh
 from PIL import Image
 
 from eval.datasets import Example
 from vicrop_jax import bbox as bbox_lib
 from vicrop_jax.families import family_of
-from vicrop_jax.loading import Model
+from vicrop_jax.loading import Model, shard_params
 from vicrop_jax.pipeline import Executor, StageTimer, answer_batch, split_method
 from vicrop_jax.processing import check_question
+from vicrop_jax.sharding import DATA, axis_size, make_mesh
 
 ATTENTION_METHODS = ("rel_att", "grad_att", "pure_grad")
 CONTROL_METHODS = ("gt_crop", "random_crop", "center_crop", "gt_map")
@@ -183,10 +185,13 @@ def map_stats(m: np.ndarray) -> dict:
 # Devices.
 
 
-def local_mesh() -> Mesh | None:
-    """A 1-D data mesh over this process's devices, or None with a single device."""
-    devices = jax.local_devices()
-    return Mesh(np.array(devices), ("data",)) if len(devices) > 1 else None
+def local_mesh(shape: str | None = None) -> Mesh | None:
+    """A (data, model) mesh over this process's devices, `shape` as "data:2,model:4" (an axis
+    left out takes the rest; default every device on data), or None with a single device."""
+    if len(jax.local_devices()) == 1:
+        make_mesh(shape)  # a shape that asks for more devices is refused all the same
+        return None
+    return make_mesh(shape)
 
 
 @dataclasses.dataclass
@@ -206,7 +211,8 @@ class Engine:
       max_new_tokens: the most answer tokens (official: 20).
       layer: LM layer(s) for the attention maps (int, list, "all"); None: the paper's.
       seed: seed of the random_crop control.
-      mesh: a 1-D ("data",) mesh for data parallelism, or None for one device.
+      mesh: a (data, model) mesh (vicrop_jax.sharding), or None for one device. The params
+        are laid out on it by the family's rules (a model loaded with the mesh already is).
       map_options: the family's map options (LLaVA-NeXT's map_source); None: its defaults.
     """
 
@@ -228,27 +234,19 @@ class Engine:
         self.model, self.mesh, self.seed = model, mesh, seed
         self.family = family_of(model)
         self.max_new_tokens = max_new_tokens
-        n_dev = 1 if mesh is None else mesh.devices.size
-        self.batch_size = -(-batch_size // n_dev) * n_dev
+        n_data = axis_size(mesh, DATA)
+        self.batch_size = -(-batch_size // n_data) * n_data
         self.base = self.family.base_size(model.config)
         self.tokenizer = model.processor.tokenizer
         params = model.params
         if mesh is not None:
-            params = jax.device_put(params, NamedSharding(mesh, PartitionSpec()))
+            params = shard_params(params, model.config, mesh)
         self.executor = Executor(
             model, params, layer=layer, max_new_tokens=max_new_tokens,
-            batch_size=self.batch_size, pad_to_multiple_of=LENGTH_BUCKET,
-            place=None if mesh is None else self._place, map_options=map_options,
+            batch_size=self.batch_size, pad_to_multiple_of=LENGTH_BUCKET, mesh=mesh,
+            map_options=map_options,
         )  # fmt: skip
         self.layers, self.params = self.executor.layers, self.executor.params
-
-    def _place(self, x: np.ndarray) -> jax.Array:
-        """Rows split over the data axis; an input whose leading axis is not per question
-        (LLaVA-NeXT's tiles and packing tables) is replicated when it does not divide."""
-        spec = PartitionSpec("data", *([None] * (x.ndim - 1)))
-        if np.ndim(x) == 0 or np.shape(x)[0] % self.mesh.devices.size:
-            spec = PartitionSpec()
-        return jax.device_put(np.asarray(x), NamedSharding(self.mesh, spec))
 
     def prompt(self, question: str, n_images: int = 1) -> str:
         return self.family.prompt(question, n_images)

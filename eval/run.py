@@ -109,6 +109,11 @@ _SEED = flags.DEFINE_integer("seed", 0, "seed of the random_crop control")
 
 # Execution.
 _BATCH = flags.DEFINE_integer("batch_size", 8, "questions per device call")
+_MESH = flags.DEFINE_string(
+    "mesh_shape", "", "the local devices as a (data, model) mesh, e.g. data:2,model:4 (an axis "
+    "left out takes the rest): batches split over data, params over model (heads, MLP, "
+    "vocabulary); default every device on data"
+)  # fmt: skip
 _SMOKE = flags.DEFINE_bool("smoke", False, "a smoke run: only the first few questions")
 _LIMIT = flags.DEFINE_integer("limit", 0, "only the first N questions (0: all; --smoke: 8)")
 _SHARD_INDEX = flags.DEFINE_integer("shard_index", 0, "this process's shard")
@@ -193,6 +198,7 @@ def settings_from_flags():
         seed=_SEED.value,
         shard_index=shard_index,
         batch_size=_BATCH.value,
+        mesh_shape=_MESH.value,
         max_image_pixels=_MAX_PIXELS.value or None,
         retry_errors=_RETRY_ERRORS.value,
         max_consecutive_errors=_MAX_ERRORS.value,

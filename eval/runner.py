@@ -62,6 +62,7 @@ from PIL import Image
 from eval import datasets, records, report
 from eval.datasets import DataSpec, Example, ImageError
 from eval.engine import ATTENTION_METHODS, Engine, Item, local_mesh, parse_methods
+from vicrop_jax.sharding import parse_mesh_shape
 
 FORMAT_VERSION = 1
 # run_config.json keys compared only where the file holds them (its run resumes without).
@@ -129,6 +130,9 @@ class Settings:
     max_consecutive_errors: int = 50
     progress: bool = True
     data_parallel: bool = True
+    # The (data, model) device mesh, "data:2,model:4" (vicrop_jax.sharding.parse_mesh_shape);
+    # empty: every local device on data (when data_parallel).
+    mesh_shape: str = ""
     high_res: bool = False  # adds _high to every map method (the names then say it)
 
     def __post_init__(self):
@@ -146,6 +150,7 @@ class Settings:
             raise ValueError(f"processor_max_pixels must be a positive int, got {mp!r}")
         if self.limit < 0 or self.batch_size < 1 or self.max_new_tokens < 1:
             raise ValueError("limit must be >= 0, batch_size and max_new_tokens >= 1")
+        parse_mesh_shape(self.mesh_shape)
         try:
             parse_layer(self.layer)
         except ValueError:
@@ -420,15 +425,21 @@ def run(
     return path
 
 
+def run_mesh(s: Settings):
+    """The run's device mesh (eval.engine.local_mesh), or None: one device, or
+    data_parallel off without a mesh_shape."""
+    return local_mesh(s.mesh_shape) if s.data_parallel or s.mesh_shape else None
+
+
 def load_run_model(s: Settings):
-    """The run's model: settings.model in settings.dtype."""
+    """The run's model: settings.model in settings.dtype, laid out on the run's mesh."""
     import jax.numpy as jnp
 
     from vicrop_jax.loading import load_model
 
+    dtype = jnp.bfloat16 if s.dtype == "bfloat16" else jnp.float32
     options = {} if s.processor_max_pixels is None else {"max_pixels": s.processor_max_pixels}
-    return load_model(s.model, dtype=jnp.bfloat16 if s.dtype == "bfloat16" else jnp.float32,
-                      processor_options=options)  # fmt: skip
+    return load_model(s.model, dtype=dtype, mesh=run_mesh(s), processor_options=options)
 
 
 def _engine(s: Settings, model, loader, log) -> Engine:
@@ -442,9 +453,11 @@ def _engine(s: Settings, model, loader, log) -> Engine:
         except SafetensorError as e:
             raise ValueError(f"{s.model}: unreadable safetensors weights ({e})") from e
         log(f"loaded {s.model} ({s.dtype}) in {time.perf_counter() - t0:.1f}s")
-    mesh = local_mesh() if s.data_parallel else None
+    mesh = run_mesh(s)
     if mesh is not None:
-        log(f"data parallel over {mesh.devices.size} local devices")
+        n, (d, m) = mesh.devices.size, mesh.devices.shape
+        log(f"data parallel over {n} local devices" if m == 1 else
+            f"mesh of {n} local devices: data {d} x model {m}")  # fmt: skip
     return Engine(
         model,
         batch_size=s.batch_size,

@@ -1,4 +1,7 @@
+import atexit
 import os
+import shutil
+import tempfile
 
 import jax
 import pytest
@@ -6,6 +9,18 @@ import pytest
 # Parity tests compare float32 numbers: pin full-precision matmuls.
 jax.config.update("jax_default_matmul_precision", "highest")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+# Many tests compile the same tiny programs (one model, several test files, two xdist workers):
+# one XLA compilation cache for the whole run, made empty by the first process (the xdist
+# controller, whose workers inherit the variable) and removed by it at exit. Subprocesses that
+# tests start (benches, forced-device checks) do not read it: every run compiles afresh.
+_CACHE_VAR = "VICROP_TEST_XLA_CACHE"
+if _CACHE_VAR not in os.environ:
+    os.environ[_CACHE_VAR] = tempfile.mkdtemp(prefix="vicrop_xla_cache_")
+    atexit.register(shutil.rmtree, os.environ[_CACHE_VAR], ignore_errors=True)
+jax.config.update("jax_compilation_cache_dir", os.environ[_CACHE_VAR])
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
 
 @pytest.fixture(scope="session")

@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from vicrop_jax.models.common import KVCache, ModelOutput
+from vicrop_jax.sharding import CACHE_SPEC, constrain
 
 Array = jax.Array
 
@@ -154,13 +155,15 @@ def penalise(logits: Array, seen: Array, penalty: float) -> Array:
 
 
 def init_cache(config, batch: int, length: int, dtype) -> KVCache:
-    """An empty cache of `length` slots for a Llama-style text config."""
+    """An empty cache of `length` slots for a Llama-style text config (under a mesh: rows
+    over the data axis, key/value heads over the model axis)."""
     t = config.text_config
     shape = (batch, length, t.num_key_value_heads, t.head_dim)
     layers = range(t.num_hidden_layers)
+    zeros = lambda: constrain(jnp.zeros(shape, dtype), CACHE_SPEC)  # noqa: E731
     return KVCache(
-        k=tuple(jnp.zeros(shape, dtype) for _ in layers),
-        v=tuple(jnp.zeros(shape, dtype) for _ in layers),
+        k=tuple(zeros() for _ in layers),
+        v=tuple(zeros() for _ in layers),
         mask=jnp.zeros((batch, length), bool),
         index=jnp.zeros((), jnp.int32),
         position=jnp.zeros((batch,), jnp.int32),

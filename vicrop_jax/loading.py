@@ -3,6 +3,8 @@
 `load_model(path)` reads an HF checkpoint directory (config.json + safetensors, and the
 tokenizer/processor files when present) and returns a `Model`; `forward(model, ...)` takes
 arrays in HF layout (pixels NCHW, as the HF processor gives them) and returns a ModelOutput.
+With a (data, model) `mesh` (vicrop_jax.sharding), the params come back laid out by their
+family's partition rules: split over the model axis, replicated over the data axis.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from convert.checkpoint import CheckpointError, read_config
+from vicrop_jax import sharding
 from vicrop_jax.families import FAMILIES, NOT_SUPPORTED, family_of
 from vicrop_jax.generate import PLAIN_GREEDY, GenerationSettings
 from vicrop_jax.models.common import ModelOutput, check_config_dict
@@ -261,12 +264,47 @@ def checked_abstract_params(config, dtype=jnp.float32) -> dict:
     return expected
 
 
-def load_params(path: str, config, dtype=jnp.float32, check_finite: bool = True) -> dict:
+def check_mesh(config, mesh) -> None:
+    """Refuses a mesh whose model axis does not divide a dimension that `config`'s family
+    splits over it (heads, key/value heads, MLP hidden, vocabulary).
+
+    Raises:
+      ValueError: one line naming the dimension.
+    """
+    sizes = family_of(config).model_split_sizes(config)
+    sharding.check_model_axis(sizes, sharding.axis_size(mesh, sharding.MODEL))
+
+
+def param_specs(config, params):
+    """The PartitionSpec of every param of `config`'s model (a tree like `params`, which
+    may be arrays or ShapeDtypeStructs), by its family's partition rules."""
+    return sharding.param_specs(params, family_of(config).partition_rules(config))
+
+
+def sharded_abstract_params(config, mesh, dtype=jnp.float32, abstract=None) -> dict:
+    """The abstract params (ShapeDtypeStructs) of `config`'s model, each carrying its
+    NamedSharding on `mesh`; checked with `check_mesh` first. abstract: the tree without
+    shardings, if already built."""
+    check_mesh(config, mesh)
+    abstract = family_of(config).abstract_params(config, dtype) if abstract is None else abstract
+    return sharding.with_shardings(abstract, mesh, param_specs(config, abstract))
+
+
+def shard_params(params, config, mesh):
+    """`params` laid out on `mesh` by the family's rules, one device_put per param (a param
+    already in its layout stays where it is)."""
+    check_mesh(config, mesh)
+    return sharding.place_tree(params, mesh, param_specs(config, params))
+
+
+def load_params(path: str, config, dtype=jnp.float32, check_finite: bool = True,
+                mesh=None) -> dict:  # fmt: skip
     """The weights of checkpoint directory `path` as the params pytree of `config`'s model.
 
     Strict: every checkpoint key is used and every param filled with the right shape and a
     float dtype, or one CheckpointError lists all offenders (convert.checkpoint.map_checkpoint).
-    The params' size is checked against the host's available memory before any file is read.
+    The params' size is checked against the host's available memory before any file is read,
+    and a mesh against the model's dimensions (`check_mesh`).
 
     Args:
       path: directory with *.safetensors (sharded or not).
@@ -274,9 +312,26 @@ def load_params(path: str, config, dtype=jnp.float32, check_finite: bool = True)
       dtype: dtype of the floating-point params (float32 or bfloat16).
       check_finite: refuse weights holding NaN or inf, naming the tensors (one pass over the
         data on the host).
+      mesh: a (data, model) Mesh (vicrop_jax.sharding): the params come back in the family's
+        layout on it (the expected tree's leaves carry their shardings, which the loader
+        builds each param in); None: one device.
     """
+    if mesh is not None:
+        check_mesh(config, mesh)
     expected = checked_abstract_params(config, dtype)
-    return family_of(config).converter.load_params(path, expected, check_finite=check_finite)
+    if mesh is not None:
+        expected = sharded_abstract_params(config, mesh, dtype, expected)
+    params = family_of(config).converter.load_params(path, expected, check_finite=check_finite)
+    if mesh is not None:  # a param the loader did not build in its layout is moved there
+        params = jax.tree.map(_placed, params, expected)
+    return params
+
+
+def _placed(x, like):
+    """x in like.sharding, split from the host copy (no device program per shape)."""
+    if isinstance(x, jax.Array) and x.sharding == like.sharding:
+        return x
+    return jax.device_put(np.asarray(x), like.sharding)
 
 
 def load_model(
@@ -284,6 +339,7 @@ def load_model(
     dtype=jnp.float32,
     processor: bool = True,
     check_finite: bool = True,
+    mesh=None,
     processor_options: dict | None = None,
 ) -> Model:
     """Loads an HF checkpoint directory.
@@ -296,6 +352,7 @@ def load_model(
       dtype: dtype of the floating-point params (float32 or bfloat16).
       processor: also load the directory's tokenizer/image processor when present.
       check_finite: refuse weights holding NaN or inf (False accepts them).
+      mesh: a (data, model) Mesh: params laid out on it (see load_params); None: one device.
       processor_options: the family's processor settings (Qwen2.5-VL: max_pixels).
 
     Returns:
@@ -308,7 +365,7 @@ def load_model(
     generation = generation_settings(path)
     if family_of(config).eos_from_generation_config:
         config = _generation_eos(read_generation_config(path), config)
-    params = load_params(path, config, dtype, check_finite)
+    params = load_params(path, config, dtype, check_finite, mesh)
     proc = None
     if processor:
         options = processor_options or {}

@@ -19,6 +19,7 @@ differentiated.
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -36,6 +37,7 @@ from vicrop_jax.importance import maps_for_images, one_grid
 from vicrop_jax.loading import Model
 from vicrop_jax.maps import check_method
 from vicrop_jax.processing import check_question, to_rgb
+from vicrop_jax.sharding import DATA, axis_size, place_batch
 
 Box = tuple[int, int, int, int]
 
@@ -128,16 +130,20 @@ class Executor:
         rows are dropped), so jit compiles one shape per call kind.
       pad_to_multiple_of: bucket prompt lengths (fewer compiled shapes).
       place: np.ndarray -> jax.Array for each batched input (e.g. sharded over a data
-        mesh); None: one device. The shared-prompt cache runs on one device only.
+        mesh); None: one device, or the mesh's data split. The shared-prompt cache runs
+        where inputs are not split: one device, or a mesh whose data axis is 1.
       base_size: the box search's base size; None: the family's (the vision input side).
       map_options: the family's map options (LLaVA-NeXT's map_source, InstructBLIP's
         qformer_layer); None: its defaults.
+      mesh: a (data, model) Mesh (vicrop_jax.sharding) that `params` are laid out on: the
+        calls run under it (the KV cache is laid out over its axes) and batches are split
+        over its data axis (the batch size must then be a multiple of it).
     """
 
     def __init__(self, model: Model, params=None, *, layer=None, max_new_tokens: int = 20,
                  batch_size: int | None = None, pad_to_multiple_of: int | None = None,
                  place: Callable | None = None, base_size: int | None = None,
-                 map_options: Mapping | None = None):  # fmt: skip
+                 map_options: Mapping | None = None, mesh=None):  # fmt: skip
         if model.processor is None:
             raise ValueError(f"model at {model.path!r} has no processor/tokenizer files")
         for name, v in (("max_new_tokens", max_new_tokens), ("batch_size", batch_size),
@@ -150,7 +156,10 @@ class Executor:
         self.max_new_tokens = max_new_tokens
         self.batch_size = batch_size
         self.pad_to_multiple_of = pad_to_multiple_of
-        self.one_device = place is None
+        self.mesh = mesh
+        if place is None and axis_size(mesh, DATA) > 1:
+            place = place_batch(mesh)
+        self.whole_batches = place is None
         self.place = jnp.asarray if place is None else place
         self.base_size = self.family.base_size(model.config) if base_size is None else base_size
         self.map_options = dict(map_options or {})
@@ -158,6 +167,10 @@ class Executor:
 
     def prompt(self, question: str, n_images: int = 1) -> str:
         return self.family.prompt(question, n_images)
+
+    def _on_mesh(self):
+        """The context the model calls run in: the mesh, if any."""
+        return contextlib.nullcontext() if self.mesh is None else jax.set_mesh(self.mesh)
 
     def _chunks(self, n: int):
         """(real, padded) index lists of the calls over n items."""
@@ -174,11 +187,12 @@ class Executor:
         """Greedy answers; images[i] are the images of texts[i], in prompt order."""
         answers: list[str] = []
         for real, idx in self._chunks(len(texts)):
-            answers += generate_answers(
-                self.model, [texts[i] for i in idx], [im for i in idx for im in images[i]],
-                self.max_new_tokens, self.params, pad_to_multiple_of=self.pad_to_multiple_of,
-                place=self.place,
-            )[: len(real)]  # fmt: skip
+            with self._on_mesh():
+                answers += generate_answers(
+                    self.model, [texts[i] for i in idx], [im for i in idx for im in images[i]],
+                    self.max_new_tokens, self.params, pad_to_multiple_of=self.pad_to_multiple_of,
+                    place=self.place,
+                )[: len(real)]  # fmt: skip
         return answers
 
     def maps(self, images: list[Image.Image], questions: list[str],
@@ -187,33 +201,36 @@ class Executor:
         where the family's grid follows each image's size and the grids differ."""
         out: list[np.ndarray] = []
         for real, idx in self._chunks(len(images)):
-            m = maps_for_images(
-                self.model, [images[i] for i in idx], [questions[i] for i in idx],
-                method=method, layer=self.layers, params=self.params,
-                pad_to_multiple_of=self.pad_to_multiple_of, place=self.place,
-                **self.map_options,
-            )  # fmt: skip
+            with self._on_mesh():
+                m = maps_for_images(
+                    self.model, [images[i] for i in idx], [questions[i] for i in idx],
+                    method=method, layer=self.layers, params=self.params,
+                    pad_to_multiple_of=self.pad_to_multiple_of, place=self.place,
+                    **self.map_options,
+                )  # fmt: skip
             out += [np.asarray(x) for x in m][: len(real)]
         return np.stack(out) if len({x.shape for x in out}) == 1 else out
 
     def shares_prefix(self, n: int) -> bool:
         """Whether n questions run over one shared-prompt cache: the family's prompts share
-        their first image, on one device, in one call (one cache held at a time)."""
+        their first image, batches are not split, in one call (one cache held at a time)."""
         fits = self.batch_size is None or n <= self.batch_size
-        return self.family.shares_prompt_prefix and self.one_device and fits
+        return self.family.shares_prompt_prefix and self.whole_batches and fits
 
     def start(self, images: list[Image.Image], questions: list[str], with_map: bool):
         """The baseline answers and the prefix cache; with_map, also rel_att's maps from the
         same pass (else the state's maps are None)."""
         images, questions = self._padded(images), self._padded(questions)
         kw = dict(max_new_tokens=self.max_new_tokens, params=self.params)
-        if with_map:
-            return prompt_cache.start(self.model, images, questions, layer=self.layers, **kw)
-        return prompt_cache.start_answers(self.model, images, questions, **kw)
+        with self._on_mesh():
+            if with_map:
+                return prompt_cache.start(self.model, images, questions, layer=self.layers, **kw)
+            return prompt_cache.start_answers(self.model, images, questions, **kw)
 
     def finish(self, state, crops: list[Image.Image]) -> list[str]:
         """[original, crop] answers over the baseline's prefix cache."""
-        return prompt_cache.finish(self.model, state, self._padded(crops))[: len(crops)]
+        with self._on_mesh():
+            return prompt_cache.finish(self.model, state, self._padded(crops))[: len(crops)]
 
 
 @dataclasses.dataclass

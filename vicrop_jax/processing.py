@@ -263,7 +263,11 @@ def preprocess(image_processor, images: list[Image.Image]) -> np.ndarray:
     chunks = [images[i : i + _CHUNK] for i in range(0, len(images), _CHUNK)]
     if len(chunks) < 2 or (os.cpu_count() or 1) < 2:
         return call(images)
-    return np.concatenate(list(_pool().map(call, chunks)))
+    parts = list(_pool().map(call, chunks))
+    if parts[0].ndim == 5:  # anyres tiles: zeros up to the most tiles, as one call pads them
+        most = max(p.shape[1] for p in parts)
+        parts = [np.pad(p, [(0, 0), (0, most - p.shape[1])] + [(0, 0)] * 3) for p in parts]
+    return np.concatenate(parts)
 
 
 def image_pixels(processor, images: list[Image.Image]) -> np.ndarray:

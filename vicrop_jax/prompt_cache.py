@@ -56,6 +56,7 @@ from vicrop_jax.loading import Model
 from vicrop_jax.maps import safe_ratio
 from vicrop_jax.models.common import KVCache
 from vicrop_jax.processing import GENERAL_QUESTION, image_pixels
+from vicrop_jax.sharding import CACHE_SPEC, constrain
 
 Array = jax.Array
 
@@ -152,9 +153,10 @@ def _tail_cache(prefix, copies: int, length: int) -> KVCache:
     in place, never padded or copied per row (row i reads prefix row i % B)."""
     b, _, g, h = prefix.k[0].shape
     shape = (copies * b, length, g, h)
+    zeros = lambda x: constrain(jnp.zeros(shape, x.dtype), CACHE_SPEC)  # noqa: E731
     return KVCache(
-        k=tuple(jnp.zeros(shape, x.dtype) for x in prefix.k),
-        v=tuple(jnp.zeros(shape, x.dtype) for x in prefix.v),
+        k=tuple(zeros(x) for x in prefix.k),
+        v=tuple(zeros(x) for x in prefix.v),
         mask=jnp.zeros((copies * b, length), bool),
         index=jnp.zeros((), jnp.int32),
         position=jnp.tile(prefix.position, copies),

@@ -32,6 +32,9 @@ they ask the family of a model (`family_of(model)`) for:
                                    each [Hm, Wm] map cut to its image's merged grid)
   map_options(config, **options)   validated static options of its cores (InstructBLIP's
                                    qformer_layer, LLaVA-NeXT's map_source)
+  partition_rules(config)          the params' layout on a (data, model) mesh, and
+  model_split_sizes(config)        the dimensions it splits over the model axis (declared
+                                   in the models file; vicrop_jax.sharding)
 
 A new family is a models file (vicrop_jax/models/), a converter table (convert/), an adapter
 here registered in FAMILIES, and their tests.

@@ -67,6 +67,15 @@ class Family:
         """The param tree as ShapeDtypeStructs (nothing allocated)."""
         return self.models.abstract_params(config, dtype)
 
+    def partition_rules(self, config):
+        """((regex over a param's path, PartitionSpec), ...): the params' layout on a (data,
+        model) mesh, declared in the models file (vicrop_jax.sharding)."""
+        return self.models.partition_rules(config)
+
+    def model_split_sizes(self, config) -> dict[str, int]:
+        """{config field: size} of every dimension the rules split over the model axis."""
+        return self.models.model_split_sizes(config)
+
     def default_layer(self, config) -> int:
         layer, depth = self.paper_layer
         return relative_depth(layer, depth, config.text_config.num_hidden_layers)

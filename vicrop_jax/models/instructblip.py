@@ -20,12 +20,15 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
 
+from vicrop_jax.models import llama
 from vicrop_jax.models.blip_vision import InstructBlipVisionConfig, InstructBlipVisionModel
 from vicrop_jax.models.common import KVCache, ModelOutput
 from vicrop_jax.models.llama import LlamaConfig, LlamaModel
 from vicrop_jax.models.llava import language_pass
 from vicrop_jax.models.qformer import InstructBlipQFormerConfig, InstructBlipQFormerModel
+from vicrop_jax.sharding import MODEL
 
 Array = jax.Array
 
@@ -246,3 +249,22 @@ def init_params(config: InstructBlipConfig, seed: int = 0, dtype=jnp.float32) ->
     init = jax.jit(lambda key: module.init(key, ids, pixels, qformer_input_ids=qids))
     params = init(jax.random.key(seed))["params"]
     return jax.tree.map(lambda x: x.astype(dtype), params)
+
+
+def partition_rules(config: InstructBlipConfig) -> tuple[tuple[str, P], ...]:
+    """The layout on a (data, model) mesh (vicrop_jax.sharding): the decoder split as
+    llama.partition_rules, the LM head by the vocabulary; the ViT, Q-Former, query tokens and
+    projection replicated (1.1 B params; the Q-Former's 12 heads would not divide a model
+    axis of 8)."""
+    del config
+    return (
+        *llama.partition_rules("language_model"),
+        ("lm_head/kernel", P(None, MODEL)),  # [D, V]
+        ("(vision_model|qformer|language_projection)/.*", P()),
+        ("query_tokens", P()),
+    )
+
+
+def model_split_sizes(config: InstructBlipConfig) -> dict[str, int]:
+    """{config field: size} of the dimensions split over the model axis."""
+    return llama.model_split_sizes(config.text_config)

@@ -11,12 +11,16 @@ Axis letters: see vicrop_jax.models.common.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
+import re
 from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
+from jax.sharding import PartitionSpec as P
 
 from vicrop_jax.models.common import (
     KVCache,
@@ -26,6 +30,7 @@ from vicrop_jax.models.common import (
     pinned_promote_dtype,
     softmax_values,
 )
+from vicrop_jax.sharding import MODEL
 
 Array = jax.Array
 
@@ -104,6 +109,35 @@ class LlamaConfig:
         return () if e is None else (tuple(e) if isinstance(e, tuple | list) else (e,))
 
 
+def partition_rules(prefix: str = "language_model") -> tuple[tuple[str, P], ...]:
+    """The decoder's layout on a (data, model) mesh (vicrop_jax.sharding), its params under
+    `prefix`: q, k, v, gate and up split by output columns (heads, MLP hidden), o and down by
+    input rows, the embedding by the vocabulary, norms replicated."""
+    p, layer = re.escape(prefix), re.escape(prefix) + r"/layers_\d+"
+    return (
+        (rf"{p}/embed_tokens/embedding", P(MODEL, None)),  # [V, D]
+        (rf"{layer}/self_attn/[qkv]_proj/kernel", P(None, MODEL)),  # [D, N * H]
+        (rf"{layer}/self_attn/[qkv]_proj/bias", P(MODEL)),
+        (rf"{layer}/self_attn/o_proj/kernel", P(MODEL, None)),  # [N * H, D]
+        (rf"{layer}/mlp/(gate|up)_proj/kernel", P(None, MODEL)),  # [D, F]
+        (rf"{layer}/mlp/(gate|up)_proj/bias", P(MODEL)),
+        (rf"{layer}/mlp/down_proj/kernel", P(MODEL, None)),  # [F, D]
+        (rf"{layer}/(self_attn/o_proj|mlp/down_proj)/bias", P()),
+        (rf"{layer}/(input|post_attention)_layernorm/scale", P()),
+        (rf"{p}/norm/scale", P()),
+    )
+
+
+def model_split_sizes(cfg: LlamaConfig, prefix: str = "text_config") -> dict[str, int]:
+    """{config field: size} of the dimensions `partition_rules` splits over the model axis."""
+    return {
+        f"{prefix}.num_attention_heads": cfg.num_attention_heads,
+        f"{prefix}.num_key_value_heads": cfg.num_key_value_heads,
+        f"{prefix}.intermediate_size": cfg.intermediate_size,
+        f"{prefix}.vocab_size": cfg.vocab_size,
+    }
+
+
 def rope_inv_freq(cfg: LlamaConfig) -> Array:
     """Inverse frequencies [H/2] as HF's rope init functions compute them."""
     h = cfg.head_dim
@@ -138,9 +172,17 @@ def rope_cos_sin(cfg: LlamaConfig, positions: Array, table_size: int | None = No
         freqs = positions.astype(jnp.float32)[..., None] * rope_inv_freq(cfg)  # [B, S, H/2]
         emb = jnp.concatenate([freqs, freqs], axis=-1)
         return jnp.cos(emb), jnp.sin(emb)
+    cos, sin = _rope_table(cfg, table_size)
+    return jnp.asarray(cos)[positions], jnp.asarray(sin)[positions]
+
+
+@functools.cache
+def _rope_table(cfg: LlamaConfig, size: int) -> tuple[np.ndarray, np.ndarray]:
+    """cos, sin float32[size, H] of positions [0, size), computed once per (config, size):
+    every trace of every program (and under every mesh) reads the same host constant."""
     with jax.ensure_compile_time_eval():
-        cos, sin = rope_cos_sin(cfg, jnp.arange(table_size)[None])
-    return cos[0][positions], sin[0][positions]
+        cos, sin = rope_cos_sin(cfg, jnp.arange(size)[None])
+        return np.asarray(cos[0]), np.asarray(sin[0])
 
 
 def apply_rope(x: Array, cos: Array, sin: Array) -> Array:

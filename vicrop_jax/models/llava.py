@@ -15,10 +15,13 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
 
+from vicrop_jax.models import llama
 from vicrop_jax.models.clip import CLIPVisionConfig, CLIPVisionModel
 from vicrop_jax.models.common import KVCache, ModelOutput, activation, pinned_promote_dtype
 from vicrop_jax.models.llama import LlamaConfig, LlamaModel, run_decoder
+from vicrop_jax.sharding import MODEL
 
 Array = jax.Array
 
@@ -238,3 +241,20 @@ def init_params(config: LlavaConfig, seed: int = 0, dtype=jnp.float32) -> dict:
     ids, pixels = _init_inputs(config, jnp.float32)
     params = jax.jit(module.init)(jax.random.key(seed), ids, pixels)["params"]
     return jax.tree.map(lambda x: x.astype(dtype), params)
+
+
+def partition_rules(config: LlavaConfig) -> tuple[tuple[str, P], ...]:
+    """The layout on a (data, model) mesh (vicrop_jax.sharding): the decoder split as
+    llama.partition_rules, the LM head by the vocabulary; the vision tower and projector
+    replicated (0.3 B params: every device runs them on its share of the batch)."""
+    del config
+    return (
+        *llama.partition_rules("language_model"),
+        ("lm_head/kernel", P(None, MODEL)),  # [D, V]
+        ("(vision_tower|multi_modal_projector)/.*", P()),
+    )
+
+
+def model_split_sizes(config: LlavaConfig) -> dict[str, int]:
+    """{config field: size} of the dimensions split over the model axis."""
+    return llama.model_split_sizes(config.text_config)

@@ -24,11 +24,14 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import PartitionSpec as P
 
+from vicrop_jax.models import llama
 from vicrop_jax.models.clip import CLIPVisionConfig, CLIPVisionModel
 from vicrop_jax.models.common import KVCache, ModelOutput
 from vicrop_jax.models.llama import LlamaConfig, LlamaModel
 from vicrop_jax.models.llava import LlavaMultiModalProjector, language_pass
+from vicrop_jax.sharding import MODEL
 
 Array = jax.Array
 DEFAULT_PINPOINTS = ((336, 672), (672, 336), (672, 672), (1008, 336), (336, 1008))
@@ -357,3 +360,20 @@ def init_params(config: LlavaNextConfig, seed: int = 0, dtype=jnp.float32) -> di
     init = jax.jit(lambda k: module.init(k, ids, pixels, pack_index=index))
     params = init(jax.random.key(seed))["params"]
     return jax.tree.map(lambda x: x.astype(dtype), params)
+
+
+def partition_rules(config: LlavaNextConfig) -> tuple[tuple[str, P], ...]:
+    """The layout on a (data, model) mesh: as LLaVA-1.5's (vicrop_jax.models.llava), and the
+    row separator `image_newline` replicated."""
+    del config
+    return (
+        *llama.partition_rules("language_model"),
+        ("lm_head/kernel", P(None, MODEL)),  # [D, V]
+        ("(vision_tower|multi_modal_projector)/.*", P()),
+        ("image_newline", P()),
+    )
+
+
+def model_split_sizes(config: LlavaNextConfig) -> dict[str, int]:
+    """{config field: size} of the dimensions split over the model axis."""
+    return llama.model_split_sizes(config.text_config)
