@@ -50,9 +50,13 @@ def layer_maps(model: Model, images, questions: Sequence[str]) -> np.ndarray:
     """Heads-averaged last-position attention over the image, per layer: float32[B, L, N, N]
     (families whose image tokens are patches, as LLaVA's)."""
     family = family_of(model)
+    cfg = model.config
+    try:  # a family whose image tokens are not one fixed patch grid refuses before any pass
+        family.grid_map(cfg, jnp.zeros((1, family.map_grid(cfg) ** 2)))
+    except NotImplementedError as e:
+        raise ValueError(f"attention_ratio needs image tokens on a fixed patch grid: {e}") from None
     enc = encode(model.processor, [family.prompt(q) for q in questions], list(images))
     out = forward(model, enc["input_ids"], enc["pixel_values"], enc["attention_mask"])
-    cfg = model.config
     rows = image_rows(
         out.attentions, jnp.asarray(enc["input_ids"]), cfg.image_token_index, cfg.num_image_tokens
     )  # [B, L, T]

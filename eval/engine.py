@@ -255,7 +255,7 @@ class Engine:
         """Prompt length in tokens with every image's tokens in place (image_sizes: (width,
         height) of the first images, where the family's token count follows the size)."""
         return self.family.prompt_tokens(self.tokenizer, self.model.config, question, n_images,
-                                         image_sizes)  # fmt: skip
+                                         image_sizes, processor=self.model.processor)  # fmt: skip
 
     def check_question(self, example: Example, image_size=None) -> None:
         """Raises ValueError for an empty or too long question (too long for the model too);

@@ -130,6 +130,10 @@ _MAX_PIXELS = flags.DEFINE_integer(
     "max_image_pixels", Image.MAX_IMAGE_PIXELS,
     "larger images are refused (decompression bombs; may exceed PIL's default); 0: no limit",
 )  # fmt: skip
+_PROCESSOR_MAX_PIXELS = flags.DEFINE_integer(
+    "processor_max_pixels", None,
+    "the image processor's max_pixels (Qwen2.5-VL); default the official 256*28*28",
+)  # fmt: skip
 _RETRY_ERRORS = flags.DEFINE_bool("retry_errors", False, "on resume, redo questions that failed")
 _MAX_ERRORS = flags.DEFINE_integer(
     "max_consecutive_errors", 50, "stop after this many failures in a row (a setup problem)"
@@ -186,6 +190,7 @@ def settings_from_flags():
         layer=_LAYER.value,
         map_question=_MAP_QUESTION.value,
         map_source=_MAP_SOURCE.value,
+        processor_max_pixels=_PROCESSOR_MAX_PIXELS.value,
         dtype=_DTYPE.value,
         max_new_tokens=_MAX_NEW.value,
         limit=_LIMIT.value or (SMOKE_LIMIT if _SMOKE.value else 0),

@@ -120,6 +120,8 @@ class Settings:
     map_question: str = "auto"
     # LLaVA-NeXT's map grid ("base", "tiles", "both"); None: the family's default.
     map_source: str | None = None
+    # The processor's max_pixels (Qwen2.5-VL); None: the family's (official 256 * 28 * 28).
+    processor_max_pixels: int | None = None
     # execution only
     shard_index: int = 0
     batch_size: int = 8
@@ -143,6 +145,9 @@ class Settings:
             raise ValueError(f"shard_index {self.shard_index} not in [0, {self.shard_count})")
         if self.map_question not in ("auto", "full"):
             raise ValueError(f"map_question must be 'auto' or 'full', got {self.map_question!r}")
+        mp = self.processor_max_pixels
+        if mp is not None and (isinstance(mp, bool) or not isinstance(mp, int) or mp < 1):
+            raise ValueError(f"processor_max_pixels must be a positive int, got {mp!r}")
         if self.limit < 0 or self.batch_size < 1 or self.max_new_tokens < 1:
             raise ValueError("limit must be >= 0, batch_size and max_new_tokens >= 1")
         parse_mesh_shape(self.mesh_shape)
@@ -185,6 +190,8 @@ class Settings:
             # Only when set: directories written before the option resume unchanged.
             **({"map_question": self.map_question} if self.map_question != "auto" else {}),
             **({"map_source": self.map_source} if self.map_source else {}),
+            # A processor of another max_pixels sees other image tokens.
+            **({"processor_max_pixels": mp} if (mp := self.processor_max_pixels) else {}),
             # Retrained or replaced weights at the same path must not resume the old results.
             **_weights_identity(self.model),
             # Nor a changed generation_config.json (a repetition penalty changes answers).
@@ -431,7 +438,8 @@ def load_run_model(s: Settings):
     from vicrop_jax.loading import load_model
 
     dtype = jnp.bfloat16 if s.dtype == "bfloat16" else jnp.float32
-    return load_model(s.model, dtype=dtype, mesh=run_mesh(s))
+    options = {} if s.processor_max_pixels is None else {"max_pixels": s.processor_max_pixels}
+    return load_model(s.model, dtype=dtype, mesh=run_mesh(s), processor_options=options)
 
 
 def _engine(s: Settings, model, loader, log) -> Engine:

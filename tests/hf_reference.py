@@ -113,6 +113,33 @@ def make_tiny_qwen2_5_vl(out_dir: str, seed: int = 0, tie_word_embeddings: bool 
     return model
 
 
+def make_tiny_qwen2_5_vl_checkpoint(out_dir: str, seed: int = 6,
+                                    repetition_penalty: float = 1.05):  # fmt: skip
+    """A tiny Qwen2.5-VL checkpoint directory with its processor files (14 px patches, 112 px
+    windows; vicrop_jax.testing's tokenizer and chat template) and a generation_config.json
+    with the Instruct checkpoints' stop ids and a repetition penalty; returns the HF model."""
+    import json
+
+    from vicrop_jax.testing import QWEN_VOCAB, build_qwen2_5_vl_processor_files
+
+    tok = build_qwen2_5_vl_processor_files(out_dir)
+    names = ("image_pad", "video_pad", "vision_start", "vision_end", "im_end", "endoftext")
+    ids = {k: tok.convert_tokens_to_ids(f"<|{k}|>") for k in names}
+    config = qwen2_5_vl_config_dict()
+    config.update(image_token_id=ids["image_pad"], video_token_id=ids["video_pad"],
+                  vision_start_token_id=ids["vision_start"],
+                  vision_end_token_id=ids["vision_end"])  # fmt: skip
+    config["vision_config"].update(patch_size=14, window_size=112)
+    config["text_config"].update(vocab_size=QWEN_VOCAB, eos_token_id=tok.eos_token_id,
+                                 bos_token_id=None, pad_token_id=tok.pad_token_id)  # fmt: skip
+    hf = make_tiny_qwen2_5_vl(out_dir, seed=seed, config=config)
+    with open(os.path.join(out_dir, "generation_config.json"), "w") as f:
+        json.dump({"eos_token_id": [ids["im_end"], ids["endoftext"]],
+                   "pad_token_id": ids["endoftext"], "do_sample": False,
+                   "repetition_penalty": repetition_penalty}, f)  # fmt: skip
+    return hf
+
+
 # Pinpoints (height, width) in tiles of the tiny tower's 35 px: a wide, a tall and a square
 # grid, so that test images select each.
 NEXT_PINPOINTS = [[35, 70], [70, 35], [70, 70]]

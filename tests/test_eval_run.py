@@ -646,7 +646,7 @@ def test_example_flagfiles_and_distributed_shards():
     assert got["dtype"] == "bfloat16" and got["vstar"] == "data/vstar_bench"
     assert got["new_tokens"] == 4
     mine = [n for n in os.listdir(f"{REPO}/eval/flags")
-            if n.endswith(("_llava.flags", "_llava_next.flags"))]  # fmt: skip
+            if n.endswith(("_llava.flags", "_llava_next.flags", "_qwen25vl.flags"))]  # fmt: skip
     script = (
         "import sys; from absl import flags; import eval.run\n"
         "for f in sys.argv[1:]:\n"

@@ -10,7 +10,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from vicrop_jax import bbox, detail_mask, pipeline
+from vicrop_jax import bbox, detail_mask, pipeline, processing
 from vicrop_jax.families.instructblip import default_qformer_layer
 from vicrop_jax.importance import default_layer, importance
 from vicrop_jax.processing import GENERAL_QUESTION, blip_prompt, encode
@@ -119,14 +119,14 @@ def test_pure_grad_matches_paper(tiny_instructblip):
 
 def test_pipeline_and_importance_for_both_families(tiny_llava, tiny_instructblip, monkeypatch):
     calls = []
-    real = pipeline.encode
+    real = processing.encode
 
     def spy(proc, texts, images, *args):
         out = real(proc, texts, images, *args)
         calls.append((list(texts), len(images), out))
         return out
 
-    monkeypatch.setattr(pipeline, "encode", spy)
+    monkeypatch.setattr(processing, "encode", spy)
     img = _image(6, size=(90, 64))
     # max_new_tokens as in test_pipeline (LLaVA) and the generation parity test (InstructBLIP),
     # so a full run reuses their compiled functions.
@@ -136,8 +136,9 @@ def test_pipeline_and_importance_for_both_families(tiny_llava, tiny_instructblip
     ]:
         calls.clear()
         ans = pipeline.ask(model, img, QUESTION, max_new_tokens=n_new, share_prefill=False)
-        (base_texts, n_base, base), (crop_texts, n_crop, crop) = calls
-        assert (n_base, n_crop) == (1, 2)
+        # The baseline's, the map's ([question; general prompt]) and the crop answer's.
+        (base_texts, n_base, base), (map_texts, _, _), (crop_texts, n_crop, crop) = calls
+        assert (n_base, n_crop, len(map_texts)) == (1, 2, 2)
         cfg = model.config
         tokens = [(e["input_ids"] == cfg.image_token_index).sum() for e in (base, crop)]
         assert tokens == [cfg.num_image_tokens, 2 * cfg.num_image_tokens]

@@ -7,8 +7,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from vicrop_jax import bbox, pipeline
-from vicrop_jax import importance as importance_mod
+from vicrop_jax import bbox, pipeline, processing
 from vicrop_jax.importance import importance
 from vicrop_jax.maps import finite_map
 
@@ -25,7 +24,7 @@ def test_ask_uses_one_image_then_two(tiny_llava, monkeypatch, share):
 
     model, _ = tiny_llava
     calls = []
-    real = pipeline.encode
+    real = processing.encode
 
     def spy(proc, texts, images, *args):
         calls.append((list(texts), [im.size for im in images]))
@@ -38,8 +37,8 @@ def test_ask_uses_one_image_then_two(tiny_llava, monkeypatch, share):
         pixel_calls.append([im.size for im in images])
         return real_pixels(proc, images)
 
-    monkeypatch.setattr(pipeline, "encode", spy)
-    monkeypatch.setattr(importance_mod, "encode", spy)
+    # Every family's default encode reads vicrop_jax.processing.encode.
+    monkeypatch.setattr(processing, "encode", spy)
     monkeypatch.setattr(prefix_mod, "image_pixels", pixel_spy)
     img = _img()
     ans = pipeline.ask(model, img, Q, max_new_tokens=4, share_prefill=share)

@@ -74,6 +74,7 @@ def test_show_reads_the_stored_frame_as_eval_does(tiny_llava, tmp_path):
     path = _exif6_jpeg(str(tmp_path / "exif6.jpg"))
     flags = dict(model=model.path, image=path, question="What is written on the red circle?",
                  method="rel_att", layer=None, high_res=False, map_source=None,
+                 processor_max_pixels=None,
                  out=str(tmp_path / "s.png"))  # fmt: skip
     line = show._show(types.SimpleNamespace(**flags, exif_transpose=False))
     assert "on the 320x240 image" in line
@@ -102,7 +103,8 @@ def test_show_draws_either_llava_next_map(tiny_llava_next, tmp_path, monkeypatch
     for source, shape in (("base", (5, 5)), ("tiles", (3, 10)), ("both", (3, 10))):
         flags = dict(model=model.path, image=path, question="What is written on the red circle?",
                      method="rel_att", layer="2", high_res=False, map_source=source,
-                     exif_transpose=False, out=str(tmp_path / f"{source}.png"))  # fmt: skip
+                     processor_max_pixels=None, exif_transpose=False,
+                     out=str(tmp_path / f"{source}.png"))  # fmt: skip
         line = show._show(types.SimpleNamespace(**flags))
         att_map, box = drawn[flags["out"]]
         assert att_map.shape == shape, source

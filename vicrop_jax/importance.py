@@ -37,7 +37,7 @@ from vicrop_jax.detail_mask import detail_masks
 from vicrop_jax.families import family_of, get_family
 from vicrop_jax.loading import Model
 from vicrop_jax.maps import METHODS, check_method, relative_depth
-from vicrop_jax.processing import GENERAL_QUESTION, check_question, encode, to_rgb
+from vicrop_jax.processing import GENERAL_QUESTION, check_question, to_rgb
 
 Array = jax.Array
 __all__ = [
@@ -98,7 +98,7 @@ def maps_for_images(
     questions = [check_question(q) for q in questions]
     texts = [family.prompt(q) for q in questions]
     texts += [family.prompt(GENERAL_QUESTION)] * len(images)
-    enc = encode(model.processor, texts, list(images) + list(images), pad_to_multiple_of)
+    enc = family.encode(model.processor, texts, list(images) + list(images), pad_to_multiple_of)
     enc = family.bucket_inputs(model.config, enc, pad_to_multiple_of)
     pixels = place(family.map_pixels(model.config, enc, len(images)))
     detail = None
@@ -106,8 +106,9 @@ def maps_for_images(
         detail = place(family.detail_masks(model.config, images, enc))
     layers = () if method == "pure_grad" else family.layers(model.config, layer)
     params = model.params_or(params)
-    return family.maps(model.module, params, enc, pixels, detail, method=method, layers=layers,
+    maps = family.maps(model.module, params, enc, pixels, detail, method=method, layers=layers,
                        place=place, images=images, **options)  # fmt: skip
+    return family.image_maps(model.config, maps, enc)
 
 
 def importance(
@@ -143,7 +144,8 @@ def importance(
 
     Returns:
       float32[N, N] (or [rows * N, cols * N] with high_res; LLaVA-NeXT's tiles and both
-      sources: [h, w], the image's unpadded tiles grid).
+      sources: [h, w], the image's unpadded tiles grid; Qwen2.5-VL: [grid_h / 2, grid_w / 2],
+      the image's merged grid).
     """
     image = to_rgb(image)
     kw = dict(method=method, layer=layer, params=params, qformer_layer=qformer_layer,

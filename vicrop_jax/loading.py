@@ -335,7 +335,12 @@ def _placed(x, like):
 
 
 def load_model(
-    path: str, dtype=jnp.float32, processor: bool = True, check_finite: bool = True, mesh=None
+    path: str,
+    dtype=jnp.float32,
+    processor: bool = True,
+    check_finite: bool = True,
+    mesh=None,
+    processor_options: dict | None = None,
 ) -> Model:
     """Loads an HF checkpoint directory.
 
@@ -348,6 +353,7 @@ def load_model(
       processor: also load the directory's tokenizer/image processor when present.
       check_finite: refuse weights holding NaN or inf (False accepts them).
       mesh: a (data, model) Mesh: params laid out on it (see load_params); None: one device.
+      processor_options: the family's processor settings (Qwen2.5-VL: max_pixels).
 
     Returns:
       Model with .config, .params, .processor (None when the directory has none) and
@@ -362,7 +368,8 @@ def load_model(
     params = load_params(path, config, dtype, check_finite, mesh)
     proc = None
     if processor:
-        proc = family_of(config).load_processor(path) or load_processor(path)
+        options = processor_options or {}
+        proc = family_of(config).load_processor(path, **options) or load_processor(path)
     return Model(config=config, params=params, processor=proc, hf_config=hf, path=path,
                  generation=generation)  # fmt: skip
 

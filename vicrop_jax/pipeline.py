@@ -36,7 +36,7 @@ from vicrop_jax.generate import answer_texts, greedy_generate, pad_id
 from vicrop_jax.importance import maps_for_images, one_grid
 from vicrop_jax.loading import Model
 from vicrop_jax.maps import check_method
-from vicrop_jax.processing import check_question, encode, to_rgb
+from vicrop_jax.processing import check_question, to_rgb
 from vicrop_jax.sharding import DATA, axis_size, place_batch
 
 Box = tuple[int, int, int, int]
@@ -80,7 +80,7 @@ def generate_answers(
     on device (e.g. sharded over a data mesh; the default is one device).
     """
     family = family_of(model)
-    enc = encode(model.processor, texts, images, pad_to_multiple_of)
+    enc = family.encode(model.processor, texts, images, pad_to_multiple_of)
     enc = family.bucket_inputs(model.config, enc, pad_to_multiple_of)
     tok = model.processor.tokenizer
     # Extra model inputs (InstructBLIP's Q-Former prompt, LLaVA-NeXT's packing table) ride

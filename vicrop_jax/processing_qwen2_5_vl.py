@@ -351,18 +351,36 @@ def encode(proc: Qwen2_5_VLImageProcessor, items: Sequence[tuple[str, Sequence[I
     items = list(items)
     if not items:
         raise ValueError("no prompts given")
-    texts, images, names = [], [], []
+    texts, images = [], []
     for b, (question, imgs) in enumerate(items):
         imgs = [imgs] if isinstance(imgs, Image.Image) else list(imgs)
         if not imgs:
             raise ValueError(f"prompt {b} has no image")
         texts.append(prompt_text(proc, f"{question}{suffix}", len(imgs)))
-        names += [f"prompt {b} image {i}" for i in range(len(imgs))]
         images += imgs
+    return encode_texts(proc, texts, images, pad_to_multiple_of)
+
+
+def encode_texts(proc: Qwen2_5_VLImageProcessor, texts: Sequence[str],
+                 images: Sequence[Image.Image], pad_to_multiple_of: int | None = None,
+                 ) -> dict[str, np.ndarray]:  # fmt: skip
+    """`encode`'s arrays of prompt texts that hold one <|image_pad|> per image (the chat
+    template's output, e.g. `prompt_text`), their images flattened in prompt order.
+
+    Raises:
+      ValueError: no texts, or the texts' placeholders do not count the images.
+    """
+    texts, images = list(texts), list(images)
+    if not texts:
+        raise ValueError("no prompts given")
+    counts = [t.count(proc.image_token) for t in texts]
+    if sum(counts) != len(images):
+        raise ValueError(f"the prompts hold {sum(counts)} image placeholders for "
+                         f"{len(images)} images")  # fmt: skip
+    names = [f"prompt {b} image {i}" for b, n in enumerate(counts) for i in range(n)]
     pixel_values, grids = preprocess(proc, images, names)
     rows, at = [], 0
-    for text in texts:
-        n = text.count(proc.image_token)
+    for text, n in zip(texts, counts, strict=True):
         rows.append(proc.tokenizer(expand_image_tokens(proc, text, grids[at : at + n]))[
             "input_ids"])  # fmt: skip
         at += n

@@ -113,6 +113,11 @@ def _define_flags():
     flags.DEFINE_enum("map_source", None, ["base", "tiles", "both"],
                       "LLaVA-NeXT only: the base tile's grid, the unpadded tiles grid, or both "
                       "averaged on the tiles grid (default both)")  # fmt: skip
+    flags.DEFINE_integer(
+        "processor_max_pixels",
+        None,
+        "the image processor's max_pixels (Qwen2.5-VL; default the official)",
+    )
     flags.DEFINE_bool("exif_transpose", False, "turn the image upright by its EXIF orientation")
     flags.DEFINE_string("out", "vicrop.png", "output PNG")
     flags.DEFINE_bool("verbose", False, "on failure, print the traceback too")
@@ -140,7 +145,8 @@ def _show(f) -> str:
     if not os.path.isdir(folder):
         raise FileNotFoundError(f"--out {f.out}: the folder {folder} does not exist")
     image = read_image(f.image, exif_transpose=f.exif_transpose)
-    model = vicrop_jax.load_model(f.model)
+    options = {} if f.processor_max_pixels is None else {"max_pixels": f.processor_max_pixels}
+    model = vicrop_jax.load_model(f.model, processor_options=options)
     att = np.asarray(importance(model.params, image, f.question, model=model,
                                 method=f.method, layer=parse_layer(f.layer),
                                 high_res=f.high_res, map_source=f.map_source))  # fmt: skip

@@ -15,6 +15,9 @@ they ask the family of a model (`family_of(model)`) for:
                                    the first image, so one KV cache of that prefix serves
                                    the baseline, the map and the crop answer
                                    (vicrop_jax.prompt_cache)
+  load_processor(path, **options)  the family's own processor (Qwen2.5-VL's image-only one,
+                                   options: max_pixels), or None for the HF AutoProcessor
+  encode(processor, texts, images) the processor's arrays of prompts and their images
   image_tokens(config, n, sizes)   image tokens of n images in a prompt (anyres: by size)
   bucket_inputs(config, enc, m)    prompt lengths bucketed for fewer compiled shapes
                                    (anyres: one program a pinpoint)
@@ -25,6 +28,8 @@ they ask the family of a model (`family_of(model)`) for:
   maps(...)                        the jitted pure cores of rel_att, grad_att and pure_grad
                                    ([B, N, N], or one map a image where the grid follows
                                    the image's size: LLaVA-NeXT's tiles grid)
+  image_maps(config, maps, enc)    `maps`' output as maps_for_images returns it (Qwen2.5-VL:
+                                   each [Hm, Wm] map cut to its image's merged grid)
   map_options(config, **options)   validated static options of its cores (InstructBLIP's
                                    qformer_layer, LLaVA-NeXT's map_source)
   partition_rules(config)          the params' layout on a (data, model) mesh, and

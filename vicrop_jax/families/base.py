@@ -39,11 +39,29 @@ class Family:
     def prompt(self, question: str, n_images: int = 1) -> str:
         raise NotImplementedError
 
-    def load_processor(self, path: str):
+    def load_processor(self, path: str, **options):
         """The family's own processor of a checkpoint directory, or None to use the
-        directory's HF processor (AutoProcessor, vicrop_jax.loading.load_processor)."""
+        directory's HF processor (AutoProcessor, vicrop_jax.loading.load_processor).
+        options: the family's processor settings (none by default)."""
         del path
+        if options:
+            raise ValueError(f"{', '.join(options)}: no processor option of {self.name} models")
         return None
+
+    def encode(self, processor, texts: list[str], images: list, pad_to_multiple_of=None):
+        """The processor's arrays of `prompt` texts and their images (flattened in prompt
+        order): vicrop_jax.processing.encode by default."""
+        # Imported here: vicrop_jax.processing imports the family modules.
+        from vicrop_jax.processing import encode
+
+        return encode(processor, texts, images, pad_to_multiple_of)
+
+    def image_maps(self, config, maps, enc: dict) -> list:
+        """`maps`' output -> what maps_for_images returns: [B, N, N], or a list of B
+        float32[h_i, w_i] where the grid follows each image's size (enc: the processor's
+        arrays of the maps' prompts); `maps` unchanged by default."""
+        del config, enc
+        return maps
 
     def abstract_params(self, config, dtype):
         """The param tree as ShapeDtypeStructs (nothing allocated)."""
@@ -80,9 +98,11 @@ class Family:
         raise NotImplementedError(f"{self.name} image tokens are not a patch grid")
 
     def prompt_tokens(self, tokenizer, config, question: str, n_images: int,
-                      image_sizes=None) -> int:  # fmt: skip
+                      image_sizes=None, processor=None) -> int:  # fmt: skip
         """Prompt length in tokens once every image's tokens are in place; image_sizes:
-        (width, height) of the images, for families whose token count follows the size."""
+        (width, height) of the images, for families whose token count follows the size;
+        processor: the model's, for families whose image token count it sets (unused here)."""
+        del processor
         prompt = self.prompt(question, n_images)
         ids = tokenizer(prompt)["input_ids"]
         # A placeholder is one added token that the processor expands to the image's tokens;

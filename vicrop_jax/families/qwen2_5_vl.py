@@ -157,13 +157,44 @@ class Qwen2_5_VL(Family):
     def prompt(self, question: str, n_images: int = 1) -> str:
         return qwen_prompt(question, n_images)
 
-    def load_processor(self, path: str):
+    def load_processor(self, path: str, max_pixels: int | None = None):
         """The image-only processor (vicrop_jax.processing_qwen2_5_vl: transformers'
-        Qwen2_5_VLProcessor needs torchvision), or None without processor files."""
+        Qwen2_5_VLProcessor needs torchvision), or None without processor files.
+        max_pixels: the image processor's (default the official 256 * 28 * 28)."""
         names = set(os.listdir(path))
         if "preprocessor_config.json" not in names or not names & TOKENIZER_FILES:
             return None
-        return qwen_processing.load_processor(path)
+        if max_pixels is None:
+            max_pixels = qwen_processing.VICROP_MAX_PIXELS
+        return qwen_processing.load_processor(path, max_pixels)
+
+    def encode(self, processor, texts, images, pad_to_multiple_of=None):
+        """The image-only processor's arrays of chat-template prompts (`prompt`)."""
+        return qwen_processing.encode_texts(processor, texts, images, pad_to_multiple_of)
+
+    def image_maps(self, config, maps, enc):
+        """[B, Hm, Wm] maps -> each image's map on its merged grid (`map_shapes`)."""
+        shapes = map_shapes(config, np.asarray(enc["image_grid_thw"])[: len(maps)])
+        return [maps[i, :h, :w] for i, (h, w) in enumerate(shapes)]
+
+    def prompt_tokens(self, tokenizer, config, question, n_images, image_sizes=None,
+                      processor=None):  # fmt: skip
+        """Prompt length in tokens: the images of image_sizes ((width, height) each) as the
+        processor sizes them, the others at its largest (max_pixels / 28**2 merged tokens)."""
+        if processor is None:
+            raise ValueError("Qwen2.5-VL prompt lengths need the processor (its max_pixels)")
+        text = len(tokenizer(self.prompt(question, n_images))["input_ids"]) - n_images
+        f = processor.factor
+        sizes = list(image_sizes or [])[:n_images]
+        tokens = (n_images - len(sizes)) * (processor.max_pixels // f**2)
+        for w, h in sizes:
+            h1, w1 = qwen_processing.smart_resize(
+                h, w, f, qwen_processing.FETCH_MIN_TOKENS * f * f,
+                qwen_processing.FETCH_MAX_TOKENS * f * f)  # fmt: skip
+            h2, w2 = qwen_processing.smart_resize(h1, w1, f, processor.min_pixels,
+                                                  processor.max_pixels)  # fmt: skip
+            tokens += h2 * w2 // f**2
+        return text + tokens
 
     def base_size(self, config) -> int:
         """The official box search's base size for Qwen2.5-VL: 224."""
@@ -199,10 +230,12 @@ class Qwen2_5_VL(Family):
         _, layout = qwen_models.patch_inputs(config, enc["pixel_values"], enc["image_grid_thw"])
         return detail_patches(config, masks, layout[: len(images)])
 
-    def maps(self, module, params, enc, pixels, detail, *, method, layers, place, **options):
-        """float32[B, Hm, Wm] maps (each image's in its top-left corner, `map_shapes`).
-        detail: the pure-grad masks float[B, P, ps, ps] in patch layout (`detail_patches`)."""
-        del pixels, options
+    def maps(self, module, params, enc, pixels, detail, *, method, layers, place, images=None,
+             **options):  # fmt: skip
+        """float32[B, Hm, Wm] maps (each image's in its top-left corner, `map_shapes`;
+        `image_maps` cuts them). detail: the pure-grad masks float[B, P, ps, ps] in patch
+        layout (`detail_patches`)."""
+        del pixels, images, options
         cfg = module.config
         patches, extra = self.model_inputs(cfg, enc)
         values = qwen_token_maps(
