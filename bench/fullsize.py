@@ -2,7 +2,8 @@
 
   python -m bench.fullsize --dir /tmp/vicrop_fullsize/full --prefill --methods=  # a prefill
   python -m bench.fullsize --dir /tmp/vicrop_fullsize/full \
-      --methods rel_att,grad_att,pure_grad --sizes 640x480,2000x1500 --high_res off,on
+      --methods rel_att,grad_att,pure_grad --sizes 640x480,2000x1500 --high_res off,on \
+      --out r.json --maps_out maps.npz   # maps for bench.fullsize_reference
 
 Loads the checkpoint (bench.fullsize_checkpoint's "full" variant, or the hub's) with
 `load_model(dtype=bfloat16)` under bench.fullsize_load's RSS / MemAvailable guard, then asks
@@ -49,6 +50,12 @@ def _define_flags():
     flags.DEFINE_float("rss_limit_gib", 21.0, "stop once this process's RSS passes this")
     flags.DEFINE_float("min_available_gib", 1.0, "stop once MemAvailable drops below this")
     flags.DEFINE_string("out", None, "write the results as JSON here")
+    flags.DEFINE_string(
+        "maps_out",
+        None,
+        "write each question's map here (.npz, one array "
+        "a question, named size_method, e.g. 640x480_rel_att)",
+    )
 
 
 # Tracing nests (a jit inside a jit reports its own trace): only lowering and XLA's compile
@@ -184,6 +191,7 @@ def main(argv):
     high = {"off": [False], "on": [True], "both": [False, True]}
     settings = [h for v in f.high_res for h in high[v]]
     ex = pipeline.Executor(model, max_new_tokens=f.max_new_tokens)
+    maps = {}
     for w, h in sizes:
         image, question, answer = question_image(w, h)
         for method in f.methods:
@@ -203,6 +211,9 @@ def main(argv):
                 result["questions"].append(q)
                 result["peak_rss_gib"] = peak_rss_gib()
                 save()
+                if f.maps_out:
+                    maps[f"{w}x{h}_{name}"] = np.asarray(r.maps[0], np.float32)
+                    np.savez(f.maps_out, **maps)
     print(json.dumps(result, indent=2))
 
 
