@@ -10,8 +10,9 @@ computes its map, its box and the answer with [original, crop]. Methods:
   random_crop, center_crop       a base-size box (the ratio-1 window of the box search) at a
                                  random centre (fixed per id and seed) / the image centre
   gt_map                         the official box search on an ideal map: a peak at the
-                                 ground-truth box's centre (`peak_map`), i.e. what a map
-                                 method that knows where to look would crop
+                                 ground-truth box's centre (`peak_map`) on the grid the
+                                 family's maps have for that image (control_map_shape), i.e.
+                                 what a map method that knows where to look would crop
 
 Shapes are bucketed so that jit compiles a handful of programs for a whole benchmark: every
 call runs a full batch (short batches are padded by repeating their last item; the padded
@@ -119,24 +120,27 @@ def random_box(example_id: str, size: tuple[int, int], base: int, seed: int) -> 
     return base_box(tuple(centre), size, base)
 
 
-def box_cells(box: Sequence[float], image_size: Sequence[int], grid: int) -> tuple[int, ...]:
-    """A pixel box (x1, y1, x2, y2) as grid cells [c1, c2) x [r1, r2), at least one cell."""
+def box_cells(box: Sequence[float], image_size: Sequence[int], grid) -> tuple[int, ...]:
+    """A pixel box (x1, y1, x2, y2) as grid cells [c1, c2) x [r1, r2), at least one cell, on a
+    grid of N x N cells (grid = N) or rows x cols (grid = (rows, cols))."""
+    rows, cols = (grid, grid) if np.ndim(grid) == 0 else grid
     out = []
-    for lo, hi, dim in ((box[0], box[2], image_size[0]), (box[1], box[3], image_size[1])):
-        cell = dim / grid
-        a = min(max(int(math.floor(lo / cell)), 0), grid - 1)
-        b = min(max(int(math.ceil(hi / cell)), a + 1), grid)
+    for lo, hi, dim, n in ((box[0], box[2], image_size[0], cols),
+                           (box[1], box[3], image_size[1], rows)):  # fmt: skip
+        cell = dim / n
+        a = min(max(int(math.floor(lo / cell)), 0), n - 1)
+        b = min(max(int(math.ceil(hi / cell)), a + 1), n)
         out.append((a, b))
     (c1, c2), (r1, r2) = out
     return c1, r1, c2, r2
 
 
-def peak_map(box: Sequence[float], size: Sequence[int], grid: int, centre=None,
+def peak_map(box: Sequence[float], size: Sequence[int], grid, centre=None,
              sigma: float = 0.25) -> np.ndarray:  # fmt: skip
-    """float32[grid, grid] summing to 1: a Gaussian at `centre` (default the box's centre), of
-    standard deviation sigma x the box's longer side (pixels), sampled at the cell centres of
-    a map spanning the image (`size` = (width, height)) and kept on the box's cells
-    (`box_cells`: at least one, inside the grid).
+    """float32[rows, cols] (grid = N: N x N; grid = (rows, cols)) summing to 1: a Gaussian at
+    `centre` (default the box's centre), of standard deviation sigma x the box's longer side
+    (pixels), sampled at the cell centres of a map spanning the image (`size` = (width,
+    height)) and kept on the box's cells (`box_cells`: at least one, inside the grid).
 
     A peak, not a plateau: a map flat over a box that spans several windows ties them all,
     and the official search keeps the first (top-left) one, a corner of the box.
@@ -144,11 +148,12 @@ def peak_map(box: Sequence[float], size: Sequence[int], grid: int, centre=None,
     (w, h), (x1, y1, x2, y2) = size, box
     cx, cy = centre if centre is not None else ((x1 + x2) / 2, (y1 + y2) / 2)
     sd = max(sigma * max(x2 - x1, y2 - y1), 1e-3)
-    xs = (np.arange(grid) + 0.5) * w / grid
-    ys = (np.arange(grid) + 0.5) * h / grid
+    rows, cols = (grid, grid) if np.ndim(grid) == 0 else grid
+    xs = (np.arange(cols) + 0.5) * w / cols
+    ys = (np.arange(rows) + 0.5) * h / rows
     z = -((xs[None, :] - cx) ** 2 + (ys[:, None] - cy) ** 2) / (2 * sd**2)
     c1, r1, c2, r2 = box_cells(box, size, grid)
-    keep = np.full((grid, grid), -np.inf)
+    keep = np.full((rows, cols), -np.inf)
     keep[r1:r2, c1:c2] = 0.0
     z = z + keep  # -inf off the box: exp gives exact zeros, and the max is a kept cell
     out = np.exp(z - z.max())
@@ -289,15 +294,18 @@ class Engine:
         sizes = [it.image.size for it in items]
 
         def gt_map(timed):
-            grid = self.family.map_grid(self.model.config)
+            cfg, proc = self.model.config, self.model.processor
             has = [i for i, it in enumerate(items) if it.example.gt_bbox is not None]
             maps, boxes = [None] * len(items), [None] * len(items)
+            groups = {}  # map shape -> items (Qwen2.5-VL: each image's merged grid)
             for i in has:
-                maps[i] = peak_map(items[i].example.gt_bbox, sizes[i], grid)
-            if has:
-                found = timed("box", bbox_lib.select_bboxes, np.stack([maps[i] for i in has]),
-                              np.array([sizes[i] for i in has]), self.base)  # fmt: skip
-                for i, b in zip(has, np.asarray(found), strict=True):
+                shape = tuple(self.family.control_map_shape(cfg, sizes[i], proc))
+                maps[i] = peak_map(items[i].example.gt_bbox, sizes[i], shape)
+                groups.setdefault(shape, []).append(i)
+            for group in groups.values():
+                found = timed("box", bbox_lib.select_bboxes, np.stack([maps[i] for i in group]),
+                              np.array([sizes[i] for i in group]), self.base)  # fmt: skip
+                for i, b in zip(group, np.asarray(found), strict=True):
                     boxes[i] = tuple(int(v) for v in b)
             return boxes, maps
 

@@ -15,6 +15,8 @@ def test_box_cells_and_window_ratio_by_hand():
     assert analysis.box_cells((0, 0, 10, 10), (100, 50), 5) == (0, 0, 1, 1)
     assert analysis.box_cells((30, 20, 61, 21), (100, 50), 5) == (1, 2, 4, 3)
     assert analysis.box_cells((99, 49, 99, 49), (100, 50), 5) == (4, 4, 5, 5)  # >= 1 cell
+    # rows x cols: 5 rows of 10 px, 10 columns of 10 px
+    assert analysis.box_cells((30, 20, 61, 21), (100, 50), (5, 10)) == (3, 2, 7, 3)
     att = np.zeros((4, 4))
     att[1, 2] = 1.0
     # A 1x1 window on the hot cell: 1 / mean over 16 windows (1/16) = 16.

@@ -120,3 +120,31 @@ def test_show_draws_a_qwen_map(setup, tmp_path):
                  out=str(tmp_path / "s.png"))  # fmt: skip
     line = show._show(types.SimpleNamespace(**flags))
     assert "on the 330x240 image" in line and (tmp_path / "s.png").stat().st_size > 0
+
+
+def test_gt_map_control_draws_on_each_images_merged_grid(setup, tmp_path):
+    """eval.run's gt_map control on Qwen2.5-VL: the ideal map is drawn on the image's merged
+    grid (the shape its map methods give) and the box is the official search on it."""
+    from eval import records
+    from eval.engine import peak_map
+    from eval.runner import Settings, run
+    from tests.test_eval_datasets import write_vstar
+    from vicrop_jax.families import family_of
+
+    _, _, model, images = setup
+    family = family_of(model)
+    for im in images:  # the maps' shape (test_ask_batch_each_method) for an image's size
+        assert family.control_map_shape(model.config, im.size, model.processor) == grid(model, im)
+    spec = write_vstar(str(tmp_path / "data"), n=1)
+    settings = Settings(model=setup[0], task="vstar", data=spec, output_dir=str(tmp_path / "o"),
+                        methods=("gt_map",), batch_size=2, max_new_tokens=3, progress=False,
+                        processor_max_pixels=MAX_PIXELS)  # fmt: skip
+    recs = records.read_records(run(settings, model=model, log=lambda msg: None))
+    assert len(recs) == 2
+    for r in recs:
+        assert r["error"] is None, r["error"]
+        size = tuple(r["image_size"])
+        shape = family.control_map_shape(model.config, size, model.processor)
+        assert shape[0] != shape[1] and tuple(r["map_stats"]["shape"]) == shape
+        ideal = peak_map(r["gt_bbox"], size, shape)
+        assert list(r["bbox"]) == [int(v) for v in bbox.select_bbox(ideal, size, 224)]

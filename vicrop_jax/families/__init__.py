@@ -9,6 +9,8 @@ they ask the family of a model (`family_of(model)`) for:
   image_placeholder                the text that stands for one image in a prompt (or None)
   default_layer(config)            the paper's LM layer (or the same relative depth)
   map_grid(config)                 the side N of the square map over the original image
+  control_map_shape(config, size)  (rows, cols) of an image's map (Qwen2.5-VL: its merged
+                                   grid), the grid of the gt_map control's ideal map
   base_size(config)                the box search's base size (the vision input side)
   high_res_threshold               the official tile size of the *_high variants
   shares_prompt_prefix             whether every prompt starts with the same tokens through

@@ -92,6 +92,13 @@ class Family:
     def map_grid(self, config) -> int:
         return config.vision_config.grid
 
+    def control_map_shape(self, config, image_size, processor=None) -> tuple[int, int]:
+        """(rows, cols) of the map this family's methods give an image of image_size
+        ((width, height)): the grid an ideal map of the gt_map control is drawn on."""
+        del image_size, processor
+        n = self.map_grid(config)
+        return n, n
+
     def grid_map(self, config, values):
         """Image-token values [B, T] -> the map [B, N, N] (pure; used inside jit), for
         families whose image tokens are the patches themselves."""

@@ -184,16 +184,11 @@ class Qwen2_5_VL(Family):
         if processor is None:
             raise ValueError("Qwen2.5-VL prompt lengths need the processor (its max_pixels)")
         text = len(tokenizer(self.prompt(question, n_images))["input_ids"]) - n_images
-        f = processor.factor
         sizes = list(image_sizes or [])[:n_images]
-        tokens = (n_images - len(sizes)) * (processor.max_pixels // f**2)
-        for w, h in sizes:
-            h1, w1 = qwen_processing.smart_resize(
-                h, w, f, qwen_processing.FETCH_MIN_TOKENS * f * f,
-                qwen_processing.FETCH_MAX_TOKENS * f * f)  # fmt: skip
-            h2, w2 = qwen_processing.smart_resize(h1, w1, f, processor.min_pixels,
-                                                  processor.max_pixels)  # fmt: skip
-            tokens += h2 * w2 // f**2
+        tokens = (n_images - len(sizes)) * (processor.max_pixels // processor.factor**2)
+        for size in sizes:
+            h, w = self.control_map_shape(config, size, processor)
+            tokens += h * w
         return text + tokens
 
     def base_size(self, config) -> int:
@@ -203,6 +198,22 @@ class Qwen2_5_VL(Family):
 
     def map_grid(self, config) -> int:
         raise NotImplementedError("Qwen2.5-VL maps follow each image's grid: see map_shapes")
+
+    def control_map_shape(self, config, image_size, processor=None) -> tuple[int, int]:
+        """The merged grid (rows, cols) of an image of image_size ((width, height)) as the
+        processor sizes it: fetch_image's resize, then the image processor's (28 px a
+        merged token at the default merge size)."""
+        if processor is None:
+            raise ValueError("Qwen2.5-VL map shapes need the processor (its max_pixels)")
+        del config
+        f = processor.factor
+        w, h = image_size
+        h1, w1 = qwen_processing.smart_resize(
+            h, w, f, qwen_processing.FETCH_MIN_TOKENS * f * f,
+            qwen_processing.FETCH_MAX_TOKENS * f * f)  # fmt: skip
+        h2, w2 = qwen_processing.smart_resize(h1, w1, f, processor.min_pixels,
+                                              processor.max_pixels)  # fmt: skip
+        return h2 // f, w2 // f
 
     def model_inputs(self, config, enc: dict):
         """The processor's arrays -> (padded patches float[I, P, F]; patch_layout and the
