@@ -212,3 +212,25 @@ def test_video_messages_and_mismatched_configs_are_refused(ckpt, tmp_path):
         json.dump(config, f)
     with pytest.raises(ValueError, match="vision_config.patch_size is 16 but the processor's"):
         qp.load_processor(bad)
+
+
+def test_a_chat_template_other_than_the_prompts_is_refused_at_load(ckpt, tmp_path):
+    """Every pass tokenizes the family's prompt text: a checkpoint whose template renders
+    ViCrop's messages otherwise (another system turn) is refused in one line at load."""
+    import shutil
+
+    from vicrop_jax.families import get_family
+
+    family = get_family("qwen2_5_vl")
+    assert family.load_processor(ckpt[0]) is not None  # the test template: the same text
+    d = str(tmp_path / "other")
+    shutil.copytree(ckpt[0], d)
+    path = os.path.join(d, "chat_template.json")
+    with open(path) as f:
+        template = json.load(f)["chat_template"]
+    assert "You are a helpful assistant." in template
+    with open(path, "w") as f:
+        json.dump({"chat_template": template.replace("a helpful", "a terse")}, f)
+    with pytest.raises(ValueError, match="chat template renders a 1-image prompt") as e:
+        family.load_processor(d)
+    assert "\n" not in str(e.value) and d in str(e.value) and "terse" in str(e.value)

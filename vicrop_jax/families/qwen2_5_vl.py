@@ -41,6 +41,22 @@ def qwen_prompt(question: str, n_images: int = 1) -> str:
             + qwen_processing.ANSWER_SUFFIX + "<|im_end|>\n<|im_start|>assistant\n")  # fmt: skip
 
 
+def check_chat_template(path: str, processor) -> None:
+    """Refuses a checkpoint whose chat template renders ViCrop's messages (one and two images,
+    then the question) as other text than `qwen_prompt`, which every pass tokenizes."""
+    probe = "What is on the sign?"
+    for n in (1, 2):
+        ours = qwen_prompt(probe, n)
+        theirs = qwen_processing.prompt_text(processor, probe + qwen_processing.ANSWER_SUFFIX, n)
+        if theirs != ours:
+            at = len(os.path.commonprefix([ours, theirs]))
+            raise ValueError(
+                f"{path}: its chat template renders a {n}-image prompt as "
+                f"{theirs[max(at - 20, 0) : at + 40]!r}... where Qwen2.5-VL-Instruct's gives "
+                f"{ours[max(at - 20, 0) : at + 40]!r}...; ViCrop's prompts follow the latter"
+            )
+
+
 def map_shapes(config, image_grid_thw) -> np.ndarray:
     """int[I, 2]: each image's map shape, its merged grid (h / 2, w / 2)."""
     grid = qwen_models.check_grid(config, image_grid_thw)
@@ -166,7 +182,9 @@ class Qwen2_5_VL(Family):
             return None
         if max_pixels is None:
             max_pixels = qwen_processing.VICROP_MAX_PIXELS
-        return qwen_processing.load_processor(path, max_pixels)
+        proc = qwen_processing.load_processor(path, max_pixels)
+        check_chat_template(path, proc)
+        return proc
 
     def encode(self, processor, texts, images, pad_to_multiple_of=None):
         """The image-only processor's arrays of chat-template prompts (`prompt`)."""
