@@ -297,7 +297,7 @@ def official_image_attention(hf, proc, text, image, layers) -> np.ndarray:
     keep = enc["input_ids"][0] == proc.tokenizer.convert_tokens_to_ids("<image>")
     with torch.no_grad():
         att = hf(**enc, output_attentions=True).attentions
-    return np.mean([att[i][0, :, -1][:, keep].mean(0).numpy() for i in layers], 0)
+    return np.mean([att[i][0, :, -1][:, keep].mean(0).float().numpy() for i in layers], 0)
 
 
 def official_rel_att(hf, proc, prompt, image, question, layers) -> np.ndarray:
@@ -328,7 +328,7 @@ def official_grad_att(hf, proc, prompt, image, question, layers) -> np.ndarray:
     atts = [out.attentions[i] for i in layers]
     grads = torch.autograd.grad(_neg_ce_of_argmax(out.logits), atts)
     per = [
-        (a * torch.relu(g))[0, :, -1][:, keep].mean(0).detach().numpy()
+        (a * torch.relu(g))[0, :, -1][:, keep].mean(0).detach().float().numpy()
         for a, g in zip(atts, grads, strict=True)
     ]
     return np.mean(per, 0)
@@ -347,7 +347,7 @@ def official_pixel_grad_norms(hf, proc, prompt, image, question) -> np.ndarray:
         enc = proc(images=image, text=prompt(q), return_tensors="pt")
         enc["pixel_values"].requires_grad_(True)
         (g,) = torch.autograd.grad(_neg_ce_of_argmax(hf(**enc).logits), enc["pixel_values"])
-        norms.append(np.linalg.norm(g[0].numpy(), axis=-3))
+        norms.append(np.linalg.norm(g[0].float().numpy(), axis=-3))
     return norms[0] / norms[1]
 
 
