@@ -74,3 +74,36 @@ def test_bad_arguments(tiny_llava):
         importance(model.params, img, QUESTION, model=model, layer=9)
     with pytest.raises(ValueError, match="question is empty"):
         importance(model.params, img, "   ", model=model)
+
+
+def test_gradient_passes_recompute_each_layer_with_the_same_values(tiny_llava):
+    """for_gradients: the pixel gradient through a module whose CLIP and LM layers are
+    rematerialised (checkpoint primitives in its jaxpr, one a layer) equals the plain one."""
+    import jax
+    import jax.numpy as jnp
+
+    from vicrop_jax.maps import for_gradients
+    from vicrop_jax.processing import encode
+
+    model, _ = tiny_llava
+    enc = encode(model.processor, [llava_prompt(QUESTION)], [_image()])
+    ids, mask = jnp.asarray(enc["input_ids"]), jnp.asarray(enc["attention_mask"])
+    px = jnp.asarray(np.transpose(enc["pixel_values"], (0, 2, 3, 1)))
+
+    def grad_of(module):
+        def v(p):
+            out = module.apply({"params": model.params}, ids, p, mask, only_last_logits=True)
+            return out.logits.max()
+
+        return jax.grad(v), v
+
+    remat = for_gradients(model.module)
+    assert remat.remat and not model.module.remat
+    text = str(jax.make_jaxpr(grad_of(remat)[0])(px))
+    # every LM layer and the CLIP layers up to the feature layer (-2: the last one is unused)
+    cfg = model.config
+    want = cfg.text_config.num_hidden_layers + cfg.vision_config.num_hidden_layers - 1
+    assert text.count("remat") == want, text.count("remat")
+    assert "remat" not in str(jax.make_jaxpr(grad_of(model.module)[0])(px))
+    ours, plain = (jax.jit(grad_of(m)[0])(px) for m in (remat, model.module))
+    np.testing.assert_allclose(ours, plain, rtol=1e-5, atol=1e-8)

@@ -74,6 +74,13 @@ def image_rows(rows: Array, input_ids: Array, token: int, t: int) -> Array:
     return jax.vmap(one, in_axes=(1, 0))(rows, input_ids)
 
 
+def for_gradients(module):
+    """The module as gradient passes run it: each layer's activations recomputed in the
+    backward pass (its `remat` switch, where it has one; the same params and values), so a
+    gradient through a deep stack holds one layer's activations at a time."""
+    return module.clone(remat=True) if hasattr(module, "remat") else module
+
+
 def log_max_softmax(logits: Array) -> Array:
     """v(x, q) of the paper, summed over the batch (rows are independent, so gradients stay
     per row): the log-probability of the most likely first answer token."""

@@ -17,6 +17,7 @@ from vicrop_jax.families.base import Family
 from vicrop_jax.maps import (
     METHODS,
     finite_map,
+    for_gradients,
     image_rows,
     log_max_softmax,
     pure_grad_pool,
@@ -88,6 +89,7 @@ def attention_token_values(module, params, input_ids: Array, attention_mask: Arr
         att = image_rows(out.attentions[..., :s], input_ids, tok, size)[:, sel].mean(1)
         return safe_ratio(att[:b], att[b:])  # [B, size]
     if method == "grad_att":
+        apply = functools.partial(for_gradients(module).apply, {"params": params})
         ids, mask = input_ids[:b], attention_mask[:b]
         nl, nh = cfg.text_config.num_hidden_layers, cfg.text_config.num_attention_heads
         delta0 = jnp.zeros((nl, b, nh, ids.shape[1]), jnp.float32)
@@ -134,8 +136,8 @@ def llava_maps(
     elif method == "pure_grad":
 
         def v(px):
-            o = module.apply({"params": params}, input_ids, px, attention_mask,
-                             only_last_logits=True)  # fmt: skip
+            o = for_gradients(module).apply({"params": params}, input_ids, px, attention_mask,
+                                            only_last_logits=True)  # fmt: skip
             return log_max_softmax(o.logits)
 
         grad = jax.grad(v)(jnp.concatenate([pixels, pixels]))  # [2B, H, W, C]

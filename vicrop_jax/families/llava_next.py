@@ -33,7 +33,14 @@ from convert import llava_next as llava_next_convert
 from vicrop_jax import detail_mask
 from vicrop_jax.families.base import Family
 from vicrop_jax.families.llava import ANSWER_SUFFIX, attention_token_values
-from vicrop_jax.maps import METHODS, finite_map, log_max_softmax, pure_grad_pool, safe_ratio
+from vicrop_jax.maps import (
+    METHODS,
+    finite_map,
+    for_gradients,
+    log_max_softmax,
+    pure_grad_pool,
+    safe_ratio,
+)
 from vicrop_jax.models import llava_next as llava_next_models
 
 Array = jax.Array
@@ -105,8 +112,8 @@ def llava_next_maps(
     elif method == "pure_grad":
 
         def v(px):
-            o = module.apply({"params": params}, input_ids, px, attention_mask,
-                             only_last_logits=True, pack_index=index)  # fmt: skip
+            o = for_gradients(module).apply({"params": params}, input_ids, px, attention_mask,
+                                            only_last_logits=True, pack_index=index)  # fmt: skip
             return log_max_softmax(o.logits)
 
         grad = jax.grad(v)(tiles)  # [P, H, W, C]

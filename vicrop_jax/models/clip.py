@@ -82,12 +82,14 @@ class CLIPEncoderLayer(nn.Module):
 
 class CLIPEncoder(nn.Module):
     config: CLIPVisionConfig
+    remat: bool = False  # recompute each layer's activations in the backward pass
 
     @nn.compact
     def __call__(self, x):
         hidden = [x]
+        layer = nn.remat(CLIPEncoderLayer) if self.remat else CLIPEncoderLayer
         for i in range(self.config.num_hidden_layers):
-            x = CLIPEncoderLayer(self.config, name=f"layers_{i}")(x)
+            x = layer(self.config, name=f"layers_{i}")(x)
             hidden.append(x)
         return hidden
 
@@ -116,6 +118,7 @@ class CLIPVisionModel(nn.Module):
     """Returns (hidden_states list of L + 1 arrays [B, P, D], pooled [B, D])."""
 
     config: CLIPVisionConfig
+    remat: bool = False  # CLIPEncoder's
 
     @nn.compact
     def __call__(self, pixel_values: Array):
@@ -123,6 +126,6 @@ class CLIPVisionModel(nn.Module):
         eps = self.config.layer_norm_eps
         x = CLIPVisionEmbeddings(self.config, name="embeddings")(pixel_values)
         x = LayerNorm(eps, name="pre_layrnorm")(x)  # sic: HF's spelling
-        hidden = CLIPEncoder(self.config, name="encoder")(x)
+        hidden = CLIPEncoder(self.config, self.remat, name="encoder")(x)
         pooled = LayerNorm(eps, name="post_layernorm")(hidden[-1][:, 0])
         return hidden, pooled

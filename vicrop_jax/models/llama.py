@@ -373,14 +373,24 @@ class LlamaDecoderLayer(nn.Module):
 
 
 class LlamaModel(nn.Module):
-    """The decoder stack (HF LlamaModel). Embedding lookup is separate (`embed`)."""
+    """The decoder stack (HF LlamaModel). Embedding lookup is separate (`embed`).
+
+    remat: recompute each layer's activations in the backward pass (`nn.remat` a layer, the
+    same params): a gradient through the stack keeps the layers' inputs and one layer's
+    activations at a time, not every layer's (the gradient maps' passes at real size).
+    """
 
     config: LlamaConfig
+    remat: bool = False
 
     def setup(self):
         cfg = self.config
         self.embed_tokens = nn.Embed(cfg.vocab_size, cfg.hidden_size)
-        self.layers = [LlamaDecoderLayer(cfg) for _ in range(cfg.num_hidden_layers)]
+        # static: want_full and last_only (self counts as argument 0)
+        layer = (
+            nn.remat(LlamaDecoderLayer, static_argnums=(7, 8)) if self.remat else LlamaDecoderLayer
+        )
+        self.layers = [layer(cfg) for _ in range(cfg.num_hidden_layers)]
         self.norm = RMSNorm(cfg.rms_norm_eps)
 
     def embed(self, input_ids: Array) -> Array:

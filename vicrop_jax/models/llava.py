@@ -150,12 +150,13 @@ def language_pass(
 
 class LlavaForConditionalGeneration(nn.Module):
     config: LlavaConfig
+    remat: bool = False  # per-layer recomputation in backward passes (LlamaModel's)
 
     def setup(self):
         cfg = self.config
-        self.vision_tower = CLIPVisionModel(cfg.vision_config)
+        self.vision_tower = CLIPVisionModel(cfg.vision_config, self.remat)
         self.multi_modal_projector = LlavaMultiModalProjector(cfg)
-        self.language_model = LlamaModel(cfg.text_config)
+        self.language_model = LlamaModel(cfg.text_config, self.remat)
         if not cfg.tie_word_embeddings:
             self.lm_head = nn.Dense(
                 cfg.text_config.vocab_size, use_bias=False, promote_dtype=pinned_promote_dtype

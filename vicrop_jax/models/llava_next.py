@@ -253,13 +253,14 @@ PRESETS: dict[str, LlavaNextConfig] = {
 
 class LlavaNextForConditionalGeneration(nn.Module):
     config: LlavaNextConfig
+    remat: bool = False  # per-layer recomputation in backward passes (LlamaModel's)
 
     def setup(self):
         cfg = self.config
         d = cfg.text_config.hidden_size
-        self.vision_tower = CLIPVisionModel(cfg.vision_config)
+        self.vision_tower = CLIPVisionModel(cfg.vision_config, self.remat)
         self.multi_modal_projector = LlavaMultiModalProjector(cfg)
-        self.language_model = LlamaModel(cfg.text_config)
+        self.language_model = LlamaModel(cfg.text_config, self.remat)
         self.image_newline = self.param(
             "image_newline", nn.initializers.normal(d**-0.5), (d,), jnp.float32
         )
