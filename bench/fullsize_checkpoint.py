@@ -3,8 +3,8 @@ written one tensor at a time.
 
   python -m bench.fullsize_checkpoint --out /tmp/llava7b --variant full    # 14 GB, bf16
   python -m bench.fullsize_checkpoint --out /tmp/llava7b_wide2 --variant wide2  # 2.9 GB, f32
-  python -m bench.fullsize_checkpoint --family instructblip --out /tmp/blip7b_wide2 \
-      --variant wide2                                                      # 3.4 GB, f32
+  python -m bench.fullsize_checkpoint --family instructblip --out /tmp/blip7b_wide2 \\
+      --variant wide2                                                      # 3.6 GB, f32
 
 What `llava-hf/llava-1.5-7b-hf` holds, with random weights:
   * config.json: the hub's own (a partial text_config that leaves the Vicuna-7B widths to

@@ -1,13 +1,13 @@
 """Exact parity at InstructBLIP-Vicuna-7B's full width: ours vs HF torch, float32, on the CPU.
 
-  flock /work/wt/heavy.lock nice -n 5 python -m bench.fullsize_parity_instructblip \
+  flock /work/wt/heavy.lock nice -n 5 python -m bench.fullsize_parity_instructblip \\
       --dir /tmp/vicrop_fullsize/blip_wide2 [--out r.json]
   VICROP_FULLSIZE=1 python -m pytest tests/test_fullsize.py -k instructblip   # as a test
 
 Writes (or reuses) bench.fullsize_checkpoint's InstructBLIP "wide2" checkpoint (every width,
 head count, vocabulary, image size and token count of the 7B: ViT-g 1408 wide at 224 px, 257
 positions, the whole 12-layer Q-Former with 32 queries, Vicuna 4096 wide with 32064 rows; 2 LM
-and 2 ViT layers; about 3.4 GB in float32), loads it into transformers'
+and 2 ViT layers; 3.6 GB in float32), loads it into transformers'
 InstructBlipForConditionalGeneration (eager attention) and through vicrop_jax.load_model, and
 checks on one synthetic-benchmark image and question (bench.fullsize_parity's bars):
   * logits of the whole prompt (<= 1e-4 max abs), every LM layer's last-query attention row
