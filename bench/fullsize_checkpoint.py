@@ -32,18 +32,20 @@ float32: small enough to sit beside the HF torch model for exact parity checks).
 layers vision_feature_layer -2 selects the first layer's output, as it selects layer 23 of 24.
 
 InstructBLIP (`--family instructblip`, `Salesforce/instructblip-vicuna-7b` with image tokens):
-  * config.json: EVA ViT-g/14 at 224 px (1408 wide, 39 layers of 16 heads, MLP 6144, q/v
-    biases), the BERT-base Q-Former (768 wide, 12 layers of 12 heads, cross-attention every
-    2nd layer over the 1408-wide patches, vocabulary 30523 = BERT's 30522 + `[DEC]`), 32 query
-    tokens, Vicuna-7B (LLaMA 4096 wide, 32 layers of 32 heads, MLP 11008, vocabulary 32064:
-    the Vicuna tokenizer's 32000, `[PAD]` 32000, `<image>` 32001, rows padded to 32064),
-    `image_token_index` 32001. The text_config keeps the hub's stale bos/eos ids (0/1);
-    generation_config.json gives EOS 2 (`</s>`), the id generation stops at.
+  * config.json: as the hub's, the vision and Q-Former configs leave their widths to
+    transformers' defaults: EVA ViT-g/14 at 224 px (1408 wide, 39 layers of 16 heads, MLP
+    6144, q/v biases), the BERT-base Q-Former (768 wide, 12 layers of 12 heads,
+    cross-attention every 2nd layer over the 1408-wide patches) with vocabulary 30523
+    (BERT's 30522 + `[DEC]`); 32 query tokens; Vicuna-7B (LLaMA 4096 wide, 32 layers of 32
+    heads, MLP 11008) with vocabulary 32064 (the Vicuna tokenizer's 32000 ids, `[PAD]`
+    32000, `<image>` 32001, rows padded to 32064); `image_token_index` 32001. The
+    text_config keeps the hub's stale bos/eos ids (0/1); generation_config.json gives EOS 2
+    (`</s>`), the id generation stops at.
   * Weights: transformers' key names (`query_tokens`, `vision_model.*` with one fused
     `self_attn.qkv` whose bias has a zero key third, as the q/v-bias EVA checkpoint gives,
     `qformer.*`, `language_projection.*`, `language_model.model.*`,
     `language_model.lm_head.weight`), in state-dict order, shards of at most 10 GB
-    (transformers 4.31's default, which wrote the hub's files).
+    (transformers 4.31's default: the hub's float32 weights are 4 shards).
   * The InstructBlipProcessor: BlipImageProcessor (224 x 224, bicubic, CLIP mean and std,
     no crop), num_query_tokens 32, a WordLevel LM tokenizer of all 32064 ids (`<unk>` 0,
     `<s>` 1, `</s>` 2 = BOS = EOS as the hub's conversion sets them, `[PAD]` 32000, `<image>`
@@ -332,6 +334,12 @@ QFORMER_SPECIALS = {"[PAD]": 0, "[UNK]": 100, "[CLS]": 101, "[SEP]": 102, "[MASK
 # (LM layers, ViT layers, Q-Former layers, dtype); None keeps the hub's depth.
 BLIP_VARIANTS = {"full": (None, None, None, "bfloat16"), "wide2": (2, 2, None, "float32")}
 SHARD_BYTES = {"llava": 5 * 10**9, "instructblip": 10 * 10**9}
+# transformers' InstructBlipVisionConfig / InstructBlipQFormerConfig defaults: EVA ViT-g/14 at
+# 224 px and BERT-base with cross-attention every 2nd layer.
+VISION_DEFAULTS = {"hidden_size": 1408, "intermediate_size": 6144, "num_hidden_layers": 39,
+                   "image_size": 224, "patch_size": 14, "qkv_bias": True}  # fmt: skip
+QFORMER_DEFAULTS = {"hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12,
+                    "max_position_embeddings": 512, "cross_attention_frequency": 2}  # fmt: skip
 
 
 def blip_hub_config(
@@ -341,33 +349,24 @@ def blip_hub_config(
     dtype: str = "bfloat16",
 ) -> dict:
     """Salesforce/instructblip-vicuna-7b's config.json (the revision with image tokens;
-    torch_dtype aside: the hub's is float32), optionally with fewer layers. Every width is
-    written out, as the hub's full dump of the sub-configs has it."""
+    torch_dtype aside: the hub's is float32), optionally with fewer layers. As the hub's, the
+    vision and Q-Former configs name only their model type (and the Q-Former's vocabulary),
+    leaving EVA ViT-g and BERT-base widths to transformers' defaults."""
     text = {
         "architectures": ["LLaMAForCausalLM"], "bos_token_id": 0, "eos_token_id": 1,
-        "head_dim": 128, "hidden_act": "silu", "hidden_size": 4096, "initializer_range": 0.02,
-        "intermediate_size": 11008, "max_position_embeddings": 2048,
-        "max_sequence_length": 2048, "model_type": "llama", "num_attention_heads": 32,
-        "num_hidden_layers": text_layers or 32, "num_key_value_heads": 32,
-        "pad_token_id": BLIP_PAD_ID, "rms_norm_eps": 1e-06, "rope_scaling": None,
-        "rope_theta": 10000.0, "tie_word_embeddings": False, "torch_dtype": "float16",
-        "vocab_size": BLIP_VOCAB,
+        "head_dim": 128, "hidden_act": "silu", "hidden_size": 4096,
+        "intermediate_size": 11008, "max_sequence_length": 2048, "model_type": "llama",
+        "num_attention_heads": 32, "num_hidden_layers": text_layers or 32,
+        "num_key_value_heads": 32, "pad_token_id": BLIP_PAD_ID, "rms_norm_eps": 1e-06,
+        "rope_scaling": None, "rope_theta": 10000.0, "tie_word_embeddings": False,
+        "torch_dtype": "float16", "vocab_size": BLIP_VOCAB,
     }  # fmt: skip
-    vision = {
-        "attention_dropout": 0.0, "hidden_act": "gelu", "hidden_size": 1408, "image_size": 224,
-        "initializer_range": 1e-10, "intermediate_size": 6144, "layer_norm_eps": 1e-06,
-        "model_type": "instructblip_vision_model", "num_attention_heads": 16,
-        "num_hidden_layers": vision_layers or 39, "patch_size": 14, "qkv_bias": True,
-    }  # fmt: skip
-    qformer = {
-        "attention_probs_dropout_prob": 0.1, "cross_attention_frequency": 2,
-        "encoder_hidden_size": 1408, "hidden_act": "gelu", "hidden_dropout_prob": 0.1,
-        "hidden_size": 768, "initializer_range": 0.02, "intermediate_size": 3072,
-        "layer_norm_eps": 1e-12, "max_position_embeddings": 512,
-        "model_type": "instructblip_qformer", "num_attention_heads": 12,
-        "num_hidden_layers": qformer_layers or 12, "pad_token_id": 0,
-        "position_embedding_type": "absolute", "vocab_size": QFORMER_VOCAB,
-    }  # fmt: skip
+    vision: dict = {"model_type": "instructblip_vision_model"}
+    qformer: dict = {"model_type": "instructblip_qformer", "vocab_size": QFORMER_VOCAB}
+    if vision_layers:
+        vision["num_hidden_layers"] = vision_layers
+    if qformer_layers:
+        qformer["num_hidden_layers"] = qformer_layers
     return {
         "architectures": ["InstructBlipForConditionalGeneration"],
         "image_token_index": BLIP_IMAGE_ID, "initializer_factor": 1.0,
@@ -382,8 +381,12 @@ def blip_hub_config(
 def blip_tensor_specs(config: dict) -> list[tuple[str, tuple[int, ...], str]]:
     """(key, HF shape, init) of every InstructBLIP tensor in transformers' state-dict order
     (query tokens, ViT, Q-Former, projection, LM); init as in `tensor_specs`, plus "qkv_bias"
-    (normal with a zero key third)."""
-    t, v, q = config["text_config"], config["vision_config"], config["qformer_config"]
+    (normal with a zero key third). Vision and Q-Former fields missing from the config take
+    transformers' defaults (VISION_DEFAULTS, QFORMER_DEFAULTS; the Q-Former's
+    encoder_hidden_size is the vision width, as InstructBlipConfig sets it)."""
+    t = config["text_config"]
+    v = {**VISION_DEFAULTS, **config["vision_config"]}
+    q = {**QFORMER_DEFAULTS, "encoder_hidden_size": v["hidden_size"], **config["qformer_config"]}
     d, inter, heads = t["hidden_size"], t["intermediate_size"], t["num_attention_heads"]
     kv_width = (t.get("num_key_value_heads") or heads) * t.get("head_dim", d // heads)
     dv, iv, p = v["hidden_size"], v["intermediate_size"], v["patch_size"]
@@ -479,7 +482,7 @@ def build_blip_tokenizer(out_dir: str):
     tok.decoder = decoders.WordPiece(prefix="##")  # joins words with spaces
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tok, unk_token="<unk>", bos_token="</s>", eos_token="</s>",
-        pad_token="[PAD]", padding_side="left",
+        pad_token="[PAD]", padding_side="left", truncation_side="left",
     )  # fmt: skip
     fast.add_special_tokens(
         {"additional_special_tokens": [AddedToken("<image>", normalized=False, special=True)]}
@@ -533,7 +536,7 @@ def build_blip_processor(out_dir: str, tokenizer, qformer_tokenizer, config: dic
     """The hub's InstructBlipProcessor settings around the two tokenizers, saved to out_dir."""
     from transformers import BlipImageProcessor, InstructBlipProcessor
 
-    side = config["vision_config"]["image_size"]
+    side = {**VISION_DEFAULTS, **config["vision_config"]}["image_size"]
     image_processor = BlipImageProcessor(
         do_resize=True, size={"height": side, "width": side}, resample=3, do_rescale=True,
         rescale_factor=1 / 255, do_normalize=True, image_mean=OPENAI_CLIP_MEAN,

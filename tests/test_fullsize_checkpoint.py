@@ -107,8 +107,9 @@ def test_instructblip_7b_specs_count_and_shards():
     shards = fc.plan_shards([(k, 4 * int(np.prod(s))) for k, s, _ in specs], 10 * 10**9)
     assert len(shards) == 4
     wide = fc.variant_config("instructblip", "wide2")
+    qformer = {**fc.QFORMER_DEFAULTS, **wide["qformer_config"]}
     assert (wide["text_config"]["num_hidden_layers"], wide["vision_config"]["num_hidden_layers"],
-            wide["qformer_config"]["num_hidden_layers"]) == (2, 2, 12)  # fmt: skip
+            qformer["num_hidden_layers"]) == (2, 2, 12)  # fmt: skip
 
 
 def test_instructblip_shards_load_in_torch_and_ours(tmp_path):
