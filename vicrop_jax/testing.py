@@ -357,6 +357,86 @@ def patch_mean(x, patch: int) -> np.ndarray:
     return x.reshape(h // patch, patch, w // patch, patch).mean((1, 3))
 
 
+def official_blip_run(hf, proc, text, image, pixels=None):
+    """One HF InstructBLIP pass (the processor's inputs for `text` and one image; `pixels`, a
+    tensor, in place of its pixel_values) recording every attention: (outputs, the LM's
+    attentions, the Q-Former's cross-attentions, the image-token positions int[T])."""
+    enc = proc(images=image, text=text, return_tensors="pt")
+    out, cross = blip_hf_forward(hf, enc, enc["pixel_values"] if pixels is None else pixels)
+    pos = (enc["input_ids"][0] == hf.config.image_token_index).nonzero()[:, 0]
+    return out, out.language_model_outputs.attentions, cross, pos
+
+
+def blip_hf_forward(hf, enc, pixels):
+    """HF InstructBLIP's vision -> Q-Former -> LM in one autograd graph with every attention
+    recorded (its forward does not return the Q-Former's): (outputs, cross-attentions).
+    enc: the processor's torch tensors; pixels: float[I, C, H, W]."""
+    feats = hf.get_image_features(
+        pixels, qformer_input_ids=enc["qformer_input_ids"],
+        qformer_attention_mask=enc["qformer_attention_mask"], output_attentions=True,
+    )  # fmt: skip
+    out = hf(
+        pixel_values=None, qformer_input_ids=None, input_ids=enc["input_ids"],
+        attention_mask=enc["attention_mask"], mm_encoder_outputs={"image": feats},
+        output_attentions=True,
+    )  # fmt: skip
+    return out, feats.qformer_outputs.cross_attentions
+
+
+def _blip_a_si(st, cross) -> np.ndarray:
+    """A_st float[T] @ A_ti (cross-attention [1, heads, T, P]: heads averaged, class token
+    dropped) -> float[P - 1]."""
+    return st @ cross[0, :, :, 1:].mean(0).detach().numpy()
+
+
+def official_blip_rel_att(hf, proc, prompt, image, question, layers, qformer_layer) -> np.ndarray:
+    """The paper's InstructBLIP rel-att (A_si = A_st @ A_ti, the question's over the general
+    prompt's, separate passes) per ViT patch, float[P - 1]; A_st averaged over `layers`,
+    A_ti from cross-attention layer `qformer_layer`. prompt: question -> text."""
+    import torch
+
+    from vicrop_jax.processing import GENERAL_QUESTION
+
+    maps = []
+    for q in (question, GENERAL_QUESTION):
+        with torch.no_grad():
+            _, atts, cross, pos = official_blip_run(hf, proc, prompt(q), image)
+        st = np.mean([atts[i][0, :, -1, pos].mean(0).numpy() for i in layers], 0)
+        maps.append(_blip_a_si(st, cross[qformer_layer]))
+    return maps[0] / maps[1]
+
+
+def official_blip_grad_att(hf, proc, prompt, image, question, layers, qformer_layer) -> np.ndarray:
+    """The paper's InstructBLIP grad-att: A_st and A_ti each weighted by relu(dL/dA) before
+    the product (L = -CE(last logits, their argmax)), float[P - 1]."""
+    import torch
+
+    pix = proc.image_processor(image, return_tensors="pt")["pixel_values"].requires_grad_(True)
+    out, atts, cross, pos = official_blip_run(hf, proc, prompt(question), image, pix)
+    lm = [atts[i] for i in layers]
+    grads = torch.autograd.grad(_neg_ce_of_argmax(out.logits), [*lm, cross[qformer_layer]])
+    st = np.mean([(a * torch.relu(g))[0, :, -1, pos].mean(0).detach().numpy()
+                  for a, g in zip(lm, grads[:-1], strict=True)], 0)  # fmt: skip
+    return _blip_a_si(st, cross[qformer_layer] * torch.relu(grads[-1]))
+
+
+def official_blip_pixel_grad_norms(hf, proc, prompt, image, question) -> np.ndarray:
+    """`official_pixel_grad_norms` for InstructBLIP (the Q-Former reads each prompt too):
+    float[H, W]."""
+    import torch
+
+    from vicrop_jax.processing import GENERAL_QUESTION
+
+    norms = []
+    for q in (question, GENERAL_QUESTION):
+        pix = proc.image_processor(image, return_tensors="pt")["pixel_values"]
+        pix.requires_grad_(True)
+        out, _, _, _ = official_blip_run(hf, proc, prompt(q), image, pix)
+        (g,) = torch.autograd.grad(_neg_ce_of_argmax(out.logits), [pix])
+        norms.append(np.linalg.norm(g[0].numpy(), axis=0))
+    return norms[0] / norms[1]
+
+
 # --- Qwen2.5-VL (image-only processor files) -------------------------------------------------
 
 QWEN_SPECIAL_TOKENS = (
