@@ -128,7 +128,8 @@ class Executor:
       batch_size: None: every call takes its whole list as one batch. Else calls run in
         full batches of this size (the last one padded by repeating its last item; padded
         rows are dropped), so jit compiles one shape per call kind.
-      pad_to_multiple_of: bucket prompt lengths (fewer compiled shapes).
+      pad_to_multiple_of: bucket prompt lengths (fewer compiled shapes), the shared-prompt
+        cache's tails too (None: theirs by prompt_cache.TAIL_BUCKET).
       place: np.ndarray -> jax.Array for each batched input (e.g. sharded over a data
         mesh); None: one device, or the mesh's data split. The shared-prompt cache runs
         where inputs are not split: one device, or a mesh whose data axis is 1.
@@ -222,6 +223,8 @@ class Executor:
         same pass (else the state's maps are None)."""
         images, questions = self._padded(images), self._padded(questions)
         kw = dict(max_new_tokens=self.max_new_tokens, params=self.params)
+        if self.pad_to_multiple_of is not None:
+            kw["multiple"] = self.pad_to_multiple_of
         with self._on_mesh():
             if with_map:
                 return prompt_cache.start(self.model, images, questions, layer=self.layers, **kw)

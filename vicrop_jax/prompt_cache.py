@@ -59,6 +59,8 @@ from vicrop_jax.processing import GENERAL_QUESTION, image_pixels
 from vicrop_jax.sharding import CACHE_SPEC, constrain
 
 Array = jax.Array
+# The tails' lengths are bucketed to a multiple of this (fewer compiled shapes).
+TAIL_BUCKET = 8
 
 
 def _bucket(n: int, multiple: int) -> int:
@@ -108,7 +110,7 @@ def _expanded_ids(model: Model, texts: list[str]) -> list[list[int]]:
     return ids if _SPLITS_ON_IMAGE.get(tok, True) else full(texts)
 
 
-def split_prompts(model: Model, questions: Sequence[str], multiple: int = 8) -> Prompts:
+def split_prompts(model: Model, questions: Sequence[str], multiple: int = TAIL_BUCKET) -> Prompts:
     """Tokenises the three prompts of each question and splits off their common prefix.
 
     Raises ValueError when the prompts do not start with the same tokens through the first
@@ -286,14 +288,15 @@ def _eos_pad(model: Model):
 
 
 def start_inputs(model: Model, images: Sequence[Image.Image], questions: Sequence[str], *,
-                 max_new_tokens: int, layer=None, params=None):  # fmt: skip
+                 max_new_tokens: int, layer=None, params=None,
+                 multiple: int = TAIL_BUCKET):  # fmt: skip
     """(Prompts, args tuple, kwargs dict) of `start_pass` for B RGB images and checked
     questions: what `start` runs, exposed so that a benchmark can compile and time the pass
-    by itself."""
+    by itself. multiple: the tails' lengths are bucketed to a multiple of it."""
     if not family_of(model).shares_prompt_prefix:
         raise ValueError(f"{model.family} prompts do not start with a shared image prefix")
     params = model.params_or(params)
-    prompts = split_prompts(model, questions)
+    prompts = split_prompts(model, questions, multiple)
     eos_ids, pad = _eos_pad(model)
     pixels = image_pixels(model.processor, images)
     image_start = int(np.argmax(prompts.prefix == model.config.image_token_index))
@@ -307,21 +310,25 @@ def start_inputs(model: Model, images: Sequence[Image.Image], questions: Sequenc
 
 
 def start(model: Model, images: Sequence[Image.Image], questions: Sequence[str], *,
-          max_new_tokens: int, layer=None, params=None) -> PromptCache:  # fmt: skip
-    """Step 1 for B RGB images and checked questions (see the module docstring)."""
+          max_new_tokens: int, layer=None, params=None,
+          multiple: int = TAIL_BUCKET) -> PromptCache:  # fmt: skip
+    """Step 1 for B RGB images and checked questions (see the module docstring); multiple:
+    the tails' bucket multiple."""
     prompts, args, kwargs = start_inputs(model, images, questions, max_new_tokens=max_new_tokens,
-                                         layer=layer, params=params)  # fmt: skip
+                                         layer=layer, params=params,
+                                         multiple=multiple)  # fmt: skip
     maps, tokens, lengths, cache = start_pass(*args, **kwargs)
     answers = answer_texts(model.processor.tokenizer, tokens, lengths)
     return PromptCache(maps, answers, prompts, cache, args[1], max_new_tokens)
 
 
 def start_answers(model: Model, images: Sequence[Image.Image], questions: Sequence[str], *,
-                  max_new_tokens: int, params=None) -> PromptCache:  # fmt: skip
+                  max_new_tokens: int, params=None,
+                  multiple: int = TAIL_BUCKET) -> PromptCache:  # fmt: skip
     """`start` without the map: the baseline answers and the prefix cache that `finish`
     continues from (for maps asked with another question, or none). `maps` is None."""
     prompts, args, kwargs = start_inputs(model, images, questions, max_new_tokens=max_new_tokens,
-                                         params=params)  # fmt: skip
+                                         params=params, multiple=multiple)  # fmt: skip
     b = len(questions)
     module, params, prefix, pixels, tails, tails_mask = args
     tokens, lengths, cache = answer_pass(
