@@ -74,3 +74,17 @@ def test_bad_arguments(tiny_llava):
         importance(model.params, img, QUESTION, model=model, layer=9)
     with pytest.raises(ValueError, match="question is empty"):
         importance(model.params, img, "   ", model=model)
+
+
+def test_the_paper_layer_of_a_shallow_model_is_one_of_its_layers():
+    """The paper's layer at the same relative depth, capped at the last layer: Qwen2.5-VL's
+    22 of 36 rounds to 1 on a 1-layer model, which has only layer 0."""
+    from vicrop_jax.families import FAMILIES
+    from vicrop_jax.importance import default_layer
+
+    assert default_layer("qwen2_5_vl", 36) == 22 and default_layer("qwen2_5_vl", 2) == 1
+    assert default_layer("qwen2_5_vl", 1) == 0
+    for name, fam in FAMILIES.items():
+        for n in (1, 2, 3, 5):
+            layer = default_layer(name, n)
+            assert 0 <= layer < n and resolve_layers(layer, n) == (layer,), (name, n)
