@@ -275,11 +275,14 @@ def _map_boxes(ex: Executor, method: str, images, map_questions, timed, threshol
         tiles += [im.crop(tuple(int(c) for c in t)) for t in boxes]
         qs += [q] * len(boxes)
         grids.append(bbox_lib.high_res_grid(im.size, threshold)[:2])
-    tile_maps = one_grid(timed("map", ex.maps, tiles, qs, base))
+    # Each image's tiles share one map grid; images of other sizes may have other grids
+    # (Qwen2.5-VL's follows the tile's size).
+    tile_maps = timed("map", ex.maps, tiles, qs, base)
     maps, boxes, start = [], [], 0
     t0 = time.perf_counter()
     for (rows, cols), size in zip(grids, sizes, strict=True):
-        merged = bbox_lib.merge_tile_maps(tile_maps[start : start + rows * cols], rows, cols)
+        own = one_grid(list(tile_maps[start : start + rows * cols]))
+        merged = bbox_lib.merge_tile_maps(own, rows, cols)
         start += rows * cols
         maps.append(np.asarray(merged))
         box = np.asarray(bbox_lib.select_bbox(merged, size, ex.base_size))
