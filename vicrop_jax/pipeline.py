@@ -252,9 +252,12 @@ def split_method(name: str) -> tuple[str, bool]:
     return base, base != name
 
 
-def _map_boxes(ex: Executor, method: str, images, map_questions, timed, threshold, shared_maps):
-    """Boxes and maps of a map method for every image; shared_maps: rel_att's maps of the
-    baseline's pass, or None."""
+def map_boxes(ex: Executor, method: str, images, map_questions, timed: StageTimer,
+              threshold: int, shared_maps=None) -> tuple[list[Box], list[np.ndarray]]:  # fmt: skip
+    """Boxes and maps of a map method ("rel_att", ..., "*_high" with tiles of at most
+    `threshold` pixels a side) for every image, asked with map_questions; timed: the
+    method's timer ("map", "box"); shared_maps: rel_att's maps of the baseline's pass, or
+    None. answer_batch's map step, without the crop answers."""
     base, high = split_method(method)
     check_method(base)
     sizes = [im.size for im in images]
@@ -346,7 +349,7 @@ def answer_batch(
             boxes, maps = controls[method](timed)
         else:
             shared_maps = None if state is None else state.maps
-            boxes, maps = _map_boxes(ex, method, images, map_qs, timed, threshold, shared_maps)
+            boxes, maps = map_boxes(ex, method, images, map_qs, timed, threshold, shared_maps)
         todo = [i for i, b in enumerate(boxes) if b is not None]
         crop_answers: list[str | None] = [None] * len(images)
         if todo and state is not None:
