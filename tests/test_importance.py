@@ -84,7 +84,7 @@ def test_the_paper_layer_of_a_shallow_model_is_one_of_its_layers():
 
     assert default_layer("qwen2_5_vl", 36) == 22 and default_layer("qwen2_5_vl", 2) == 1
     assert default_layer("qwen2_5_vl", 1) == 0
-    for name, fam in FAMILIES.items():
+    for name in FAMILIES:
         for n in (1, 2, 3, 5):
             layer = default_layer(name, n)
             assert 0 <= layer < n and resolve_layers(layer, n) == (layer,), (name, n)
