@@ -107,3 +107,17 @@ def test_gradient_passes_recompute_each_layer_with_the_same_values(tiny_llava):
     assert "remat" not in str(jax.make_jaxpr(grad_of(model.module)[0])(px))
     ours, plain = (jax.jit(grad_of(m)[0])(px) for m in (remat, model.module))
     np.testing.assert_allclose(ours, plain, rtol=1e-5, atol=1e-8)
+
+
+def test_the_paper_layer_of_a_shallow_model_is_one_of_its_layers():
+    """The paper's layer at the same relative depth, capped at the last layer: Qwen2.5-VL's
+    22 of 36 rounds to 1 on a 1-layer model, which has only layer 0."""
+    from vicrop_jax.families import FAMILIES
+    from vicrop_jax.importance import default_layer
+
+    assert default_layer("qwen2_5_vl", 36) == 22 and default_layer("qwen2_5_vl", 2) == 1
+    assert default_layer("qwen2_5_vl", 1) == 0
+    for name in FAMILIES:
+        for n in (1, 2, 3, 5):
+            layer = default_layer(name, n)
+            assert 0 <= layer < n and resolve_layers(layer, n) == (layer,), (name, n)

@@ -1,9 +1,14 @@
 """Params split over a (data, model) mesh give the single-device numbers, on 8 CPU devices.
 
-The sharded runs happen in one subprocess (tests/mesh_check.py: XLA's device count is fixed
-before jax starts); these tests read what it wrote: logits, maps, boxes and answers of every
-family on its meshes against the same checkpoint on one device (float32, atol 1e-5; answers
-and boxes identical), the layouts seen, the one-line refusals, and an eval.run smoke run.
+Each family's sharded runs happen in its own subprocess (tests/mesh_check.py: XLA's device
+count is fixed before jax starts); one test per family reads what it wrote. On every mesh
+(8, 1), (4, 2), (2, 4), (1, 8): the forward logits, the baseline answers and the maps and
+boxes of the mesh's methods against the same checkpoint on one device (float32, atol 1e-5;
+answers and boxes identical), and the layouts seen. Each method (rel_att, grad_att,
+pure_grad, rel_att_high) runs for each family on one mesh that splits the params, and its
+crop answers on one mesh per family (mesh_check.PLAN, mesh_check.CROP); `python -m
+tests.mesh_check OUT_DIR --full` runs every method with crop answers on every mesh. The
+llava run also gives the one-line refusals and an eval.run smoke run.
 """
 
 import json
@@ -21,15 +26,16 @@ from tests import mesh_check
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-@pytest.fixture(scope="module")
-def runs(tmp_path_factory):
-    root = str(tmp_path_factory.mktemp("mesh"))
+@pytest.fixture(scope="module", params=list(mesh_check.PLAN))
+def runs(request, tmp_path_factory):
+    family = request.param
+    root = str(tmp_path_factory.mktemp(f"mesh_{family}"))
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
     env["PYTHONPATH"] = REPO + os.pathsep + env.get("PYTHONPATH", "")
-    p = subprocess.run([sys.executable, "-m", "tests.mesh_check", root], cwd=REPO, env=env,
-                       capture_output=True, text=True, timeout=900)  # fmt: skip
+    p = subprocess.run([sys.executable, "-m", "tests.mesh_check", root, family], cwd=REPO,
+                       env=env, capture_output=True, text=True, timeout=900)  # fmt: skip
     assert p.returncode == 0, p.stderr[-3000:]
-    return root
+    return family, root
 
 
 def _load(root, family, mesh=None):
@@ -37,58 +43,64 @@ def _load(root, family, mesh=None):
     return dict(np.load(os.path.join(root, f"{family}_{name}.npz")))
 
 
-CASES = [(f, mesh) for f, plan in mesh_check.PLAN.items() for mesh in plan]
+def test_plan_covers_every_method_and_mesh():
+    """Each method on a mesh that splits the params for each family, each method on each
+    such mesh for some family, every mesh for every family, crop answers on one."""
+    split = [m for m in mesh_check.MESHES if m[1] > 1]
+    for family, plan in mesh_check.PLAN.items():
+        assert set(plan) == set(mesh_check.MESHES) and all(plan.values()), family
+        assert {m for mesh in split for m in plan[mesh]} == set(mesh_check.METHODS), family
+        assert mesh_check.CROP[family] in split
+    for mesh in split:
+        met = {m for plan in mesh_check.PLAN.values() for m in plan[mesh]}
+        assert met == set(mesh_check.METHODS), mesh
 
 
-@pytest.mark.parametrize("family,mesh", CASES, ids=[f"{f}-{d}x{m}" for f, (d, m) in CASES])
-def test_sharded_run_equals_one_device(runs, family, mesh):
-    ref, got = _load(runs, family), _load(runs, family, mesh)
-    wanted = mesh_check.PLAN[family][mesh]
-    compared = [k for k in got if k in ref and k != "shared_prefix"]
-    for method in (m for m in wanted if m != mesh_check.ANSWERS):
-        assert f"{method}/box" in compared and f"{method}/map0" in compared, method
-    if mesh_check.ANSWERS in wanted:
-        assert "answers" in compared
-    for key in compared:
-        a, b = ref[key], got[key]
-        if a.dtype.kind == "f":
-            np.testing.assert_allclose(b, a, rtol=1e-6, atol=1e-5, err_msg=key)
-        else:  # answers, crop answers, boxes: identical
-            assert np.array_equal(a, b), (key, a, b)
-    assert "logits" in compared
+def test_sharded_runs_equal_one_device(runs):
+    family, root = runs
+    ref = _load(root, family)
+    for mesh, methods in mesh_check.PLAN[family].items():
+        got = _load(root, family, mesh)
+        compared = [k for k in got if k in ref and k != "shared_prefix"]
+        assert "logits" in compared and "answers" in compared, mesh
+        for m in methods:
+            assert f"{m}/box" in compared and f"{m}/map0" in compared, (mesh, m)
+            if mesh == mesh_check.CROP[family]:
+                assert f"{m}/crop_answer" in compared, (mesh, m)
+        for key in compared:
+            a, b = ref[key], got[key]
+            if a.dtype.kind == "f":
+                np.testing.assert_allclose(b, a, rtol=1e-6, atol=1e-5, err_msg=f"{mesh} {key}")
+            else:  # answers, crop answers, boxes: identical
+                assert np.array_equal(a, b), (mesh, key, a, b)
+        # q_proj kernel [D, N * H]: its columns (whole heads) over model.
+        assert str(got["q_proj_spec"]) == str(P(None, "model"))
+        d, nh = got["q_proj_shape"]
+        assert tuple(got["q_proj_shard"]) == (d, nh // mesh[1])
+        if "cache_spec" in got:  # the prefix KV cache [B, P, G, H]: key/value heads over model
+            assert str(got["cache_spec"]) in (
+                str(P(None, None, "model")),
+                str(P(None, None, "model", None)),
+            )
+    if family == "llava":
+        _check_llava_extras(root)
 
 
-@pytest.mark.parametrize("family,mesh", CASES, ids=[f"{f}-{d}x{m}" for f, (d, m) in CASES])
-def test_params_and_cache_split_over_the_model_axis(runs, family, mesh):
-    got = _load(runs, family, mesh)
-    # q_proj kernel [D, N * H] = [64, 64]: its columns (whole heads) over model.
-    assert str(got["q_proj_spec"]) == str(P(None, "model"))
-    assert tuple(got["q_proj_shard"]) == (64, 64 // mesh[1])
-    if "cache_spec" in got:  # the prefix KV cache [B, P, G, H]: key/value heads over model
-        assert str(got["cache_spec"]) in (
-            str(P(None, None, "model")),
-            str(P(None, None, "model", None)),
-        )
-
-
-def test_llava_answers_on_a_model_mesh_take_the_shared_prompt_cache(runs):
-    assert bool(_load(runs, "llava", (1, 8))["shared_prefix"])
-    assert "cache_spec" in _load(runs, "llava", (1, 8))
-
-
-def test_a_mesh_that_does_not_divide_a_split_dimension_is_refused_first(runs):
-    # The weights file is garbage: the mesh is refused before it is read.
-    with open(os.path.join(runs, "refusals.json")) as f:
+def _check_llava_extras(root):
+    # Answers on a model mesh take the shared prompt cache, laid out over heads.
+    assert bool(_load(root, "llava", (1, 8))["shared_prefix"])
+    assert "cache_spec" in _load(root, "llava", (1, 8))
+    # A mesh that does not divide a split dimension is refused first: the weights file is
+    # garbage, and the mesh is refused before it is read.
+    with open(os.path.join(root, "refusals.json")) as f:
         refused = json.load(f)
     for dim, size in (("num_attention_heads", 6), ("vocab_size", 130)):
         assert refused[dim] == (
             f"ValueError: the mesh's model axis (4) does not divide text_config.{dim} ({size}); "
             "choose a model axis that divides it"
         )
-
-
-def test_eval_run_with_a_mesh_shape(runs):
-    with open(os.path.join(runs, "smoke.json")) as f:
+    # eval.run with a mesh shape.
+    with open(os.path.join(root, "smoke.json")) as f:
         smoke = json.load(f)
     assert "mesh of 8 local devices: data 1 x model 8" in smoke["log"]
     recs = smoke["records"]

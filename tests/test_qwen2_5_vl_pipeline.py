@@ -73,6 +73,22 @@ def test_ask_batch_each_method(setup, method):
     assert rows * cols > 1 and high.shape == (rows * gh, cols * gw), high.shape
 
 
+def test_high_res_batch_of_images_whose_tiles_differ_in_grid(setup):
+    """*_high over a batch whose images tile into different sizes (2 x 2 tiles of 165 x 120,
+    2 x 1 of 250 x 150): each image's tiles merge on their own grid."""
+    _, _, model, images = setup
+    grids = [bbox.high_res_grid(im.size, 160) for im in images]
+    assert grids[0][:2] != grids[1][:2] and grids[0][2:] != grids[1][2:]
+    answers = pipeline.ask_batch(model, images, QS, method="rel_att", high_res=True,
+                                 high_res_threshold=160, max_new_tokens=NEW)  # fmt: skip
+    for ans, im, (rows, cols, tw, th) in zip(answers, images, grids, strict=True):
+        gh, gw = grid(model, im.crop((0, 0, tw, th)))
+        assert ans.att_map.shape == (rows * gh, cols * gw)
+        assert np.isfinite(ans.att_map).all() and ans.att_map.max() > 0
+        x1, y1, x2, y2 = ans.bbox
+        assert 0 <= x1 < x2 <= im.width and 0 <= y1 < y2 <= im.height, ans.bbox
+
+
 def test_eval_run_smoke_and_max_pixels_identity(setup, tmp_path):
     """eval.run's runner on the tiny checkpoint (a *_high method and a control); a run of
     another processor max_pixels refuses to resume the directory; eval.analysis's

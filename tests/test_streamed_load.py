@@ -225,3 +225,72 @@ def test_peak_memory_grows_once_with_the_params(tmp_path, file_dtype):
     assert 0.7 < slope <= 1.3, runs
     for r in runs:
         assert r["growth"] <= 1.3 * r["loaded"] + 48 * MIB, r
+
+
+_MEASURE_SHARDED = r"""
+import json, sys
+import jax, jax.numpy as jnp, numpy as np
+from vicrop_jax.loading import checked_abstract_params, load_params, param_specs, parse_config
+from vicrop_jax.sharding import make_mesh, shard_bytes
+
+def status_bytes(field):
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith(field + ":"))
+
+assert len(jax.devices()) == 8, jax.devices()
+jnp.asarray(np.ones(8)).block_until_ready()
+path = sys.argv[1]
+with open(path + "/config.json") as f:
+    config = parse_config(json.load(f))
+abstract = checked_abstract_params(config, jnp.float32)
+mesh = make_mesh((1, 8))
+before = status_bytes("VmRSS")
+with open("/proc/self/clear_refs", "w") as f:
+    f.write("5")  # VmHWM := VmRSS
+params = jax.block_until_ready(load_params(path, config, jnp.float32, mesh=mesh))
+growth = status_bytes("VmHWM") - before
+specs = jax.tree.leaves(param_specs(config, abstract),
+                        is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec))
+per_device, planned, whole_split = {}, {}, []
+for x, spec in zip(jax.tree.leaves(params), specs, strict=True):
+    for s in x.addressable_shards:
+        per_device[str(s.device)] = per_device.get(str(s.device), 0) + s.data.nbytes
+        planned[str(s.device)] = planned.get(str(s.device), 0) + shard_bytes(
+            x.shape, x.dtype, spec, {"data": 1, "model": 8})
+        if "model" in spec and s.data.shape == x.shape:
+            whole_split.append(str(spec))
+sizes = [x.nbytes for x in jax.tree.leaves(params)]
+print(json.dumps({"growth": growth, "per_device": per_device, "planned": planned,
+                  "whole_split": whole_split, "full": sum(sizes), "largest": max(sizes)}))
+"""
+
+
+def test_a_sharded_load_builds_each_device_its_shards(tmp_path):
+    """A float32 checkpoint (87 MiB, tensors up to 12 MiB) loaded on a (1, 8) mesh of 8 forced
+    CPU devices: each device holds its planned shards (no device a whole split param), and
+    the peak RSS growth stays below what the devices hold plus the largest tensor (all 8
+    devices share this host's memory: the split params once, the replicated ones 8 times;
+    reading the whole checkpoint before splitting it would add its 87 MiB)."""
+    import subprocess
+    import sys
+
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError as e:
+        pytest.skip(f"this kernel cannot reset the peak RSS: {e}")
+    cfg = small_config("float32", text_layers=3, hidden=768, vocab=4000)
+    cfg["text_config"].update(num_attention_heads=16, num_key_value_heads=8)
+    d = write(str(tmp_path / "sharded"), cfg, "float32", shard_bytes=30 * MIB)
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, PYTHONPATH=repo, JAX_PLATFORMS="cpu",
+               XLA_FLAGS="--xla_force_host_platform_device_count=8")  # fmt: skip
+    p = subprocess.run([sys.executable, "-c", _MEASURE_SHARDED, d], cwd=repo, env=env,
+                       capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert p.returncode == 0, p.stderr[-3000:]
+    r = json.loads(p.stdout.strip().splitlines()[-1])
+    assert len(r["per_device"]) == 8 and r["per_device"] == r["planned"], r
+    assert not r["whole_split"], r["whole_split"]
+    held = sum(r["per_device"].values())
+    assert max(r["per_device"].values()) < r["full"] / 4, r  # the split params: 1/8 each
+    assert r["growth"] <= held + r["largest"] + 32 * MIB, r

@@ -103,7 +103,11 @@ def maps_for_images(
     pixels = place(family.map_pixels(model.config, enc, len(images)))
     detail = None
     if method == "pure_grad":
-        detail = place(family.detail_masks(model.config, images, enc))
+        # The images' own masks, off any mesh in context: one program per image size for
+        # every mesh (under one, each eager op would compile again for its devices).
+        with jax.set_mesh(None):
+            masks = family.detail_masks(model.config, images, enc)
+        detail = place(masks)
     layers = () if method == "pure_grad" else family.layers(model.config, layer)
     params = model.params_or(params)
     maps = family.maps(model.module, params, enc, pixels, detail, method=method, layers=layers,

@@ -46,8 +46,11 @@ def resolve_layers(layer, num_layers: int) -> tuple[int, ...]:
 
 
 def relative_depth(layer: int, depth: int, num_layers: int) -> int:
-    """A layer chosen on a `depth`-layer model, at the same relative depth of num_layers."""
-    return layer if num_layers == depth else round(layer * num_layers / depth)
+    """A layer chosen on a `depth`-layer model, at the same relative depth of num_layers
+    (at most its last layer: a shallow model's rounding can reach num_layers)."""
+    if num_layers == depth:
+        return layer
+    return min(round(layer * num_layers / depth), num_layers - 1)
 
 
 def finite_map(x: Array) -> Array:

@@ -255,9 +255,12 @@ def split_method(name: str) -> tuple[str, bool]:
     return base, base != name
 
 
-def _map_boxes(ex: Executor, method: str, images, map_questions, timed, threshold, shared_maps):
-    """Boxes and maps of a map method for every image; shared_maps: rel_att's maps of the
-    baseline's pass, or None."""
+def map_boxes(ex: Executor, method: str, images, map_questions, timed: StageTimer,
+              threshold: int, shared_maps=None) -> tuple[list[Box], list[np.ndarray]]:  # fmt: skip
+    """Boxes and maps of a map method ("rel_att", ..., "*_high" with tiles of at most
+    `threshold` pixels a side) for every image, asked with map_questions; timed: the
+    method's timer ("map", "box"); shared_maps: rel_att's maps of the baseline's pass, or
+    None. answer_batch's map step, without the crop answers."""
     base, high = split_method(method)
     check_method(base)
     sizes = [im.size for im in images]
@@ -278,11 +281,14 @@ def _map_boxes(ex: Executor, method: str, images, map_questions, timed, threshol
         tiles += [im.crop(tuple(int(c) for c in t)) for t in boxes]
         qs += [q] * len(boxes)
         grids.append(bbox_lib.high_res_grid(im.size, threshold)[:2])
-    tile_maps = one_grid(timed("map", ex.maps, tiles, qs, base))
+    # Each image's tiles share one map grid; images of other sizes may have other grids
+    # (Qwen2.5-VL's follows the tile's size).
+    tile_maps = timed("map", ex.maps, tiles, qs, base)
     maps, boxes, start = [], [], 0
     t0 = time.perf_counter()
     for (rows, cols), size in zip(grids, sizes, strict=True):
-        merged = bbox_lib.merge_tile_maps(tile_maps[start : start + rows * cols], rows, cols)
+        own = one_grid(list(tile_maps[start : start + rows * cols]))
+        merged = bbox_lib.merge_tile_maps(own, rows, cols)
         start += rows * cols
         maps.append(np.asarray(merged))
         box = np.asarray(bbox_lib.select_bbox(merged, size, ex.base_size))
@@ -346,7 +352,7 @@ def answer_batch(
             boxes, maps = controls[method](timed)
         else:
             shared_maps = None if state is None else state.maps
-            boxes, maps = _map_boxes(ex, method, images, map_qs, timed, threshold, shared_maps)
+            boxes, maps = map_boxes(ex, method, images, map_qs, timed, threshold, shared_maps)
         todo = [i for i, b in enumerate(boxes) if b is not None]
         crop_answers: list[str | None] = [None] * len(images)
         if todo and state is not None:

@@ -294,6 +294,13 @@ class LlavaNext(Family):
         if base_only:
             return raw
         raw = np.asarray(raw)
+        # Per-image host work, off any mesh in context (one program per shape for every mesh).
+        with jax.set_mesh(None):
+            return self._tile_maps(cfg, raw, enc, detail, images, base, counts, method,
+                                   map_source)  # fmt: skip
+
+    def _tile_maps(self, cfg, raw, enc, detail, images, base, counts, method, map_source):
+        """The B maps on each image's tiles grid from the pass's raw values."""
         g, p = cfg.vision_config.grid, cfg.vision_config.patch_size
         out = []
         for i, (h, w) in enumerate(np.asarray(enc["image_sizes"])[: len(images)]):
