@@ -6,6 +6,13 @@ import tempfile
 import jax
 import pytest
 
+# Tiny models: the suite's time goes into XLA compiling, not running, its programs. The fast
+# compile (as tests/mesh_check.py uses) for this process and the subprocesses that inherit its
+# environment; set before the first computation starts the CPU backend, which reads the flags.
+FAST_COMPILE = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
+if FAST_COMPILE not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {FAST_COMPILE}".strip()
+
 # Parity tests compare float32 numbers: pin full-precision matmuls.
 jax.config.update("jax_default_matmul_precision", "highest")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

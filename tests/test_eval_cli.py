@@ -12,6 +12,7 @@ import sys
 import pytest
 
 from eval import cli, records
+from tests.conftest import FAST_COMPILE
 from tests.test_eval_datasets import write_unified
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -20,7 +21,8 @@ CLIS = ("eval.run", "eval.report", "eval.analysis", "eval.demo", "eval.synthetic
 
 
 def _cli(module: str, *args, cwd: str = REPO) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    # Of a caller's XLA flags (a device count), only the suite's fast compile.
+    env = dict(os.environ, XLA_FLAGS=FAST_COMPILE)
     env.update(PYTHONPATH=REPO, JAX_PLATFORMS="cpu", TOKENIZERS_PARALLELISM="false")
     return subprocess.run(
         [sys.executable, "-m", module, *map(str, args)],

@@ -26,6 +26,7 @@ from eval import datasets, records, report
 from eval.datasets import DataSpec
 from eval.engine import Engine, base_box, gt_box, peak_map, random_box
 from eval.runner import Settings, run
+from tests.conftest import FAST_COMPILE
 from tests.test_eval_datasets import WRITERS, _exif_rotated, write_image, write_unified
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -558,8 +559,8 @@ def test_a_read_only_output_dir_is_refused(tmp_path):
 
 
 def _env(**extra) -> dict:
-    env = dict(os.environ)
-    env.pop("XLA_FLAGS", None)
+    # Of a caller's XLA flags (a device count), only the suite's fast compile.
+    env = dict(os.environ, XLA_FLAGS=FAST_COMPILE)
     env.update(PYTHONPATH=REPO, JAX_PLATFORMS="cpu", TOKENIZERS_PARALLELISM="false", **extra)
     return env
 
@@ -706,7 +707,8 @@ def test_kill_minus_9_on_8_devices_then_resume_equals_an_uninterrupted_run(
         "--noprogress",
     ]
     env = _env(
-        XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_DEFAULT_MATMUL_PRECISION="highest"
+        XLA_FLAGS=f"--xla_force_host_platform_device_count=8 {FAST_COMPILE}",
+        JAX_DEFAULT_MATMUL_PRECISION="highest",
     )  # as tests/conftest.py pins in process
     proc = subprocess.Popen(
         cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True

@@ -21,6 +21,7 @@ from safetensors.numpy import load_file, save_file
 
 import vicrop_jax
 from convert.checkpoint import CheckpointError, check_safetensors_file, read_safetensors
+from tests.conftest import FAST_COMPILE
 from vicrop_jax import loading
 from vicrop_jax.loading import parse_config
 from vicrop_jax.testing import (
@@ -386,7 +387,7 @@ def test_eval_run_prints_each_as_one_error_line(ckpt, tmp_path):
     nan = _copy(ckpt, tmp_path / "nan")
     _rewrite(nan, lambda t: {k: np.full_like(v, np.inf) for k, v in t.items()})
     env = dict(os.environ, PYTHONPATH=REPO, JAX_PLATFORMS="cpu", TOKENIZERS_PARALLELISM="false")
-    env.pop("XLA_FLAGS", None)
+    env["XLA_FLAGS"] = FAST_COMPILE  # of a caller's XLA flags, only the suite's fast compile
     p = subprocess.run(
         [sys.executable, "-c", _DRIVER, str(tmp_path / "data"), str(tmp_path / "out"),
          cut, deep, text, nan],

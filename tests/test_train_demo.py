@@ -2,6 +2,7 @@
 
 import collections
 import dataclasses
+import functools
 import json
 import os
 import re
@@ -52,6 +53,19 @@ def setup(tmp_path_factory):
     s = _settings(tmp_path_factory.mktemp("td_setup"))
     processor, config, hf = state.setup(s)
     return s, processor, config, hf
+
+
+# The uninterrupted run of the resume test: two pretraining steps (vision tower on patch
+# labels), then three question steps, exported. The fine-tune and probe tests start from it.
+_BASE = dict(steps=5, pretrain_steps=2, pretrain_batch=3, patch_loss_weight=1.0)
+
+
+@pytest.fixture(scope="module")
+def base_run(tmp_path_factory):
+    """(settings, final state) of the `_BASE` run, trained once per module and process."""
+    d = tmp_path_factory.mktemp("td_base")
+    s = _settings(d / "base", export_dir=str(d / "export"), **_BASE)
+    return s, train.train(s)
 
 
 def test_tokenizer_covers_every_prompt_and_answer(setup):
@@ -125,21 +139,19 @@ def test_a_few_steps_lower_the_loss_on_a_fixed_batch(setup):
     assert values[-1] < values[0] - 0.1, values
 
 
-def test_resume_equals_uninterrupted_and_export_loads(tmp_path):
-    # Two pretraining steps (vision tower on patch labels), then three question steps; the
-    # interrupted run stops inside the pretraining and once more inside the second phase.
-    kw = dict(steps=5, pretrain_steps=2, pretrain_batch=3, patch_loss_weight=1.0)
-    export_dir = str(tmp_path / "export")
-    full = train.train(_settings(tmp_path / "a", export_dir=export_dir, **kw))
-    train.train(_settings(tmp_path / "b", stop_at=1, **kw))
-    train.train(_settings(tmp_path / "b", stop_at=3, **kw))
-    resumed = train.train(_settings(tmp_path / "b", **kw))
+def test_resume_equals_uninterrupted_and_export_loads(base_run, tmp_path):
+    # The interrupted run stops inside the pretraining and once more inside the second phase.
+    base, full = base_run
+    export_dir = base.export_dir
+    train.train(_settings(tmp_path / "b", stop_at=1, **_BASE))
+    train.train(_settings(tmp_path / "b", stop_at=3, **_BASE))
+    resumed = train.train(_settings(tmp_path / "b", **_BASE))
     assert int(full["step"]) == int(resumed["step"]) == 5
     jax.tree.map(np.testing.assert_array_equal, full["params"], resumed["params"])
     jax.tree.map(np.testing.assert_array_equal, full["aux"], resumed["aux"])
     with pytest.raises(ValueError, match="another run"):
-        train.train(_settings(tmp_path / "b", **{**kw, "seed": 1}))
-    kinds = [json.loads(line)["kind"] for line in open(tmp_path / "a" / "log.jsonl")]
+        train.train(_settings(tmp_path / "b", **{**_BASE, "seed": 1}))
+    kinds = [json.loads(line)["kind"] for line in open(os.path.join(base.workdir, "log.jsonl"))]
     assert kinds == ["pretrain", "pretrain", "train", "train", "train"], kinds
 
     model = vicrop_jax.load_model(export_dir)
@@ -263,15 +275,20 @@ def test_ratio_peak_loss_is_low_when_rel_att_peaks_on_the_subject():
     assert grad[0, 3] < 0 < grad[0, 1]  # more general attention off the subject, less on it
 
 
-def test_finetune_from_a_run_restarts_the_schedule_and_trains_the_map_losses(tmp_path):
-    # A 2-step base run, then a fine-tune from it with the attention, general-prompt and
-    # crop-mix options: it starts from the base's params (step 0, fresh optimizer), logs the
-    # map losses, and refuses a source with other dims or without checkpoints.
-    base = train.train(_settings(tmp_path / "base", steps=2, patch_loss_weight=1.0))
-    kw = dict(steps=2, init_from=str(tmp_path / "base"), attention_loss_weight=1.0,
-              general_loss_weight=0.5, random_crop_fraction=0.3, large_distractor_fraction=0.3,
-              large_partial_fraction=0.3, patch_loss_weight=1.0, pair_attention_weight=1.0,
-              ratio_peak_weight=1.0, pair_contrast_questions=1)  # fmt: skip
+# A fine-tune with the map losses and crop mix on and the patch loss off (the patch heads take
+# no part). Several tests train it, so they share one compiled step.
+_TUNE = dict(steps=2, attention_loss_weight=1.0, general_loss_weight=0.5,
+             random_crop_fraction=0.3, large_distractor_fraction=0.3, large_partial_fraction=0.3,
+             patch_loss_weight=0.0, pair_attention_weight=1.0, ratio_peak_weight=1.0,
+             pair_contrast_questions=1)  # fmt: skip
+
+
+def test_finetune_from_a_run_restarts_the_schedule_and_trains_the_map_losses(base_run, tmp_path):
+    # A fine-tune from the base run with the attention, general-prompt and crop-mix options: it
+    # starts from the base's params (step 0, fresh optimizer), logs the map losses, and
+    # refuses a source with other dims or without checkpoints.
+    src, base = base_run
+    kw = dict(_TUNE, init_from=src.workdir)
     s = _settings(tmp_path / "ft", **kw)
     _, config, _ = state.setup(s)
     _, tx, _ = train.compiled_step(config, s)
@@ -308,32 +325,31 @@ def test_finetune_from_a_run_restarts_the_schedule_and_trains_the_map_losses(tmp
         _settings(tmp_path / "q", reinit=("language_model",))
 
 
-def test_freeze_keeps_the_named_subtrees_fixed(tmp_path):
+def test_freeze_keeps_the_named_subtrees_fixed(base_run, tmp_path):
     # A fine-tune with the vision tower and projector frozen: they stay bitwise the base's
     # (no update, no weight decay), the decoder moves; a run from that frozen run restores
     # its checkpoint (another optimizer structure) and trains everything again.
-    base = train.train(_settings(tmp_path / "base", steps=2, patch_loss_weight=1.0))
+    src, base = base_run
     frozen = ("vision_tower", "multi_modal_projector")
-    kw = dict(steps=2, init_from=str(tmp_path / "base"), attention_loss_weight=1.0,
-              patch_loss_weight=1.0, weight_decay=0.5)  # fmt: skip
+    kw = dict(steps=2, init_from=src.workdir, attention_loss_weight=1.0, patch_loss_weight=1.0,
+              weight_decay=0.5)  # fmt: skip
     tuned = train.train(_settings(tmp_path / "ft", freeze=frozen, **kw))
     for name in frozen:
         jax.tree.map(np.testing.assert_array_equal, tuned["params"][name], base["params"][name])
     assert all(_differs(tuned["params"]["language_model"], base["params"]["language_model"]))
     assert json.load(open(tmp_path / "ft" / "settings.json"))["freeze"] == list(frozen)
-    again = train.train(_settings(tmp_path / "ft2", **{**kw, "init_from": str(tmp_path / "ft")}))
+    again = train.train(_settings(tmp_path / "ft2", **_TUNE, init_from=str(tmp_path / "ft")))
     assert any(_differs(again["params"]["vision_tower"], tuned["params"]["vision_tower"]))
     with pytest.raises(ValueError, match="vision_towr"):
         _settings(tmp_path / "q", freeze=("vision_towr",))
 
 
-def test_finetune_from_an_export_reads_it_through_the_converter(tmp_path):
+def test_finetune_from_an_export_reads_it_through_the_converter(base_run, tmp_path):
     # A fine-tune whose --init_from is an exported HF directory (as vicrop_jax/assets/demo):
     # the params are the exported ones, the patch heads start afresh (seeded); an
     # export of other dims and a directory that is neither a workdir nor an export refuse.
-    base = train.train(_settings(tmp_path / "base", steps=2, patch_loss_weight=1.0,
-                              export_dir=str(tmp_path / "export")))  # fmt: skip
-    kw = dict(steps=2, init_from=str(tmp_path / "export"), attention_loss_weight=1.0,
+    src, base = base_run
+    kw = dict(steps=2, init_from=src.export_dir, attention_loss_weight=1.0,
               patch_loss_weight=1.0, freeze=("vision_tower",))  # fmt: skip
     s = _settings(tmp_path / "ft", **kw)
     _, config, _ = state.setup(s)
@@ -352,12 +368,9 @@ def test_finetune_from_an_export_reads_it_through_the_converter(tmp_path):
         state.init_from_run(_settings(tmp_path / "y", init_from=str(tmp_path)), config, tx)
     # Without the patch loss the heads take no part: a fine-tune from the export and one from
     # the exporting run's workdir (its trained heads) end with the same params, bitwise.
-    kw0 = {**kw, "patch_loss_weight": 0.0, "pair_attention_weight": 1.0,
-           "large_partial_fraction": 0.5}  # fmt: skip
-    from_export = train.train(_settings(tmp_path / "e0", **kw0))
-    from_run = train.train(
-        _settings(tmp_path / "w0", **{**kw0, "init_from": str(tmp_path / "base")})
-    )
+    assert _TUNE["patch_loss_weight"] == 0.0
+    from_export = train.train(_settings(tmp_path / "e0", **_TUNE, init_from=src.export_dir))
+    from_run = train.train(_settings(tmp_path / "w0", **_TUNE, init_from=src.workdir))
     jax.tree.map(np.testing.assert_array_equal, from_export["params"], from_run["params"])
     assert int(from_export["step"]) == 2
     assert any(_differs(from_export["params"]["language_model"], base["params"]["language_model"]))
@@ -576,10 +589,8 @@ def test_object_hits_read_the_patch_heads_per_object():
     assert not any(h for _, h in probes.object_hits(feats, rolled, rec, image.size, grid))
 
 
-def test_probe_features_on_a_trained_run(tmp_path):
-    s = _settings(tmp_path / "run", steps=2, patch_loss_weight=1.0, pretrain_steps=1,
-                  pretrain_batch=2)  # fmt: skip
-    train.train(s)
+def test_probe_features_on_a_trained_run(base_run):
+    s, _ = base_run
     out = probes.probe_features(s, 3, sizes=(224,), chunk=2)
     counted = {}
     for i in range(3):
@@ -600,14 +611,13 @@ def test_answer_agreement_counts_images_answered_alike():
                    "one_answer_images": round(1 / 3, 4)}  # fmt: skip
 
 
-def test_question_probe_asks_about_each_large_shape_of_a_run(tmp_path):
+def test_question_probe_asks_about_each_large_shape_of_a_run(base_run):
     items = probes.question_probe_items(40)
     assert items  # some of the first 40 demo images hold two large shapes
     for _, qa in items:
         assert len(qa) >= 2 and len({q for q, _ in qa}) == len(qa)
         assert all(q.startswith("What is written on the ") and len(a) == 1 for q, a in qa)
-    s = _settings(tmp_path / "run", steps=1)
-    train.train(s)
+    s, _ = base_run
     out = probes.probe_questions(s, 40, chunk=8)
     assert out["images"] == len(items) and out["questions"] == sum(len(qa) for _, qa in items)
     assert 0 <= out["accuracy"] <= 1 and 0 <= out["one_answer_images"] <= 1
@@ -675,11 +685,12 @@ def test_contrast_rows_ask_about_other_shapes_of_the_same_image(setup):
     step, tx, _ = train.compiled_step(config, s)
     run = state.init_state(config, s, tx)
     feed = {k: v for k, v in batch.items() if k not in data.LOG_ONLY}
-    m_a = losses.loss_fn(module_for(config), run["params"], feed)[1]
+    loss_fn = jax.jit(functools.partial(losses.loss_fn, module_for(config)))  # one compile
+    m_a = loss_fn(run["params"], feed)[1]
     rolled = {f"{p}_{k}": np.roll(feed[f"{p}_{k}"], 1, axis=0)
               for p in ("contrast", "pair_contrast")
               for k in ("input_ids", "loss_mask", "attention_mask")}  # fmt: skip
-    m_b = losses.loss_fn(module_for(config), run["params"], {**feed, **rolled})[1]
+    m_b = loss_fn(run["params"], {**feed, **rolled})[1]
     for k in ("loss_contrast", "loss_pair_contrast"):
         assert abs(float(m_a[k]) - float(m_b[k])) > 1e-4, k
     _, m = step(run, feed)
