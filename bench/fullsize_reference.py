@@ -17,6 +17,11 @@ whether the two maps' top cells agree, and whether the boxes are the same (ours 
 --ours_json, or the official loop on our map).
 
 Run after bench.fullsize, not beside it: each process holds the whole checkpoint.
+
+  python -m bench.fullsize_reference --truth torch_f32.npz --compare ours_bf16.npz,torch_bf16.npz
+
+compares saved maps only (no model): each file's maps against --truth's of the same key (e.g.
+both bfloat16 implementations against torch float32 on a checkpoint that fits in float32).
 """
 
 from __future__ import annotations
@@ -39,6 +44,8 @@ def _define_flags():
     flags.DEFINE_string("ours_json", None, "bench.fullsize --out file (its boxes)")
     flags.DEFINE_string("out", None, "write the results as JSON here")
     flags.DEFINE_string("maps_out", None, "write torch's maps here (.npz)")
+    flags.DEFINE_string("truth", None, "with --compare: the maps (.npz) to compare against")
+    flags.DEFINE_list("compare", [], "with --truth: map files (.npz) to compare, no model")
 
 
 def compare(ours: np.ndarray, ref: np.ndarray) -> dict:
@@ -55,8 +62,30 @@ def compare(ours: np.ndarray, ref: np.ndarray) -> dict:
     }
 
 
+def compare_files(truth: str, others) -> list[dict]:
+    """Each file's maps against truth's of the same key: [{key, file, **compare}]."""
+    ref = np.load(truth)
+    out = []
+    for path in others:
+        maps = np.load(path)
+        for key in ref.files:
+            if key in maps.files:
+                out.append({"key": key, "file": path, **compare(maps[key], ref[key])})
+                print(json.dumps(out[-1]), flush=True)
+    return out
+
+
 def main(argv):
     del argv
+    f = flags.FLAGS
+    if f.truth or f.compare:
+        if not (f.truth and f.compare):
+            raise ValueError("--truth and --compare go together")
+        rows = compare_files(f.truth, f.compare)
+        if f.out:
+            with open(f.out, "w") as fh:
+                json.dump(rows, fh, indent=2)
+        return
     import torch
     from transformers import LlavaForConditionalGeneration
 
@@ -67,7 +96,6 @@ def main(argv):
     from vicrop_jax.families import get_family
     from vicrop_jax.loading import parse_config
 
-    f = flags.FLAGS
     torch.manual_seed(0)
     with open(os.path.join(f.dir, "config.json")) as fh:
         config = parse_config(json.load(fh))
