@@ -127,6 +127,28 @@ def hub_config(text_layers: int | None = None, vision_layers: int | None = None,
     }  # fmt: skip
 
 
+def llama_specs(t: dict) -> list[tuple[str, tuple[int, ...], str]]:
+    """(key, HF shape, init) of the language model (`language_model.*`) of text config t, in
+    state-dict order; widths missing from t take LlamaConfig's defaults (Vicuna-7B's)."""
+    d, inter = t.get("hidden_size", 4096), t.get("intermediate_size", 11008)
+    heads = t.get("num_attention_heads", 32)
+    kv_width = (t.get("num_key_value_heads") or heads) * t.get("head_dim", d // heads)
+    lm = "language_model.model"
+    out = [(f"{lm}.embed_tokens.weight", (t["vocab_size"], d), "normal")]
+    for i in range(t.get("num_hidden_layers", 32)):
+        pre = f"{lm}.layers.{i}"
+        for name, o, n in (("self_attn.q_proj", d, d), ("self_attn.k_proj", kv_width, d),
+                           ("self_attn.v_proj", kv_width, d), ("self_attn.o_proj", d, d),
+                           ("mlp.gate_proj", inter, d), ("mlp.up_proj", inter, d),
+                           ("mlp.down_proj", d, inter)):  # fmt: skip
+            out.append((f"{pre}.{name}.weight", (o, n), "normal"))
+        out.append((f"{pre}.input_layernorm.weight", (d,), "ones"))
+        out.append((f"{pre}.post_attention_layernorm.weight", (d,), "ones"))
+    out.append((f"{lm}.norm.weight", (d,), "ones"))
+    out.append(("language_model.lm_head.weight", (t["vocab_size"], d), "normal"))
+    return out
+
+
 def tensor_specs(config: dict) -> list[tuple[str, tuple[int, ...], str]]:
     """(hub key, HF shape, init) of every tensor, in the hub's state-dict order (vision tower,
     projector, language model); init is "normal", "ones" or "zeros". Widths missing from the
@@ -135,10 +157,7 @@ def tensor_specs(config: dict) -> list[tuple[str, tuple[int, ...], str]]:
     if family_of_config(config) == "instructblip":
         return blip_tensor_specs(config)
     t, v = config["text_config"], config["vision_config"]
-    d, inter = t.get("hidden_size", 4096), t.get("intermediate_size", 11008)
-    heads = t.get("num_attention_heads", 32)
-    kv = t.get("num_key_value_heads") or heads
-    kv_width = kv * t.get("head_dim", d // heads)
+    d = t.get("hidden_size", 4096)
     dv, iv, p = v["hidden_size"], v["intermediate_size"], v["patch_size"]
     positions = (v["image_size"] // p) ** 2 + 1
     layers = config["vision_feature_layer"]
@@ -172,22 +191,7 @@ def tensor_specs(config: dict) -> list[tuple[str, tuple[int, ...], str]]:
     layer_norm(f"{vt}.post_layernorm", dv)
     linear("multi_modal_projector.linear_1", d, dv * n_feat)
     linear("multi_modal_projector.linear_2", d, d)
-    lm = "language_model.model"
-    out.append((f"{lm}.embed_tokens.weight", (t["vocab_size"], d), "normal"))
-    for i in range(t.get("num_hidden_layers", 32)):
-        pre = f"{lm}.layers.{i}"
-        linear(f"{pre}.self_attn.q_proj", d, d, bias=False)
-        linear(f"{pre}.self_attn.k_proj", kv_width, d, bias=False)
-        linear(f"{pre}.self_attn.v_proj", kv_width, d, bias=False)
-        linear(f"{pre}.self_attn.o_proj", d, d, bias=False)
-        linear(f"{pre}.mlp.gate_proj", inter, d, bias=False)
-        linear(f"{pre}.mlp.up_proj", inter, d, bias=False)
-        linear(f"{pre}.mlp.down_proj", d, inter, bias=False)
-        out.append((f"{pre}.input_layernorm.weight", (d,), "ones"))
-        out.append((f"{pre}.post_attention_layernorm.weight", (d,), "ones"))
-    out.append((f"{lm}.norm.weight", (d,), "ones"))
-    linear("language_model.lm_head", t["vocab_size"], d, bias=False)
-    return out
+    return out + llama_specs(t)
 
 
 def make_tensor(name: str, shape: tuple[int, ...], init: str, dtype: str, seed: int) -> np.ndarray:
@@ -387,8 +391,7 @@ def blip_tensor_specs(config: dict) -> list[tuple[str, tuple[int, ...], str]]:
     t = config["text_config"]
     v = {**VISION_DEFAULTS, **config["vision_config"]}
     q = {**QFORMER_DEFAULTS, "encoder_hidden_size": v["hidden_size"], **config["qformer_config"]}
-    d, inter, heads = t["hidden_size"], t["intermediate_size"], t["num_attention_heads"]
-    kv_width = (t.get("num_key_value_heads") or heads) * t.get("head_dim", d // heads)
+    d = t["hidden_size"]
     dv, iv, p = v["hidden_size"], v["intermediate_size"], v["patch_size"]
     dq, iq = q["hidden_size"], q["intermediate_size"]
     out: list[tuple[str, tuple[int, ...], str]] = []
@@ -442,22 +445,7 @@ def blip_tensor_specs(config: dict) -> list[tuple[str, tuple[int, ...], str]]:
             linear(f"{pre}.output{suffix}.dense", dq, iq)
             layer_norm(f"{pre}.output{suffix}.LayerNorm", dq)
     linear("language_projection", d, dq)
-    lm = "language_model.model"
-    out.append((f"{lm}.embed_tokens.weight", (t["vocab_size"], d), "normal"))
-    for i in range(t["num_hidden_layers"]):
-        pre = f"{lm}.layers.{i}"
-        linear(f"{pre}.self_attn.q_proj", d, d, bias=False)
-        linear(f"{pre}.self_attn.k_proj", kv_width, d, bias=False)
-        linear(f"{pre}.self_attn.v_proj", kv_width, d, bias=False)
-        linear(f"{pre}.self_attn.o_proj", d, d, bias=False)
-        linear(f"{pre}.mlp.gate_proj", inter, d, bias=False)
-        linear(f"{pre}.mlp.up_proj", inter, d, bias=False)
-        linear(f"{pre}.mlp.down_proj", d, inter, bias=False)
-        out.append((f"{pre}.input_layernorm.weight", (d,), "ones"))
-        out.append((f"{pre}.post_attention_layernorm.weight", (d,), "ones"))
-    out.append((f"{lm}.norm.weight", (d,), "ones"))
-    linear("language_model.lm_head", t["vocab_size"], d, bias=False)
-    return out
+    return out + llama_specs(t)
 
 
 def build_blip_tokenizer(out_dir: str):

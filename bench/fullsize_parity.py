@@ -265,19 +265,25 @@ def report(result: dict) -> str:
     return "\n".join(lines)
 
 
-def main(argv):
+def run_and_report(run, argv) -> None:
+    """The parity benches' main: run(--dir) with torch seeded, the JSON to --out, the report
+    printed; exit status 1 when a check missed its bar."""
     del argv
     import torch
 
     f = flags.FLAGS
     torch.manual_seed(0)
-    result = run_parity(f.dir)
+    result = run(f.dir)
     if f.out:
         with open(f.out, "w") as fh:
             json.dump(result, fh, indent=2)
     print(report(result))
     if result["failures"]:
         raise SystemExit(1)
+
+
+def main(argv):
+    run_and_report(run_parity, argv)
 
 
 if __name__ == "__main__":

@@ -27,7 +27,6 @@ Prints every figure and fails listing each check that missed its bar.
 
 from __future__ import annotations
 
-import json
 import os
 import time
 
@@ -44,7 +43,7 @@ from bench.fullsize_parity import (
     NEW_TOKENS,
     ROWS_BAR,
     Checks,
-    report,
+    run_and_report,
     test_image,
 )
 
@@ -207,18 +206,7 @@ def run_parity(path: str, config: dict | None = None) -> dict:
 
 
 def main(argv):
-    del argv
-    import torch
-
-    f = flags.FLAGS
-    torch.manual_seed(0)
-    result = run_parity(f.dir)
-    if f.out:
-        with open(f.out, "w") as fh:
-            json.dump(result, fh, indent=2)
-    print(report(result))
-    if result["failures"]:
-        raise SystemExit(1)
+    run_and_report(run_parity, argv)
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ from vicrop_jax import bbox, detail_mask, pipeline, processing
 from vicrop_jax.families.instructblip import default_qformer_layer
 from vicrop_jax.importance import default_layer, importance
 from vicrop_jax.processing import GENERAL_QUESTION, blip_prompt, encode
+from vicrop_jax.testing import blip_hf_forward
 
 QUESTION = "What is written on the red circle?"
 GRID, PATCH, RES = 5, 7, 35
@@ -27,18 +28,9 @@ def _image(seed=0, size=(61, 47)):
 def _run(hf, proc, question, image, pixels=None):
     """HF vision -> Q-Former -> LM in one autograd graph, recording every attention."""
     enc = {k: torch.tensor(v) for k, v in encode(proc, [blip_prompt(question)], [image]).items()}
-    pix = enc["pixel_values"] if pixels is None else pixels
-    feats = hf.get_image_features(
-        pix, qformer_input_ids=enc["qformer_input_ids"],
-        qformer_attention_mask=enc["qformer_attention_mask"], output_attentions=True,
-    )  # fmt: skip
-    out = hf(
-        pixel_values=None, qformer_input_ids=None, input_ids=enc["input_ids"],
-        attention_mask=enc["attention_mask"], mm_encoder_outputs={"image": feats},
-        output_attentions=True,
-    )  # fmt: skip
+    out, cross = blip_hf_forward(hf, enc, enc["pixel_values"] if pixels is None else pixels)
     pos = (enc["input_ids"][0] == hf.config.image_token_index).nonzero()[:, 0]
-    return out, feats.qformer_outputs.cross_attentions, pos, enc
+    return out, cross, pos, enc
 
 
 def _loss(out):
