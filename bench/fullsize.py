@@ -47,6 +47,12 @@ def _define_flags():
     flags.DEFINE_list("high_res", ["off"], "off, on (the *_high variants) or both")
     flags.DEFINE_integer("max_new_tokens", 20, "answer tokens (official: 20)")
     flags.DEFINE_bool("prefill", False, "first time one forward pass over the prompt")
+    flags.DEFINE_integer(
+        "batch_size",
+        1,
+        "rows of a call: the *_high tiles' map passes run this many tiles at a "
+        "time (a whole image's tiles at once need ~4x the activations)",
+    )
     flags.DEFINE_float("rss_limit_gib", 21.0, "stop once this process's RSS passes this")
     flags.DEFINE_float("min_available_gib", 1.0, "stop once MemAvailable drops below this")
     flags.DEFINE_string("out", None, "write the results as JSON here")
@@ -190,7 +196,7 @@ def main(argv):
         save()
     high = {"off": [False], "on": [True], "both": [False, True]}
     settings = [h for v in f.high_res for h in high[v]]
-    ex = pipeline.Executor(model, max_new_tokens=f.max_new_tokens)
+    ex = pipeline.Executor(model, max_new_tokens=f.max_new_tokens, batch_size=f.batch_size)
     maps = {}
     for w, h in sizes:
         image, question, answer = question_image(w, h)

@@ -38,7 +38,9 @@ def _define_flags():
     """The command line's flags (defined when run as a program)."""
     flags.DEFINE_string("dir", "/tmp/vicrop_fullsize/full", "HF checkpoint directory")
     flags.DEFINE_enum("dtype", "bfloat16", ["float32", "bfloat16"], "torch weights dtype")
-    flags.DEFINE_list("methods", ["rel_att", "grad_att", "pure_grad"], "map methods")
+    flags.DEFINE_list(
+        "methods", ["rel_att", "grad_att", "pure_grad"],
+        "map methods, each optionally *_high (the official tiles, their maps merged)")  # fmt: skip
     flags.DEFINE_list("sizes", ["640x480"], "image sizes WxH")
     flags.DEFINE_string("ours", None, "bench.fullsize --maps_out file to compare against")
     flags.DEFINE_string("ours_json", None, "bench.fullsize --out file (its boxes)")
@@ -75,6 +77,21 @@ def compare_files(truth: str, others) -> list[dict]:
     return out
 
 
+def official_map(hf, proc, image, question, method: str, shapes) -> np.ndarray:
+    """The official map of one method on the torch model; "*_high": the official tiles'
+    maps (one at a time), merged as the official code does."""
+    from bench.bbox_reference import reference_grid, reference_merge, reference_tiles
+    from bench.fullsize_parity import official_maps
+
+    base = method.removesuffix("_high")
+    if base == method:
+        return np.asarray(official_maps(hf, proc, image, question, *shapes)[base](), np.float32)
+    tiles = [image.crop(t) for t in reference_tiles(image.size)]
+    maps = [np.asarray(official_maps(hf, proc, t, question, *shapes)[base](), np.float32)
+            for t in tiles]  # fmt: skip
+    return reference_merge(maps, *reference_grid(image.size))
+
+
 def main(argv):
     del argv
     f = flags.FLAGS
@@ -92,7 +109,6 @@ def main(argv):
     from bench.bbox_reference import reference_bbox
     from bench.fullsize import question_image
     from bench.fullsize_load import peak_rss_gib
-    from bench.fullsize_parity import official_maps
     from vicrop_jax.families import get_family
     from vicrop_jax.loading import parse_config
 
@@ -136,11 +152,10 @@ def main(argv):
     for size in f.sizes:
         w, h = (int(v) for v in size.split("x"))
         image, question, _ = question_image(w, h)
-        official = official_maps(hf, proc, image, question, layers, g, patch, side)
         for method in f.methods:
             key = f"{w}x{h}_{method}"
             t1 = time.perf_counter()
-            ref = np.asarray(official[method](), np.float32)
+            ref = official_map(hf, proc, image, question, method, (layers, g, patch, side))
             maps[key] = ref
             q = {"key": key, "question": question, "seconds": time.perf_counter() - t1,
                  "peak_rss_gib": peak_rss_gib(),
