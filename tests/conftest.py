@@ -78,3 +78,21 @@ def tiny_llava_next(tmp_path_factory):
     hf = make_tiny_llava_next(d)
     hf.set_attn_implementation("eager")
     return vicrop_jax.load_model(d), hf
+
+
+@pytest.fixture
+def remat_counts(monkeypatch):
+    """spy(owner, name) -> a list that gets, on each call of the jitted `owner.name`, the
+    number of rematerialised (recomputed-in-backward) layers in the program it traces."""
+
+    def spy(owner, name: str) -> list[int]:
+        real, counts = getattr(owner, name), []
+
+        def traced(*args, **kwargs):
+            counts.append(str(real.trace(*args, **kwargs).jaxpr).count("remat"))
+            return real(*args, **kwargs)
+
+        monkeypatch.setattr(owner, name, traced)
+        return counts
+
+    return spy

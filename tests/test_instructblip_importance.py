@@ -11,6 +11,7 @@ import torch
 from PIL import Image
 
 from vicrop_jax import bbox, detail_mask, pipeline, processing
+from vicrop_jax.families import instructblip as blip_family
 from vicrop_jax.families.instructblip import default_qformer_layer
 from vicrop_jax.importance import default_layer, importance
 from vicrop_jax.processing import GENERAL_QUESTION, blip_prompt, encode
@@ -78,35 +79,46 @@ def test_paper_layers():
     assert default_layer("instructblip", 5) == 2 and default_qformer_layer(3) == 1
 
 
-def test_rel_att_matches_paper(tiny_instructblip):
+def test_rel_att_matches_paper(tiny_instructblip, remat_counts):
     """Default layers (LM 2 of 5, cross-attention 1 of 3). The question and the general
     prompt differ in length, so the batched pass also checks padding in both tokenizers."""
     model, hf = tiny_instructblip
+    remat = remat_counts(blip_family, "blip_maps")
     img = _image(1)
     ref = _paper_rel_att(hf, model.processor, img, (2,), 1)
     ours = np.asarray(importance(model.params, img, QUESTION, model=model))
     assert ours.shape == (GRID, GRID)
     np.testing.assert_allclose(ours, ref, rtol=1e-4)
     assert np.ptp(ref) > 1e-3, "rel-att reference is flat: the test would be weak"
+    assert remat == [0], "a forward-only map recomputes nothing"
 
 
-def test_grad_att_matches_paper(tiny_instructblip):
+def _layers(model):
+    """Layers whose activations a gradient pass recomputes: every LM and ViT layer."""
+    return model.config.text_config.num_hidden_layers + model.config.vision_config.num_hidden_layers
+
+
+def test_grad_att_matches_paper(tiny_instructblip, remat_counts):
     model, hf = tiny_instructblip
+    remat = remat_counts(blip_family, "blip_maps")
     img = _image(2)
     ref = _paper_grad_att(hf, model.processor, img, (0, 4), 2)
     assert np.abs(ref).max() > 0, "reference map is all zeros: the test would be vacuous"
     ours = np.asarray(importance(model.params, img, QUESTION, model=model, method="grad_att",
                                  layer=[0, 4], qformer_layer=2))  # fmt: skip
     np.testing.assert_allclose(ours, ref, rtol=1e-4, atol=1e-7 * np.abs(ref).max())
+    assert remat == [_layers(model)]  # one gradient pass, each layer recomputed
 
 
-def test_pure_grad_matches_paper(tiny_instructblip):
+def test_pure_grad_matches_paper(tiny_instructblip, remat_counts):
     model, hf = tiny_instructblip
+    remat = remat_counts(blip_family, "blip_maps")
     img = _image(3, size=(80, 52))
     ref = _paper_pure_grad(hf, model.processor, img)
     ours = np.asarray(importance(model.params, img, QUESTION, model=model, method="pure_grad"))
     assert ours.shape == (GRID, GRID)
     np.testing.assert_allclose(ours, ref, rtol=1e-4, atol=1e-6 * np.abs(ref).max())
+    assert remat == [_layers(model)]
 
 
 def test_pipeline_and_importance_for_both_families(tiny_llava, tiny_instructblip, monkeypatch):

@@ -16,6 +16,7 @@ from tests.hf_reference import make_tiny_qwen2_5_vl, qwen2_5_vl_config_dict
 from tests.test_qwen2_5_vl_parity import IMG, images, prompt
 from vicrop_jax.detail_mask import detail_masks
 from vicrop_jax.families import family_of
+from vicrop_jax.families import qwen2_5_vl as qwen_family
 from vicrop_jax.families.qwen2_5_vl import map_shapes
 
 QUESTION, GENERAL = (7, 8, 9), (10, 11)
@@ -82,9 +83,16 @@ def test_rel_att_matches_official_recipe(setup):
         check(got[i], (att[0] / att[1]).reshape(shapes[i]), shapes[i], f"rel_att {i}")
 
 
-def test_grad_att_matches_paper_formula(setup):
+def _layers(model):
+    """Layers whose activations a gradient pass recomputes: every LM layer and ViT block."""
+    return model.config.text_config.num_hidden_layers + model.config.vision_config.depth
+
+
+def test_grad_att_matches_paper_formula(setup, remat_counts):
     model, hf, singles, enc = setup
+    remat = remat_counts(qwen_family, "qwen_token_maps")
     got = our_maps(setup, "grad_att")
+    assert remat == [_layers(model)]  # one gradient pass, each layer recomputed
     shapes = map_shapes(model.config, enc["image_grid_thw"][:2])
     for i, (pv, grid) in enumerate(singles):
         out, _, img = torch_pass(hf, prompt(grid, QUESTION), pv, grid)
@@ -95,7 +103,7 @@ def test_grad_att_matches_paper_formula(setup):
         check(got[i], want.reshape(shapes[i]), shapes[i], f"grad_att {i}")
 
 
-def test_pure_grad_matches_paper_formula(setup):
+def test_pure_grad_matches_paper_formula(setup, remat_counts):
     """Gradient w.r.t. the resized image (the patches unflattened back to pixels: a patch
     holds its pixels in two frames), channel norm, question / general, times the detail
     mask, mean over each merged token's 2 x 2 patches."""
@@ -108,7 +116,9 @@ def test_pure_grad_matches_paper_formula(setup):
     masks = [detail_masks([im], (g[0, 1] * ps, g[0, 2] * ps))[0]
              for im, (_, g) in zip(pils, singles, strict=True)]  # fmt: skip
     detail = jnp.asarray(family_of(model).detail_masks(model.config, pils, enc))
+    remat = remat_counts(qwen_family, "qwen_token_maps")
     got = our_maps(setup, "pure_grad", detail)
+    assert remat == [_layers(model)]
     shapes = map_shapes(model.config, enc["image_grid_thw"][:2])
     for i, (pv, grid) in enumerate(singles):
         _, gh, gw = grid[0]

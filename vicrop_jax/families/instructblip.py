@@ -19,6 +19,7 @@ from vicrop_jax.families.base import Family
 from vicrop_jax.maps import (
     METHODS,
     finite_map,
+    for_gradients,
     image_rows,
     log_max_softmax,
     pure_grad_pool,
@@ -82,6 +83,7 @@ def blip_maps(
     tok = cfg.image_token_index
     sel = jnp.asarray(layers)
     apply = functools.partial(module.apply, {"params": params})
+    grad_apply = functools.partial(for_gradients(module).apply, {"params": params})
 
     def a_si(st, cross):
         """A_st [B, T] @ A_ti [B, T, P - 1] (class token dropped, heads averaged) -> [B, P - 1]."""
@@ -107,7 +109,7 @@ def blip_maps(
                              cfg.vision_config.num_positions))  # fmt: skip
 
         def v(delta, qdelta):
-            o = apply(
+            o = grad_apply(
                 ids, pixels, mask, attn_delta=delta, only_last_logits=True,
                 qformer_input_ids=qids, qformer_attention_mask=qmask, qformer_delta=qdelta,
             )  # fmt: skip
@@ -119,9 +121,9 @@ def blip_maps(
     elif method == "pure_grad":
 
         def v(px):
-            o = apply(input_ids, px, attention_mask, only_last_logits=True,
-                      qformer_input_ids=qformer_input_ids,
-                      qformer_attention_mask=qformer_attention_mask)  # fmt: skip
+            o = grad_apply(input_ids, px, attention_mask, only_last_logits=True,
+                           qformer_input_ids=qformer_input_ids,
+                           qformer_attention_mask=qformer_attention_mask)  # fmt: skip
             return log_max_softmax(o.logits)
 
         grad = jax.grad(v)(jnp.concatenate([pixels, pixels]))  # [2B, H, W, C]

@@ -23,7 +23,14 @@ from convert import qwen2_5_vl as qwen_convert
 from vicrop_jax import processing_qwen2_5_vl as qwen_processing
 from vicrop_jax.detail_mask import detail_masks
 from vicrop_jax.families.base import Family
-from vicrop_jax.maps import METHODS, finite_map, image_rows, log_max_softmax, safe_ratio
+from vicrop_jax.maps import (
+    METHODS,
+    finite_map,
+    for_gradients,
+    image_rows,
+    log_max_softmax,
+    safe_ratio,
+)
 from vicrop_jax.models import qwen2_5_vl as qwen_models
 
 Array = jax.Array
@@ -119,6 +126,7 @@ def qwen_token_maps(
     sel = jnp.asarray(layers)
     valid = qwen_models.token_mask(cfg, layout)  # [2B, T]
     apply = functools.partial(module.apply, {"params": params})
+    grad_apply = functools.partial(for_gradients(module).apply, {"params": params})
     if method == "rel_att":
         out = apply(input_ids, patches, attention_mask, only_last_logits=True,
                     patch_layout=layout, position_ids=position_ids)  # fmt: skip
@@ -131,8 +139,8 @@ def qwen_token_maps(
         delta0 = jnp.zeros((nl, b, nh, ids.shape[1]), jnp.float32)
 
         def v(delta):
-            o = apply(ids, patches[:b], mask, attn_delta=delta, only_last_logits=True,
-                      patch_layout=layout[:b], position_ids=pos)  # fmt: skip
+            o = grad_apply(ids, patches[:b], mask, attn_delta=delta, only_last_logits=True,
+                           patch_layout=layout[:b], position_ids=pos)  # fmt: skip
             return log_max_softmax(o.logits), o.attentions
 
         grad, rows = jax.grad(v, has_aux=True)(delta0)
@@ -143,8 +151,8 @@ def qwen_token_maps(
         ps, tp = v_cfg.patch_size, v_cfg.temporal_patch_size
 
         def v(px):
-            o = apply(input_ids, px, attention_mask, only_last_logits=True,
-                      patch_layout=layout, position_ids=position_ids)  # fmt: skip
+            o = grad_apply(input_ids, px, attention_mask, only_last_logits=True,
+                           patch_layout=layout, position_ids=position_ids)  # fmt: skip
             return log_max_softmax(o.logits)
 
         grad = jax.grad(v)(patches)  # [2B, P, F]

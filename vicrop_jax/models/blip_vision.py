@@ -102,11 +102,13 @@ class InstructBlipEncoderLayer(nn.Module):
 
 class InstructBlipEncoder(nn.Module):
     config: InstructBlipVisionConfig
+    remat: bool = False  # recompute each layer's activations in the backward pass
 
     @nn.compact
     def __call__(self, x):
+        layer = nn.remat(InstructBlipEncoderLayer) if self.remat else InstructBlipEncoderLayer
         for i in range(self.config.num_hidden_layers):
-            x = InstructBlipEncoderLayer(self.config, name=f"layers_{i}")(x)
+            x = layer(self.config, name=f"layers_{i}")(x)
         return x
 
 
@@ -132,12 +134,13 @@ class InstructBlipVisionModel(nn.Module):
     """Returns (last_hidden_state [B, P, D] after the post-layernorm, pooled [B, D])."""
 
     config: InstructBlipVisionConfig
+    remat: bool = False  # InstructBlipEncoder's
 
     @nn.compact
     def __call__(self, pixel_values: Array):
         """pixel_values: float[B, H, W, C] (NHWC; HF's NCHW is transposed by the caller)."""
         x = InstructBlipVisionEmbeddings(self.config, name="embeddings")(pixel_values)
-        x = InstructBlipEncoder(self.config, name="encoder")(x)
+        x = InstructBlipEncoder(self.config, self.remat, name="encoder")(x)
         post = LayerNorm(self.config.layer_norm_eps, name="post_layernorm")
         x = post(x)
         return x, post(x[:, 0])  # HF normalises the class token a second time for pooler_output

@@ -112,17 +112,20 @@ PRESETS: dict[str, InstructBlipConfig] = {
 
 class InstructBlipForConditionalGeneration(nn.Module):
     config: InstructBlipConfig
+    # Per-layer recomputation in backward passes (the ViT's and LlamaModel's; the Q-Former's
+    # 12 small layers over 32 queries keep theirs).
+    remat: bool = False
 
     def setup(self):
         cfg = self.config
         q = cfg.qformer_config
-        self.vision_model = InstructBlipVisionModel(cfg.vision_config)
+        self.vision_model = InstructBlipVisionModel(cfg.vision_config, self.remat)
         self.query_tokens = self.param(
             "query_tokens", nn.initializers.normal(0.02), (1, cfg.num_query_tokens, q.hidden_size)
         )
         self.qformer = InstructBlipQFormerModel(q)
         self.language_projection = nn.Dense(cfg.text_config.hidden_size)
-        self.language_model = LlamaModel(cfg.text_config)
+        self.language_model = LlamaModel(cfg.text_config, self.remat)
         if not cfg.tie_word_embeddings:
             self.lm_head = nn.Dense(cfg.text_config.vocab_size, use_bias=False)
 

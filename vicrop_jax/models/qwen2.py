@@ -190,14 +190,20 @@ class Qwen2DecoderLayer(nn.Module):
 
 
 class Qwen2Model(nn.Module):
-    """The decoder stack (HF Qwen2_5_VLTextModel). Embedding lookup is separate (`embed`)."""
+    """The decoder stack (HF Qwen2_5_VLTextModel). Embedding lookup is separate (`embed`).
+    remat: as llama.LlamaModel's."""
 
     config: Qwen2_5_VLTextConfig
+    remat: bool = False
 
     def setup(self):
         cfg = self.config
         self.embed_tokens = nn.Embed(cfg.vocab_size, cfg.hidden_size)
-        self.layers = [Qwen2DecoderLayer(cfg) for _ in range(cfg.num_hidden_layers)]
+        # static: want_full and last_only (self counts as argument 0)
+        layer = (
+            nn.remat(Qwen2DecoderLayer, static_argnums=(7, 8)) if self.remat else Qwen2DecoderLayer
+        )
+        self.layers = [layer(cfg) for _ in range(cfg.num_hidden_layers)]
         self.norm = RMSNorm(cfg.rms_norm_eps)
 
     def embed(self, input_ids: Array) -> Array:

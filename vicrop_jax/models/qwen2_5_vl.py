@@ -308,11 +308,12 @@ def place_image_features(embeds: Array, input_ids: Array, features: Array, valid
 
 class Qwen2_5_VLForConditionalGeneration(nn.Module):
     config: Qwen2_5_VLConfig
+    remat: bool = False  # per-layer recomputation in backward passes (both stacks')
 
     def setup(self):
         cfg = self.config
-        self.visual = Qwen2_5_VisionTransformer(cfg.vision_config)
-        self.language_model = Qwen2Model(cfg.text_config)
+        self.visual = Qwen2_5_VisionTransformer(cfg.vision_config, self.remat)
+        self.language_model = Qwen2Model(cfg.text_config, self.remat)
         if not cfg.tie_word_embeddings:
             self.lm_head = nn.Dense(cfg.text_config.vocab_size, use_bias=False)
 

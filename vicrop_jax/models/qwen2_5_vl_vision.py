@@ -209,6 +209,7 @@ class Qwen2_5_VisionTransformer(nn.Module):
     """HF Qwen2_5_VisionTransformerPretrainedModel over padded patch rows."""
 
     config: Qwen2_5_VLVisionConfig
+    remat: bool = False  # recompute each block's activations in the backward pass
 
     @nn.compact
     def __call__(self, patches: Array, layout: Array) -> tuple[Array, Array]:
@@ -220,7 +221,8 @@ class Qwen2_5_VisionTransformer(nn.Module):
         mask, windows = layout[..., LAYOUT_REAL] > 0, layout[..., LAYOUT_WINDOW]
         real = mask[:, :, None] & mask[:, None, :]  # [I, P, P]
         window = real & (windows[:, :, None] == windows[:, None, :])
+        block = nn.remat(Qwen2_5_VLVisionBlock) if self.remat else Qwen2_5_VLVisionBlock
         for j in range(cfg.depth):
             mask = real if j in cfg.fullatt_block_indexes else window
-            x = Qwen2_5_VLVisionBlock(cfg, name=f"blocks_{j}")(x, cos, sin, mask)
+            x = block(cfg, name=f"blocks_{j}")(x, cos, sin, mask)
         return Qwen2_5_VLPatchMerger(cfg, name="merger")(x), x
