@@ -273,39 +273,50 @@ def write_weights(out_dir: str, config: dict, dtype: str, seed: int,
     return {"files": files, "total_size": total}
 
 
-def build_tokenizer(out_dir: str):
-    """The WordLevel stand-in for the hub's tokenizer, all 32064 ids (module docstring)."""
+def filled_wordlevel(out_dir: str, words, specials: dict[str, int], size: int, **wrap):
+    """A WordLevel tokenizer of `size` ids (module docstring): <unk> <s> </s>, `words`,
+    `w{n}` fillers up to the first of `specials` (token -> id, consecutive ids), then
+    `<extra_k>`; wrapped in a left-padding PreTrainedTokenizerFast (`wrap`: its special
+    tokens and sides) with `<image>` special, its ids checked, saved to out_dir."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import AddedToken, PreTrainedTokenizerFast
 
-    from vicrop_jax.testing import WORDS
-
     vocab = {"<unk>": 0, "<s>": 1, "</s>": 2}
-    for w in WORDS:
+    for w in words:
         vocab.setdefault(w, len(vocab))
-    fill = iter(range(VOCAB))
-    while len(vocab) < IMAGE_ID:
+    fill = iter(range(size))
+    while len(vocab) < min(specials.values()):
         vocab.setdefault(f"w{next(fill)}", len(vocab))
-    vocab["<image>"], vocab["<pad>"] = IMAGE_ID, PAD_ID
-    while len(vocab) < VOCAB:
-        vocab[f"<extra_{len(vocab) - PAD_ID - 1}>"] = len(vocab)
+    vocab.update(specials)
+    last = max(specials.values())
+    while len(vocab) < size:
+        vocab[f"<extra_{len(vocab) - last - 1}>"] = len(vocab)
     tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     tok.decoder = decoders.WordPiece(prefix="##")  # joins words with spaces
     fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>",
-        pad_token="<pad>", padding_side="left",
-    )  # fmt: skip
+        tokenizer_object=tok, unk_token="<unk>", padding_side="left", **wrap
+    )
     fast.add_special_tokens(
         {"additional_special_tokens": [AddedToken("<image>", normalized=False, special=True)]}
     )
     fast.add_bos_token = True
-    got = {t: fast.convert_tokens_to_ids(t) for t in ("<unk>", "<s>", "</s>", "<image>", "<pad>")}
-    want = {"<unk>": 0, "<s>": 1, "</s>": 2, "<image>": IMAGE_ID, "<pad>": PAD_ID}
-    if got != want or len(fast) != VOCAB:
-        raise AssertionError(f"tokenizer ids {got}, {len(fast)} entries; want {want}, {VOCAB}")
+    want = {"<unk>": 0, "<s>": 1, "</s>": 2, **specials}
+    got = {t: fast.convert_tokens_to_ids(t) for t in want}
+    if got != want or len(fast) != size:
+        raise AssertionError(f"tokenizer ids {got}, {len(fast)} entries; want {want}, {size}")
     fast.save_pretrained(out_dir)
     return fast
+
+
+def build_tokenizer(out_dir: str):
+    """The WordLevel stand-in for the hub's tokenizer, all 32064 ids (module docstring)."""
+    from vicrop_jax.testing import WORDS
+
+    return filled_wordlevel(
+        out_dir, WORDS, {"<image>": IMAGE_ID, "<pad>": PAD_ID}, VOCAB,
+        bos_token="<s>", eos_token="</s>", pad_token="<pad>",
+    )  # fmt: skip
 
 
 def build_processor(out_dir: str, tokenizer, config: dict):
@@ -451,37 +462,13 @@ def blip_tensor_specs(config: dict) -> list[tuple[str, tuple[int, ...], str]]:
 def build_blip_tokenizer(out_dir: str):
     """The WordLevel stand-in for the hub's Vicuna tokenizer, all 32064 ids (module
     docstring), saved to out_dir."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import AddedToken, PreTrainedTokenizerFast
-
     from vicrop_jax.testing import BLIP_WORDS, WORDS
 
-    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2}
-    for w in (*WORDS, *BLIP_WORDS):
-        vocab.setdefault(w, len(vocab))
-    fill = iter(range(BLIP_VOCAB))
-    while len(vocab) < BLIP_PAD_ID:
-        vocab.setdefault(f"w{next(fill)}", len(vocab))
-    vocab["[PAD]"], vocab["<image>"] = BLIP_PAD_ID, BLIP_IMAGE_ID
-    while len(vocab) < BLIP_VOCAB:
-        vocab[f"<extra_{len(vocab) - BLIP_IMAGE_ID - 1}>"] = len(vocab)
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tok.decoder = decoders.WordPiece(prefix="##")  # joins words with spaces
-    fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok, unk_token="<unk>", bos_token="</s>", eos_token="</s>",
-        pad_token="[PAD]", padding_side="left", truncation_side="left",
+    return filled_wordlevel(
+        out_dir, (*WORDS, *BLIP_WORDS), {"[PAD]": BLIP_PAD_ID, "<image>": BLIP_IMAGE_ID},
+        BLIP_VOCAB, bos_token="</s>", eos_token="</s>", pad_token="[PAD]",
+        truncation_side="left",
     )  # fmt: skip
-    fast.add_special_tokens(
-        {"additional_special_tokens": [AddedToken("<image>", normalized=False, special=True)]}
-    )
-    fast.add_bos_token = True
-    want = {"<unk>": 0, "</s>": 2, "[PAD]": BLIP_PAD_ID, "<image>": BLIP_IMAGE_ID}
-    got = {t: fast.convert_tokens_to_ids(t) for t in want}
-    if got != want or len(fast) != BLIP_VOCAB:
-        raise AssertionError(f"tokenizer ids {got}, {len(fast)} entries; want {want}, {BLIP_VOCAB}")
-    fast.save_pretrained(out_dir)
-    return fast
 
 
 def build_qformer_tokenizer():
