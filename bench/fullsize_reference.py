@@ -5,7 +5,8 @@
   python -m bench.fullsize_reference --dir DIR --methods rel_att,grad_att,pure_grad \
       --sizes 640x480 --ours ours.npz --ours_json ours.json --out ref.json
 
-Loads the same checkpoint into transformers' LlavaForConditionalGeneration (eager attention,
+Loads the same checkpoint into transformers' LlavaForConditionalGeneration or
+InstructBlipForConditionalGeneration (eager attention,
 --dtype, parameters without gradients), asks bench.fullsize's question of the same image for
 each method with the official recipe (vicrop_jax.testing's: attention of the question and
 the general-prompt passes; -cross-entropy against the argmax backpropagated to the attention
@@ -26,6 +27,7 @@ both bfloat16 implementations against torch float32 on a checkpoint that fits in
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import time
@@ -77,19 +79,46 @@ def compare_files(truth: str, others) -> list[dict]:
     return out
 
 
-def official_map(hf, proc, image, question, method: str, shapes) -> np.ndarray:
-    """The official map of one method on the torch model; "*_high": the official tiles'
-    maps (one at a time), merged as the official code does."""
+def official_map(maps_of, image, method: str) -> np.ndarray:
+    """The official map of one method; maps_of(image) -> {method: () -> map} (the family's
+    recipes on the torch model). "*_high": the official tiles' maps (one at a time),
+    merged as the official code does."""
     from bench.bbox_reference import reference_grid, reference_merge, reference_tiles
-    from bench.fullsize_parity import official_maps
 
     base = method.removesuffix("_high")
     if base == method:
-        return np.asarray(official_maps(hf, proc, image, question, *shapes)[base](), np.float32)
+        return np.asarray(maps_of(image)[base](), np.float32)
     tiles = [image.crop(t) for t in reference_tiles(image.size)]
-    maps = [np.asarray(official_maps(hf, proc, t, question, *shapes)[base](), np.float32)
-            for t in tiles]  # fmt: skip
+    maps = [np.asarray(maps_of(t)[base](), np.float32) for t in tiles]
     return reference_merge(maps, *reference_grid(image.size))
+
+
+def torch_recipes(config, layers):
+    """(transformers model class, official_maps(hf, proc, image, question) -> {method: () ->
+    map}) of a LLaVA or InstructBLIP config."""
+    from transformers import InstructBlipForConditionalGeneration, LlavaForConditionalGeneration
+
+    from bench import fullsize_parity, fullsize_parity_instructblip
+    from vicrop_jax.families.instructblip import default_qformer_layer
+
+    v = config.vision_config
+    shapes = (v.grid, v.patch_size, v.image_size)
+    if config.model_type == "llava":
+        return (
+            LlavaForConditionalGeneration,
+            lambda hf, proc, image, question: fullsize_parity.official_maps(
+                hf, proc, image, question, layers, *shapes
+            ),
+        )
+    if config.model_type == "instructblip":
+        q = default_qformer_layer(len(config.qformer_config.cross_attention_layers))
+        return (
+            InstructBlipForConditionalGeneration,
+            lambda hf, proc, image, question: fullsize_parity_instructblip.official_maps(
+                hf, proc, image, question, layers, q, *shapes
+            ),
+        )
+    raise ValueError(f"--dir: a {config.model_type} checkpoint; llava or instructblip only")
 
 
 def main(argv):
@@ -104,21 +133,19 @@ def main(argv):
                 json.dump(rows, fh, indent=2)
         return
     import torch
-    from transformers import LlavaForConditionalGeneration
 
     from bench.bbox_reference import reference_bbox
     from bench.fullsize import question_image
     from bench.fullsize_load import peak_rss_gib
-    from vicrop_jax.families import get_family
-    from vicrop_jax.loading import parse_config
+    from vicrop_jax.families import family_of
+    from vicrop_jax.loading import load_processor, parse_config
 
     torch.manual_seed(0)
     with open(os.path.join(f.dir, "config.json")) as fh:
         config = parse_config(json.load(fh))
-    family = get_family("llava")
-    layers = family.layers(config)
-    g, side = config.vision_config.grid, config.vision_config.image_size
-    patch = config.vision_config.patch_size
+    layers = family_of(config).layers(config)
+    hf_class, official_maps = torch_recipes(config, layers)
+    side = config.vision_config.image_size
     ours = dict(np.load(f.ours)) if f.ours else {}
     ours_boxes = {}
     if f.ours_json:
@@ -128,13 +155,9 @@ def main(argv):
 
     t0 = time.perf_counter()
     dtype = torch.bfloat16 if f.dtype == "bfloat16" else torch.float32
-    hf = LlavaForConditionalGeneration.from_pretrained(
-        f.dir, dtype=dtype, attn_implementation="eager"
-    ).eval()
+    hf = hf_class.from_pretrained(f.dir, dtype=dtype, attn_implementation="eager").eval()
     hf.requires_grad_(False)  # gradients flow to activations and pixels only
-    from transformers import AutoProcessor
-
-    proc = AutoProcessor.from_pretrained(f.dir)
+    proc = load_processor(f.dir)
     result = {"dir": f.dir, "dtype": f.dtype, "layers": list(layers), "threads":
               torch.get_num_threads(), "load_s": time.perf_counter() - t0,
               "load_peak_rss_gib": peak_rss_gib(), "questions": []}  # fmt: skip
@@ -152,10 +175,11 @@ def main(argv):
     for size in f.sizes:
         w, h = (int(v) for v in size.split("x"))
         image, question, _ = question_image(w, h)
+        maps_of = functools.partial(official_maps, hf, proc, question=question)
         for method in f.methods:
             key = f"{w}x{h}_{method}"
             t1 = time.perf_counter()
-            ref = official_map(hf, proc, image, question, method, (layers, g, patch, side))
+            ref = official_map(maps_of, image, method)
             maps[key] = ref
             q = {"key": key, "question": question, "seconds": time.perf_counter() - t1,
                  "peak_rss_gib": peak_rss_gib(),
