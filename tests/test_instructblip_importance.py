@@ -156,3 +156,30 @@ def test_pipeline_and_importance_for_both_families(tiny_llava, tiny_instructblip
         box = tuple(np.asarray(bbox.select_bbox(expected, img.size, RES)).tolist())
         assert box == ans.bbox
         assert isinstance(ans.original_answer, str) and isinstance(ans.crop_answer, str)
+
+
+def test_official_recipes_read_bfloat16_models(tiny_llava, tiny_instructblip):
+    """The torch references of bench.fullsize_reference run on bfloat16 models (numpy has no
+    bfloat16): each family's three recipes give finite maps close to the float32 model's."""
+    import copy
+
+    from vicrop_jax import testing
+    from vicrop_jax.processing import llava_prompt
+
+    img = _image(4)
+    la = (tiny_llava[0].processor, llava_prompt, img, QUESTION)
+    ba = (tiny_instructblip[0].processor, blip_prompt, img, QUESTION)
+    cases = [
+        (tiny_llava[1], [(testing.official_rel_att, (*la, [1])),
+                         (testing.official_grad_att, (*la, [1])),
+                         (testing.official_pixel_grad_norms, la)]),
+        (tiny_instructblip[1], [(testing.official_blip_rel_att, (*ba, [2], 1)),
+                                (testing.official_blip_grad_att, (*ba, [2], 1)),
+                                (testing.official_blip_pixel_grad_norms, ba)]),
+    ]  # fmt: skip
+    for hf, recipes in cases:
+        low = copy.deepcopy(hf).to(torch.bfloat16)
+        for recipe, args in recipes:
+            want, got = recipe(hf, *args), recipe(low, *args)
+            assert np.isfinite(got).all() and got.shape == want.shape, recipe.__name__
+            assert np.corrcoef(got.ravel(), want.ravel())[0, 1] > 0.9, recipe.__name__

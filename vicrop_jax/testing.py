@@ -386,7 +386,7 @@ def blip_hf_forward(hf, enc, pixels):
 def _blip_a_si(st, cross) -> np.ndarray:
     """A_st float[T] @ A_ti (cross-attention [1, heads, T, P]: heads averaged, class token
     dropped) -> float[P - 1]."""
-    return st @ cross[0, :, :, 1:].mean(0).detach().numpy()
+    return st @ cross[0, :, :, 1:].mean(0).detach().float().numpy()
 
 
 def official_blip_rel_att(hf, proc, prompt, image, question, layers, qformer_layer) -> np.ndarray:
@@ -401,7 +401,7 @@ def official_blip_rel_att(hf, proc, prompt, image, question, layers, qformer_lay
     for q in (question, GENERAL_QUESTION):
         with torch.no_grad():
             _, atts, cross, pos = official_blip_run(hf, proc, prompt(q), image)
-        st = np.mean([atts[i][0, :, -1, pos].mean(0).numpy() for i in layers], 0)
+        st = np.mean([atts[i][0, :, -1, pos].mean(0).float().numpy() for i in layers], 0)
         maps.append(_blip_a_si(st, cross[qformer_layer]))
     return maps[0] / maps[1]
 
@@ -415,7 +415,7 @@ def official_blip_grad_att(hf, proc, prompt, image, question, layers, qformer_la
     out, atts, cross, pos = official_blip_run(hf, proc, prompt(question), image, pix)
     lm = [atts[i] for i in layers]
     grads = torch.autograd.grad(_neg_ce_of_argmax(out.logits), [*lm, cross[qformer_layer]])
-    st = np.mean([(a * torch.relu(g))[0, :, -1, pos].mean(0).detach().numpy()
+    st = np.mean([(a * torch.relu(g))[0, :, -1, pos].mean(0).detach().float().numpy()
                   for a, g in zip(lm, grads[:-1], strict=True)], 0)  # fmt: skip
     return _blip_a_si(st, cross[qformer_layer] * torch.relu(grads[-1]))
 
@@ -433,7 +433,7 @@ def official_blip_pixel_grad_norms(hf, proc, prompt, image, question) -> np.ndar
         pix.requires_grad_(True)
         out, _, _, _ = official_blip_run(hf, proc, prompt(q), image, pix)
         (g,) = torch.autograd.grad(_neg_ce_of_argmax(out.logits), [pix])
-        norms.append(np.linalg.norm(g[0].numpy(), axis=0))
+        norms.append(np.linalg.norm(g[0].float().numpy(), axis=0))
     return norms[0] / norms[1]
 
 
