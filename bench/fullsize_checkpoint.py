@@ -149,6 +149,21 @@ def llama_specs(t: dict) -> list[tuple[str, tuple[int, ...], str]]:
     return out
 
 
+def spec_writers(out: list):
+    """(linear(name, o, i, bias=True), layer_norm(name, n)): append an HF Linear's (normal
+    weight [o, i] and bias [o]) or LayerNorm's (ones, zeros [n]) tensor specs to `out`."""
+
+    def linear(name, o, i, bias=True):
+        out.append((f"{name}.weight", (o, i), "normal"))
+        if bias:
+            out.append((f"{name}.bias", (o,), "normal"))
+
+    def layer_norm(name, n):
+        out.extend([(f"{name}.weight", (n,), "ones"), (f"{name}.bias", (n,), "zeros")])
+
+    return linear, layer_norm
+
+
 def tensor_specs(config: dict) -> list[tuple[str, tuple[int, ...], str]]:
     """(hub key, HF shape, init) of every tensor, in the hub's state-dict order (vision tower,
     projector, language model); init is "normal", "ones" or "zeros". Widths missing from the
@@ -163,14 +178,7 @@ def tensor_specs(config: dict) -> list[tuple[str, tuple[int, ...], str]]:
     layers = config["vision_feature_layer"]
     n_feat = 1 if isinstance(layers, int) else len(layers)
     out: list[tuple[str, tuple[int, ...], str]] = []
-
-    def linear(name, o, i, bias=True):
-        out.append((f"{name}.weight", (o, i), "normal"))
-        if bias:
-            out.append((f"{name}.bias", (o,), "normal"))
-
-    def layer_norm(name, n):
-        out.extend([(f"{name}.weight", (n,), "ones"), (f"{name}.bias", (n,), "zeros")])
+    linear, layer_norm = spec_writers(out)
 
     vt = "vision_tower.vision_model"
     out += [
@@ -406,14 +414,7 @@ def blip_tensor_specs(config: dict) -> list[tuple[str, tuple[int, ...], str]]:
     dv, iv, p = v["hidden_size"], v["intermediate_size"], v["patch_size"]
     dq, iq = q["hidden_size"], q["intermediate_size"]
     out: list[tuple[str, tuple[int, ...], str]] = []
-
-    def linear(name, o, i, bias=True):
-        out.append((f"{name}.weight", (o, i), "normal"))
-        if bias:
-            out.append((f"{name}.bias", (o,), "normal"))
-
-    def layer_norm(name, n):
-        out.extend([(f"{name}.weight", (n,), "ones"), (f"{name}.bias", (n,), "zeros")])
+    linear, layer_norm = spec_writers(out)
 
     out.append(("query_tokens", (1, config["num_query_tokens"], dq), "normal"))
     vm = "vision_model"
